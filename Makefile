@@ -1,0 +1,31 @@
+# The two commands: `make demo` and `make test`. Both create .venv if missing and install the project first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean-demo
+
+install: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall only when the dependency list changes (idempotent, fast when nothing changed).
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Trains the `tiny` tokenizer on the embedded photographs (CPU, a few minutes), then writes the report
+# (grid, table, plot) to checkpoints/demo/report and prints the table.
+demo: install
+	rm -rf checkpoints/demo
+	$(PY) train.py fit --config configs/tokenizer/tiny.yaml
+	$(PY) -m eval.reconstruction --tokenizer checkpoints/demo/tokenizer --out checkpoints/demo/report
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,143 @@
+"""The embedded default data source: photographs that ship inside the scikit-image wheel (nothing downloaded).
+
+Train and validation come from *different* photographs, so validation measures generalisation, not memory:
+- train: random crops (random scale, random position, horizontal flip) from the TRAIN_IMAGES;
+- val: fixed crops (a grid of positions at three scales) from the held-out VAL_IMAGES.
+`stereo_motorcycle` is a near-identical left/right pair: both halves are in train, never split across sets.
+
+Batches follow the project's contract: (images float32 [B, 3, S, S] in [0, 1], labels int64 [B]); the label is
+the index of the source photograph in ALL_IMAGES (usable as a class for the generator demo).
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+TRAIN_IMAGES = (
+    "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+    "motorcycle_left", "motorcycle_right", "camera", "coins", "moon", "brick", "grass", "gravel", "cell",
+)  # fmt: skip
+VAL_IMAGES = ("chelsea", "coffee")
+ALL_IMAGES = TRAIN_IMAGES + VAL_IMAGES
+
+
+def load_photo(name: str) -> torch.Tensor:
+    """A scikit-image photograph as float32 [3, H, W] in [0, 1] (grayscale replicated to RGB)."""
+    import skimage.data
+
+    if name.startswith("motorcycle_"):
+        left, right, _ = skimage.data.stereo_motorcycle()
+        array = left if name.endswith("left") else right
+    else:
+        array = getattr(skimage.data, name)()
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    image = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 255.0
+    return image
+
+
+def resize_shorter_side(image: torch.Tensor, size: int) -> torch.Tensor:
+    """[3, H, W] -> [3, H', W'] with min(H', W') == size (antialiased bilinear)."""
+    h, w = image.shape[-2:]
+    scale = size / min(h, w)
+    new = (max(size, round(h * scale)), max(size, round(w * scale)))
+    return F.interpolate(image[None], size=new, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+class RandomCrops(Dataset):
+    """`length` random crops from a pyramid of the source photos (scales precomputed once)."""
+
+    def __init__(self, photos: list[torch.Tensor], labels: list[int], image_size: int, length: int,
+                 scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)):
+        self.image_size, self.length, self.labels = image_size, length, labels
+        # pyramid[i][j]: photo i with its shorter side at scales[j] * image_size (never upsampled past source)
+        self.pyramid = [
+            [resize_shorter_side(p, min(int(s * image_size), min(p.shape[-2:]))) for s in scales] for p in photos
+        ]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        photo = int(torch.randint(len(self.pyramid), ()))
+        levels = self.pyramid[photo]
+        image = levels[int(torch.randint(len(levels), ()))]
+        h, w = image.shape[-2:]
+        top = int(torch.randint(h - self.image_size + 1, ()))
+        left = int(torch.randint(w - self.image_size + 1, ()))
+        crop = image[:, top : top + self.image_size, left : left + self.image_size]
+        if torch.rand(()) < 0.5:
+            crop = crop.flip(-1)
+        return crop.contiguous(), self.labels[photo]
+
+
+def fixed_crops(photo: torch.Tensor, image_size: int, per_scale: int, scales=(1.0, 2.0, 3.0)) -> list[torch.Tensor]:
+    """Deterministic crops: at each scale, `per_scale` crops evenly spaced along the photo's long side
+    (and centred on the short side)."""
+    crops = []
+    for s in scales:
+        image = resize_shorter_side(photo, min(int(s * image_size), min(photo.shape[-2:])))
+        h, w = image.shape[-2:]
+        n = per_scale
+        rows = [round(i * (h - image_size) / max(n - 1, 1)) for i in range(n)] if h > w else [(h - image_size) // 2] * n
+        cols = [round(i * (w - image_size) / max(n - 1, 1)) for i in range(n)] if h <= w else [(w - image_size) // 2] * n
+        for top, left in zip(rows, cols):
+            crops.append(image[:, top : top + image_size, left : left + image_size].contiguous())
+    return crops
+
+
+class FixedCrops(Dataset):
+    def __init__(self, crops: list[torch.Tensor], labels: list[int]):
+        self.crops, self.labels = crops, labels
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, index: int):
+        return self.crops[index], self.labels[index]
+
+
+class SampleImagesDataModule(pl.LightningDataModule):
+    """Random training crops and fixed held-out crops of scikit-image's bundled photographs."""
+
+    def __init__(self, image_size: int = 64, batch_size: int = 32, num_workers: int = 0,
+                 train_samples_per_epoch: int = 4096, val_crops_per_scale: int = 4):
+        super().__init__()
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_samples_per_epoch = train_samples_per_epoch
+        self.val_crops_per_scale = val_crops_per_scale
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            photos = [load_photo(n) for n in TRAIN_IMAGES]
+            self.train_set = RandomCrops(photos, list(range(len(TRAIN_IMAGES))), self.image_size,
+                                         self.train_samples_per_epoch)
+        if self.val_set is None:
+            crops, labels = [], []
+            for i, name in enumerate(VAL_IMAGES):
+                c = fixed_crops(load_photo(name), self.image_size, self.val_crops_per_scale)
+                crops += c
+                labels += [len(TRAIN_IMAGES) + i] * len(c)
+            self.val_set = FixedCrops(crops, labels)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=0)
+
+    def val_batch(self, max_images: int | None = None) -> torch.Tensor:
+        """All (or the first `max_images`) held-out crops as one tensor [N, 3, S, S]."""
+        self.setup()
+        n = len(self.val_set) if max_images is None else min(max_images, len(self.val_set))
+        return torch.stack([self.val_set[i][0] for i in range(n)])

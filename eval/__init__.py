@@ -1,0 +1,1 @@
+"""Evaluation entry points and metric code (repo-local, run from the repository root)."""

@@ -1,0 +1,125 @@
+"""Tokenizer configuration and the named preset registry.
+
+A preset is a complete `TokenizerConfig`; configs name a preset and override a few fields:
+
+    OneDTokenizer.from_preset("B", num_latent_tokens=128, quantizer="fsq")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+QUANTIZERS = ("vq", "lfq", "fsq")
+LENGTH_MECHANISMS = ("tail_token_drop", "nested_dropout", "fixed")
+LENGTH_SAMPLING = ("uniform", "pow2")
+
+
+@dataclass
+class TokenizerConfig:
+    # geometry
+    image_size: int = 256
+    patch_size: int = 16
+    num_latent_tokens: int = 128  # K: the longest token sequence
+
+    # transformers (encoder and decoder are sized independently)
+    enc_width: int = 768
+    enc_depth: int = 12
+    enc_heads: int = 12
+    dec_width: int = 768
+    dec_depth: int = 12
+    dec_heads: int = 12
+    mlp_ratio: float = 4.0
+
+    # quantizer: one of QUANTIZERS
+    quantizer: str = "vq"
+    codebook_size: int = 4096  # vq, lfq (a power of two); fsq derives it from fsq_levels
+    token_dim: int = 12  # vq: l2-normalised code dim (TiTok 4096 x 12); lfq: ignored (log2 codebook_size)
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
+    vq_commitment_weight: float = 0.25
+    vq_decay: float = 0.99  # EMA decay of the codebook
+    vq_dead_code_threshold: float = 2.0  # codes whose EMA cluster size falls below this are re-seeded
+    lfq_entropy_weight: float = 0.1
+
+    # variable length: one of LENGTH_MECHANISMS; only used while training
+    length_mechanism: str = "tail_token_drop"
+    length_sampling: str = "uniform"  # nested_dropout: uniform over 1..K or over powers of two
+    per_sample_length: bool = False  # tail_token_drop: one k per batch (One-D-Piece) or one per sample
+    causal_latents: bool = False  # encoder: latent i sees all patches and latents <= i (FlexTok)
+
+    decoder_conv: bool = True  # a 3x3 conv after unpatchify smooths patch seams
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.length_mechanism not in LENGTH_MECHANISMS:
+            raise ValueError(f"length_mechanism must be one of {LENGTH_MECHANISMS}, got {self.length_mechanism!r}")
+        if self.length_sampling not in LENGTH_SAMPLING:
+            raise ValueError(f"length_sampling must be one of {LENGTH_SAMPLING}, got {self.length_sampling!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for name in ("enc", "dec"):
+            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
+            if width % heads:
+                raise ValueError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
+        if self.num_latent_tokens < 1:
+            raise ValueError(f"num_latent_tokens must be >= 1, got {self.num_latent_tokens}")
+        if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
+            raise ValueError(f"lfq needs a power-of-two codebook_size, got {self.codebook_size}")
+        self.fsq_levels = [int(v) for v in self.fsq_levels]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def effective_codebook_size(self) -> int:
+        if self.quantizer == "fsq":
+            return math.prod(self.fsq_levels)
+        return self.codebook_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TokenizerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TokenizerConfig fields: {unknown}")
+        return cls(**values)
+
+
+def _paper(width: int, depth: int, heads: int) -> dict:
+    # TiTok sizes: patch 16 at 256 px; encoder and decoder share the width/depth.
+    return dict(
+        image_size=256, patch_size=16, num_latent_tokens=256,
+        enc_width=width, enc_depth=depth, enc_heads=heads,
+        dec_width=width, dec_depth=depth, dec_heads=heads,
+        quantizer="vq", codebook_size=4096, token_dim=12,
+    )  # fmt: skip
+
+
+PRESETS: dict[str, dict] = {
+    # CPU demo: 64 px, 8x8 patches, 32 tokens; trains in minutes on 2 cores.
+    "tiny": dict(
+        image_size=64, patch_size=8, num_latent_tokens=32,
+        enc_width=128, enc_depth=4, enc_heads=4,
+        dec_width=128, dec_depth=4, dec_heads=4,
+        quantizer="vq", codebook_size=1024, token_dim=8,
+        vq_dead_code_threshold=1.0,
+    ),  # fmt: skip
+    "S": _paper(512, 8, 8),
+    "B": _paper(768, 12, 12),
+    "L": _paper(1024, 24, 16),
+}
+_ALIASES = {"small": "S", "base": "B", "large": "L", "s": "S", "b": "B", "l": "L"}
+
+
+def preset_config(name: str, **overrides) -> TokenizerConfig:
+    """The named preset with `overrides` applied (unknown names and fields raise)."""
+    key = _ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return TokenizerConfig.from_dict({**PRESETS[key], **overrides})

@@ -1,0 +1,78 @@
+"""ViT decoder: a mask token at every patch position plus the kept latent tokens -> pixels.
+
+The decoder reads any number k <= K of latent tokens. How the missing K-k are represented depends on the
+length mechanism the model was trained with (see length.py):
+- tail_token_drop / fixed: they are absent. Training hides them with an attention mask, inference simply passes
+  k tokens (fewer tokens, cheaper decode); both compute the same function.
+- nested_dropout: they are the learned `latent_mask_token`, in training and at inference alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TokenizerConfig
+from .length import keep_mask
+from .vit import Transformer, init_vit_weights
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TokenizerConfig, token_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        width, p = cfg.dec_width, cfg.patch_size
+        self.token_in = nn.Linear(token_dim, width)
+        self.latent_pos = nn.Parameter(torch.zeros(1, cfg.num_latent_tokens, width))
+        self.patch_query = nn.Parameter(torch.zeros(1, 1, width))  # one mask token for every patch position
+        self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, width))
+        self.latent_mask_token = None
+        if cfg.length_mechanism == "nested_dropout":
+            self.latent_mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.transformer = Transformer(width, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio)
+        self.to_pixels = nn.Linear(width, p * p * 3)
+        self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1) if cfg.decoder_conv else None
+        init_vit_weights(self)
+        for param in (self.latent_pos, self.patch_query, self.patch_pos, self.latent_mask_token):
+            if param is not None:
+                nn.init.trunc_normal_(param, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [B, k, D] quantized vectors (1 <= k <= K); lengths: optional int64 [B], how many leading
+        tokens each sample keeps (training). Returns images [B, 3, H, W], nominally in [-1, 1]."""
+        cfg = self.cfg
+        b, k, _ = tokens.shape
+        n, k_max = cfg.num_patches, cfg.num_latent_tokens
+        latents = self.token_in(tokens) + self.latent_pos[:, :k]  # [B, k, C]
+        attn_mask = None
+        if self.latent_mask_token is not None:
+            # nested dropout: every position past the prefix holds the mask token (+ its position).
+            filler = self.latent_mask_token + self.latent_pos  # [1, K, C]
+            if k < k_max:
+                latents = torch.cat([latents, filler[:, k:].expand(b, -1, -1)], dim=1)  # [B, K, C]
+            if lengths is not None:
+                keep = keep_mask(lengths, k_max)[:, :, None]  # [B, K, 1]
+                latents = torch.where(keep, latents, filler.to(latents.dtype))
+        elif lengths is not None and bool((lengths < k).any()):
+            # tail drop: hide the dropped tokens as keys; patch queries never see them.
+            keys = torch.cat([torch.ones(b, n, dtype=torch.bool, device=tokens.device), keep_mask(lengths, k)], 1)
+            attn_mask = keys[:, None, None, :]  # [B, 1, 1, N+k]
+        queries = (self.patch_query + self.patch_pos).expand(b, -1, -1)  # [B, N, C]
+        h = self.transformer(torch.cat([queries, latents], dim=1), attn_mask)  # [B, N+k', C]
+        pixels = self.to_pixels(h[:, :n])  # [B, N, p*p*3]
+        img = unpatchify(pixels, cfg.patch_size, cfg.image_size // cfg.patch_size)
+        return self.conv_out(img) if self.conv_out is not None else img
+
+
+def unpatchify(pixels: torch.Tensor, p: int, grid: int) -> torch.Tensor:
+    """[B, grid*grid, p*p*3] -> [B, 3, grid*p, grid*p]."""
+    b = pixels.shape[0]
+    x = pixels.view(b, grid, grid, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # [B, 3, gh, p, gw, p]
+    return x.reshape(b, 3, grid * p, grid * p)
+
+
+def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of unpatchify: [B, 3, H, W] -> [B, (H/p)*(W/p), p*p*3]."""
+    b, c, h, w = img.shape
+    x = img.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)

@@ -1,0 +1,49 @@
+"""ViT encoder: image patches plus K learned latent tokens -> K continuous token vectors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TokenizerConfig
+from .vit import Transformer, init_vit_weights
+
+
+def causal_latent_mask(num_patches: int, num_latents: int, device: torch.device | str) -> torch.Tensor:
+    """Boolean attention mask [N+K, N+K] (True = may attend) for ordered latents (FlexTok).
+
+    Patches attend to patches only; latent i attends to all patches and to latents 0..i. Nothing about latent i
+    can then depend on latents after it, so the first k tokens are a summary of the image on their own.
+    """
+    n, k = num_patches, num_latents
+    mask = torch.zeros(n + k, n + k, dtype=torch.bool, device=device)
+    mask[:, :n] = True
+    mask[n:, n:] = torch.ones(k, k, dtype=torch.bool, device=device).tril()
+    return mask
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TokenizerConfig, out_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.enc_width
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, width))
+        self.latent_tokens = nn.Parameter(torch.zeros(1, cfg.num_latent_tokens, width))
+        self.transformer = Transformer(width, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio)
+        self.to_token = nn.Linear(width, out_dim)
+        init_vit_weights(self)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.latent_tokens, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, 3, H, W] in [-1, 1]
+        b = x.shape[0]
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, C]
+        latents = self.latent_tokens.expand(b, -1, -1)  # [B, K, C]
+        h = torch.cat([patches, latents], dim=1)  # [B, N+K, C]
+        mask = None
+        if self.cfg.causal_latents:
+            mask = causal_latent_mask(self.cfg.num_patches, self.cfg.num_latent_tokens, x.device)
+        h = self.transformer(h, mask)
+        return self.to_token(h[:, self.cfg.num_patches :])  # [B, K, D]

@@ -1,0 +1,201 @@
+"""OneDTokenizer: image -> K ordered discrete tokens -> image from any prefix.
+
+    tok = OneDTokenizer.from_preset("tiny")
+    ids = tok.encode(images, num_tokens=8)     # images [B, 3, H, W] float in [0, 1] -> int64 [B, 8]
+    recon = tok.decode(ids)                    # [B, 3, H, W] float in [0, 1]
+    tok.save_pretrained("out/"); tok = OneDTokenizer.from_pretrained("out/")
+
+`forward` is the training path: it returns the un-clamped reconstruction in [-1, 1] space, the ids, the
+quantizer's aux loss and the keep lengths the length mechanism drew for this batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import TokenizerConfig, preset_config
+from .decoder import Decoder
+from .encoder import Encoder
+from .length import sample_keep_lengths
+from .quantizer import Quantizer, QuantizerStats
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "onedtok-tokenizer/1"
+
+
+class TokenizerOutput(NamedTuple):
+    recon: torch.Tensor  # [B, 3, H, W] in [-1, 1] space, not clamped
+    ids: torch.Tensor  # [B, K] int64
+    aux_loss: torch.Tensor  # scalar quantizer loss
+    stats: QuantizerStats
+    lengths: torch.Tensor  # [B] int64: leading tokens the decoder saw
+
+
+class OneDTokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig | None = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = TokenizerConfig(**overrides)
+        elif overrides:
+            config = TokenizerConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        self.quantizer = Quantizer.from_config(config)
+        self.encoder = Encoder(config, out_dim=self.quantizer.dim)
+        self.decoder = Decoder(config, token_dim=self.quantizer.dim)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> OneDTokenizer:
+        return cls(preset_config(name, **overrides))
+
+    # ---- public attributes ----------------------------------------------------------------------------------
+    @property
+    def max_tokens(self) -> int:
+        return self.config.num_latent_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    # ---- training path --------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, lengths: torch.Tensor | None = None) -> TokenizerOutput:
+        """images [B, 3, H, W] in [0, 1]. `lengths` [B] overrides the length mechanism (e.g. to evaluate a
+        fixed k); by default it is sampled while training and K in eval mode."""
+        z = self.encoder(images * 2 - 1)  # [B, K, D]
+        q = self.quantizer(z)
+        if lengths is None:
+            if self.training:
+                lengths = sample_keep_lengths(self.config, images.shape[0], images.device)
+            else:
+                lengths = torch.full((images.shape[0],), self.max_tokens, dtype=torch.long, device=images.device)
+        recon = self.decoder(q.quantized.to(z.dtype), lengths)
+        return TokenizerOutput(recon, q.ids, q.aux_loss, q.stats, lengths)
+
+    # ---- inference API (contract) ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """images [B, 3, H, W] float in [0, 1] -> ids int64 [B, k], k = num_tokens or K.
+        Tokens are ordered: encode(x, num_tokens=k) == encode(x)[:, :k]."""
+        self._check_images(images)
+        k = self._check_num_tokens(num_tokens)
+        with self._inference():
+            z = self.encoder(images.to(self._dtype()) * 2 - 1)
+            return self.quantizer(z).ids[:, :k]
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids int64 [B, k], 1 <= k <= K -> images float [B, 3, H, W] in [0, 1]."""
+        self._check_ids(ids)
+        with self._inference():
+            tokens = self.quantizer.codes_from_ids(ids.long()).to(self._dtype())  # [B, k, D]
+            return ((self.decoder(tokens) + 1) / 2).clamp(0, 1).float()
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        return self.decode(self.encode(images, num_tokens))
+
+    # ---- persistence (contract): safetensors + JSON, strict load --------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        # write to temp names, then rename: a crash never leaves a half-written model behind.
+        tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
+        save_file(state, str(tmp_w), metadata={"format": FORMAT})
+        tmp_c.write_text(json.dumps({"format": FORMAT, "config": self.config.to_dict()}, indent=2))
+        tmp_w.replace(directory / WEIGHTS_NAME)
+        tmp_c.replace(directory / CONFIG_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> OneDTokenizer:
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: a pretrained tokenizer directory holds "
+                                        f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_pretrained)")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{config_path}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
+        model = cls(TokenizerConfig.from_dict(meta["config"]))
+        model.load_state_dict_strict(load_file(str(weights_path), device=str(map_location)), source=weights_path)
+        return model.eval()
+
+    def load_state_dict_strict(self, state: dict[str, torch.Tensor], source: object = "state dict") -> None:
+        """load_state_dict(strict=True) with one readable error for missing, unexpected or mis-shaped keys."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f"{source} does not match this tokenizer: missing keys {missing[:8]}, "
+                             f"unexpected keys {unexpected[:8]}, shape mismatches {shapes[:8]}")
+        self.load_state_dict(state, strict=True)
+
+    # ---- input validation -----------------------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor in [0, 1], got dtype {images.dtype} "
+                            "(convert uint8 with images.float() / 255)")
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        if images.shape[1] != 3:
+            raise ValueError(f"images must have 3 channels (RGB) in dim 1, got shape {tuple(images.shape)}")
+        size = self.image_size
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"this tokenizer takes {size}x{size} images, got {tuple(images.shape[-2:])}")
+        if images.numel() and (not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1):
+            raise ValueError(f"image values must be finite and in [0, 1], got range "
+                             f"[{images.min().item():.4g}, {images.max().item():.4g}]")
+
+    def _check_num_tokens(self, num_tokens: int | None) -> int:
+        if num_tokens is None:
+            return self.max_tokens
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+        if not 1 <= num_tokens <= self.max_tokens:
+            raise ValueError(f"num_tokens must be in 1..{self.max_tokens}, got {num_tokens}")
+        return num_tokens
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"ids must be an integer tensor (int64), got dtype {ids.dtype}")
+        if ids.ndim != 2:
+            raise ValueError(f"ids must have shape [B, k], got {tuple(ids.shape)}")
+        if not 1 <= ids.shape[1] <= self.max_tokens:
+            raise ValueError(f"ids must hold 1..{self.max_tokens} tokens per image, got {ids.shape[1]}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.codebook_size):
+            raise ValueError(f"ids must be in [0, {self.codebook_size}), got range "
+                             f"[{ids.min().item()}, {ids.max().item()}]")
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype:
+        return self.decoder.to_pixels.weight.dtype
+
+    @contextlib.contextmanager
+    def _inference(self):
+        """Eval mode for the duration (no codebook EMA updates, no dead-code resets), then restore."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode

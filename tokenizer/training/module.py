@@ -1,0 +1,216 @@
+"""TokenizerModule: the Lightning stage that trains a OneDTokenizer.
+
+Manual optimization (one optimizer step per batch here; the adversarial stage adds a discriminator step, and
+`global_step` then advances twice per batch): `manual_backward`, `clip_gradients`, explicit scheduler steps.
+
+Loss = recon_weight * L1|L2(recon, x) + quantizer_weight * quantizer aux loss.
+`extra_losses()` is the one place where perceptual and adversarial terms plug in.
+
+An EMA copy of the tokenizer (weights and codebook buffers; never a discriminator or LPIPS net) is kept
+when `ema_decay` is set; it is part of the checkpoint, survives resume, and is what validation and export use.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from ..model import OneDTokenizer
+from ..quantizer import code_histogram, histogram_stats
+from .optim import make_adamw, param_groups, warmup_cosine
+
+
+def default_eval_tokens(k_max: int) -> list[int]:
+    """1, 2, 4, ..., K (K included even when it is not a power of two)."""
+    ks, k = [], 1
+    while k < k_max:
+        ks.append(k)
+        k *= 2
+    return ks + [k_max]
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [0, 1]. [B, 3, H, W] x2 -> [B]."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+class TokenizerModule(pl.LightningModule):
+    def __init__(
+        self,
+        preset: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        recon_loss: str = "l2",
+        recon_weight: float = 1.0,
+        quantizer_weight: float = 1.0,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 1000,
+        min_lr_ratio: float = 0.1,
+        grad_clip: float = 1.0,
+        ema_decay: float | None = None,
+        eval_num_tokens: list[int] | None = None,
+        num_log_images: int = 8,
+        codebook_window: int = 100,
+        export_dir: str | None = None,
+    ):
+        super().__init__()
+        if recon_loss not in ("l1", "l2"):
+            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.tokenizer = OneDTokenizer.from_preset(preset, **(overrides or {}))
+        self.ema_tokenizer = None
+        if ema_decay is not None:
+            self.ema_tokenizer = copy.deepcopy(self.tokenizer).requires_grad_(False).eval()
+        k_max = self.tokenizer.max_tokens
+        self.eval_num_tokens = sorted(set(eval_num_tokens or default_eval_tokens(k_max)))
+        if not all(1 <= k <= k_max for k in self.eval_num_tokens):
+            raise ValueError(f"eval_num_tokens must be within 1..{k_max}, got {self.eval_num_tokens}")
+        self.register_buffer("code_counts", torch.zeros(self.tokenizer.codebook_size), persistent=False)
+        self._window_steps = 0
+
+    # ---- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = make_adamw(param_groups(self.tokenizer, hp.weight_decay), hp.lr, hp.betas)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        sched = warmup_cosine(opt, hp.warmup_steps, total, hp.min_lr_ratio)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.hparams.recon_loss == "l1":
+            return F.l1_loss(recon.float(), target.float())
+        return F.mse_loss(recon.float(), target.float())
+
+    def extra_losses(self, recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weighted extra generator-side terms (perceptual, adversarial). None in the base objective."""
+        return {}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        hp = self.hparams
+
+        out = self.tokenizer(images)
+        target = images * 2 - 1
+        rec = self.reconstruction_loss(out.recon, target)
+        extras = self.extra_losses(out.recon, target)
+        loss = hp.recon_weight * rec + hp.quantizer_weight * out.aux_loss + sum(extras.values())
+
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        self.update_ema()
+
+        logs = {"train/loss": loss, "train/recon": rec, "train/quantizer": out.aux_loss,
+                "train/keep_tokens": out.lengths.float().mean(), "train/batch_usage": out.stats.usage,
+                "train/batch_perplexity": out.stats.perplexity, "lr": sched.get_last_lr()[0]}
+        logs.update({f"train/{name}": value for name, value in extras.items()})
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=images.shape[0])
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        self.track_codebook(out.ids)
+        return loss
+
+    # ---- EMA ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema_tokenizer is None:
+            return
+        # warm-up: early on the EMA follows the weights closely (decay grows toward ema_decay)
+        step = self.global_step
+        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.ema_tokenizer.parameters(), self.tokenizer.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.ema_tokenizer.buffers(), self.tokenizer.buffers()):
+            ema_b.copy_(b)  # codebook (EMA-updated already), cluster sizes
+
+    @property
+    def eval_tokenizer(self) -> OneDTokenizer:
+        """The weights to evaluate and export: EMA when enabled."""
+        return self.ema_tokenizer if self.ema_tokenizer is not None else self.tokenizer
+
+    # ---- codebook health ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def track_codebook(self, ids: torch.Tensor) -> None:
+        """Usage over a window of `codebook_window` steps: fraction of codes used, perplexity, dead codes."""
+        counts = code_histogram(ids, self.tokenizer.codebook_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self.code_counts += counts
+        self._window_steps += 1
+        if self._window_steps >= self.hparams.codebook_window:
+            stats = histogram_stats(self.code_counts)
+            self.log_dict({"codebook/usage": stats.usage, "codebook/perplexity": stats.perplexity,
+                           "codebook/dead_codes": (self.code_counts == 0).sum().float()}, rank_zero_only=True)
+            self.code_counts.zero_()
+            self._window_steps = 0
+
+    # ---- validation: PSNR at every evaluated k --------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        model = self.eval_tokenizer
+        b = images.shape[0]
+        recons = []
+        for k in self.eval_num_tokens:
+            out = model(images, lengths=torch.full((b,), k, dtype=torch.long, device=images.device))
+            recon = ((out.recon + 1) / 2).clamp(0, 1)
+            self.log(f"val/psnr@{k}", psnr(recon, images).mean(), batch_size=b, sync_dist=True)
+            if k == model.max_tokens:
+                self.log("val/recon", self.reconstruction_loss(out.recon, images * 2 - 1), batch_size=b,
+                         sync_dist=True, prog_bar=True)
+            recons.append(recon)
+        if batch_idx == 0:
+            self.log_image_grid(images, recons)
+
+    def log_image_grid(self, images: torch.Tensor, recons: list[torch.Tensor]) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        n = min(self.hparams.num_log_images, images.shape[0])
+        rows = torch.stack([images[:n]] + [r[:n] for r in recons])  # [1+len(ks), n, 3, H, W]
+        grid = make_grid(rows)
+        experiment.add_image("val/originals_then_k=" + ",".join(map(str, self.eval_num_tokens)), grid,
+                             self.global_step)
+
+    # ---- export ---------------------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            target = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir)
+                                                   / "tokenizer")
+            self.eval_tokenizer.save_pretrained(target)
+
+
+def make_grid(rows: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """[R, C, 3, H, W] -> one image [3, R*(H+pad)+pad, C*(W+pad)+pad] with white padding."""
+    r, c, _, h, w = rows.shape
+    grid = torch.ones(3, r * (h + pad) + pad, c * (w + pad) + pad, dtype=rows.dtype, device=rows.device)
+    for i in range(r):
+        for j in range(c):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[:, top : top + h, left : left + w] = rows[i, j]
+    return grid
+
+
+def tokenizer_from_checkpoint(path: str | Path, use_ema: bool = True) -> OneDTokenizer:
+    """Rebuild the tokenizer (EMA weights when present) from a Lightning checkpoint of TokenizerModule."""
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    model = OneDTokenizer.from_preset(hp["preset"], **(hp.get("overrides") or {}))
+    prefix = "ema_tokenizer." if use_ema and any(k.startswith("ema_tokenizer.") for k in ckpt["state_dict"]) \
+        else "tokenizer."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict_strict(state, source=path)
+    return model.eval()
+
+
+__all__ = ["TokenizerModule", "tokenizer_from_checkpoint", "default_eval_tokens", "psnr", "make_grid"]

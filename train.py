@@ -1,0 +1,46 @@
+"""Train a tokenizer (or, with a generator config, the AR generator) with Lightning.
+
+One GPU / CPU:
+    python train.py fit --config configs/tokenizer/tiny.yaml
+    python train.py fit --config configs/tokenizer/tiny.yaml --trainer.max_steps 2000
+Resume after a crash or preemption (the newest `last.ckpt` of the run):
+    python train.py fit --config configs/tokenizer/tiny.yaml --ckpt_path last
+8 GPUs on one node:
+    python train.py fit --config configs/tokenizer/onedpiece-B-256.yaml --trainer.devices 8
+N nodes (torchrun on every node, or SLURM's srun which Lightning detects):
+    torchrun --nnodes N --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        train.py fit --config CONFIG --trainer.num_nodes N --trainer.devices 8
+
+Outputs go to checkpoints/<run>/: config.yaml (the resolved config), checkpoints, TensorBoard logs, and, when
+training ends, tokenizer/ (save_pretrained of the EMA weights when EMA is on).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# `data` and `eval` are repo-local packages: make them importable whatever the working directory.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    return LightningCLI(
+        save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same resolved config
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},
+        args=args,
+    )
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
