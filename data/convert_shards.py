@@ -85,7 +85,7 @@ def parse_size(text: str | None) -> int | None:
 def plan_shards(
     src: str, shard_size: int, max_shard_bytes: int | None = None, shuffle: bool = True, seed: int = 0
 ) -> tuple[list[str], list[list[tuple[str, str, int]]]]:
-    """Deterministic file -> shard assignment: ``(classes, shards)``, each shard a list of (rel, key, label)."""
+    """Deterministic file -> shard plan ``(classes, shards)``; a shard is a list of (rel, key, label)."""
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     classes, items = scan_image_folder(src)
@@ -211,7 +211,7 @@ def convert(
     force: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Convert ``src`` into shards under ``out``; returns the meta dict (also written to ``{split}-meta.json``)."""
+    """Convert ``src`` into shards under ``out``; returns the meta dict (written to ``{split}-meta.json``)."""
     from tqdm import tqdm
 
     if not re.fullmatch(r"[A-Za-z0-9_.]+", split):
@@ -241,7 +241,7 @@ def convert(
 
     results: dict[int, dict] = {}
     todo = []
-    for i, items in enumerate(shards):
+    for i in range(len(shards)):
         final = os.path.join(out, shard_name(split, i))
         if os.path.exists(final):
             state = os.path.join(state_dir, f"{i:06d}.json")
@@ -249,16 +249,30 @@ def convert(
                 with open(state) as f:
                     results[i] = json.load(f)
             else:  # state lost: recount from the tar itself
-                results[i] = {"shard": shard_name(split, i), "count": _count_tar_samples(final),
-                              "skipped": [], "formats": {}, "bytes": os.path.getsize(final)}
+                results[i] = {
+                    "shard": shard_name(split, i),
+                    "count": _count_tar_samples(final),
+                    "skipped": [],
+                    "formats": {},
+                    "bytes": os.path.getsize(final),
+                }
         else:
             todo.append(i)
     n_done_files = sum(len(shards[i]) for i in results)
     if not quiet:
-        print(f"{src}: {sum(map(len, shards))} files, {len(classes)} classes -> {len(shards)} shards "
-              f"({len(results)} already done, {len(todo)} to write)", file=sys.stderr)
-    bar = tqdm(total=sum(map(len, shards)), initial=n_done_files, unit="img", disable=quiet,
-               desc=f"{split} shards", smoothing=0.05)
+        print(
+            f"{src}: {sum(map(len, shards))} files, {len(classes)} classes -> {len(shards)} shards "
+            f"({len(results)} already done, {len(todo)} to write)",
+            file=sys.stderr,
+        )
+    bar = tqdm(
+        total=sum(map(len, shards)),
+        initial=n_done_files,
+        unit="img",
+        disable=quiet,
+        desc=f"{split} shards",
+        smoothing=0.05,
+    )
     try:
         if workers <= 1 or len(todo) <= 1:
             for i in todo:
@@ -292,8 +306,13 @@ def convert(
         "num_classes": len(classes),
         "shards": [{"name": results[i]["shard"], "count": results[i]["count"]} for i in range(len(shards))],
         "formats": formats,
-        "settings": {"src": os.path.abspath(src), "shard_size": shard_size, "max_shard_bytes": max_shard_bytes,
-                     "shuffle": shuffle, "seed": seed},
+        "settings": {
+            "src": os.path.abspath(src),
+            "shard_size": shard_size,
+            "max_shard_bytes": max_shard_bytes,
+            "shuffle": shuffle,
+            "seed": seed,
+        },
     }
     _atomic_write_json(os.path.join(out, f"{split}-meta.json"), meta)
     _atomic_write_json(os.path.join(out, f"{split}-skipped.json"), skipped)
@@ -301,8 +320,11 @@ def convert(
     if os.path.exists(classes_path):
         with open(classes_path) as f:
             if json.load(f) != classes:
-                print(f"warning: {classes_path} lists different classes than {src}; left unchanged "
-                      f"({split}-meta.json has this split's classes)", file=sys.stderr)
+                print(
+                    f"warning: {classes_path} lists different classes than {src}; left unchanged "
+                    f"({split}-meta.json has this split's classes)",
+                    file=sys.stderr,
+                )
     else:
         _atomic_write_json(classes_path, classes)
     if not quiet:
@@ -310,28 +332,47 @@ def convert(
             print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
         if len(skipped) > 20:
             print(f"... {len(skipped) - 20} more in {split}-skipped.json", file=sys.stderr)
-        print(f"{meta['num_samples']} samples in {len(shards)} shards, {len(skipped)} skipped, "
-              f"{time.time() - t0:.1f}s", file=sys.stderr)
+        print(
+            f"{meta['num_samples']} samples in {len(shards)} shards, {len(skipped)} skipped, "
+            f"{time.time() - t0:.1f}s",
+            file=sys.stderr,
+        )
         print(pattern)
     return meta
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--src", required=True, help="ImageFolder root: src/<class>/<image>")
     p.add_argument("--out", required=True, help="output directory for the shards")
     p.add_argument("--split", required=True, help="shard name prefix, e.g. train or val")
     p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (default 1000)")
-    p.add_argument("--max-shard-bytes", type=parse_size, default=None,
-                   help="also cap the source bytes per shard, e.g. 512M (default: no cap)")
+    p.add_argument(
+        "--max-shard-bytes",
+        type=parse_size,
+        default=None,
+        help="also cap the source bytes per shard, e.g. 512M (default: no cap)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the file order shuffle (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="keep sorted order (shards follow classes)")
     p.add_argument("--force", action="store_true", help="discard existing shards made with other settings")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    convert(a.src, a.out, a.split, a.shard_size, a.max_shard_bytes, a.workers, not a.no_shuffle, a.seed,
-            a.force, a.quiet)
+    convert(
+        a.src,
+        a.out,
+        a.split,
+        a.shard_size,
+        a.max_shard_bytes,
+        a.workers,
+        not a.no_shuffle,
+        a.seed,
+        a.force,
+        a.quiet,
+    )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def scan_image_folder(
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Map-style dataset over ``scan_image_folder``; ``__getitem__`` returns ``(image, label)`` or ``None``."""
+    """Map-style dataset over ``scan_image_folder``: ``(image, label)``, or ``None`` if unreadable."""
 
     def __init__(self, root: str, transform: Callable | None = None, skipped_counter=None):
         self.root = root
@@ -160,7 +160,9 @@ class FolderDataModule(LightningDataModule):
         if self._skipped is None:
             self._skipped = mp.Value("l", 0)
         if self.train_set is None:
-            self.train_set = ImageFolderDataset(self.train_dir, train_transform(self.image_size), self._skipped)
+            self.train_set = ImageFolderDataset(
+                self.train_dir, train_transform(self.image_size), self._skipped
+            )
         if self.val_dir is not None and self.val_set is None:
             self.val_set = ImageFolderDataset(self.val_dir, eval_transform(self.image_size), self._skipped)
             if self.val_set.classes != self.train_set.classes:
