@@ -1,0 +1,195 @@
+"""``FolderDataModule``: an ImageFolder-style tree (``root/<class>/<image>``), train and val directories.
+
+Unreadable files are skipped without a pre-scan: the map-style dataset returns ``None`` for an image that
+cannot be decoded, and ``SkipCorruptCollate`` drops those items from the batch (the batch gets smaller,
+the number of batches per epoch does not change, so DDP ranks stay in step). Skips are counted in a
+shared-memory counter visible from the main process (``FolderDataModule.num_skipped``) and each one is
+logged as a warning with the running count. A batch whose items were all unreadable comes out as empty
+tensors ``[0, 3, H, W]`` / ``[0]``.
+
+Class indices follow sorted class-folder names (same rule as ``data.convert_shards`` and torchvision's
+ImageFolder), so a folder tree and the shards made from it give the same labels. Under DDP Lightning adds a
+``DistributedSampler`` (equal number of batches per rank, padded with repeats like any map-style dataset).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from data.transforms import IMAGE_EXTENSIONS, decode_image, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+try:  # keep this module importable (scan_image_folder is used by the converter) without Lightning
+    from lightning.pytorch import LightningDataModule
+except ImportError:  # pragma: no cover
+    LightningDataModule = object  # type: ignore[misc,assignment]
+
+
+def scan_image_folder(
+    root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[str], list[tuple[str, int]]]:
+    """Deterministic listing of an ImageFolder tree.
+
+    Returns ``(classes, items)``: ``classes`` are the sorted names of the non-hidden sub-directories of
+    ``root``; ``items`` are ``(relative_path, class_index)`` sorted by relative path (files found
+    recursively below each class folder whose extension, case-insensitively, is in ``extensions``).
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"not a directory: {root}")
+    exts = tuple(e.lower() for e in extensions)
+    classes = sorted(
+        e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=True) and not e.name.startswith(".")
+    )
+    if not classes:
+        raise ValueError(f"{root}: no class sub-directories found (expected root/<class>/<image>)")
+    items: list[tuple[str, int]] = []
+    for idx, cls in enumerate(classes):
+        cls_dir = os.path.join(root, cls)
+        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in filenames:
+                if fn.startswith(".") or not fn.lower().endswith(exts):
+                    continue
+                items.append((os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/"), idx))
+    items.sort()
+    return classes, items
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Map-style dataset over ``scan_image_folder``: ``(image, label)``, or ``None`` if unreadable."""
+
+    def __init__(self, root: str, transform: Callable | None = None, skipped_counter=None):
+        self.root = root
+        self.classes, self.items = scan_image_folder(root)
+        self.transform = transform
+        self.skipped_counter = skipped_counter  # multiprocessing.Value("l") shared with the workers
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        rel, label = self.items[index]
+        path = os.path.join(self.root, rel)
+        try:
+            with open(path, "rb") as f:
+                img = decode_image(f.read())
+        except OSError:  # unreadable file (permissions, I/O error, vanished)
+            img = None
+        if img is None:
+            n = -1
+            if self.skipped_counter is not None:
+                with self.skipped_counter.get_lock():
+                    self.skipped_counter.value += 1
+                    n = self.skipped_counter.value
+            log.warning("skipping unreadable image %s (%d skipped so far)", path, n)
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label
+
+
+class SkipCorruptCollate:
+    """Collate that drops ``None`` items; returns ``(images float32 [B,3,H,W], labels int64 [B])``."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, batch):
+        batch = [b for b in batch if b is not None]
+        if not batch:
+            s = self.image_size
+            return torch.empty(0, 3, s, s), torch.empty(0, dtype=torch.long)
+        images = torch.stack([b[0] for b in batch])
+        labels = torch.as_tensor([int(b[1]) for b in batch], dtype=torch.long)
+        return images, labels
+
+
+class FolderDataModule(LightningDataModule):
+    """ImageFolder-style train/val directories -> ``(images, labels)`` batches.
+
+    Args:
+        train_dir: root of the training tree (``train_dir/<class>/<image>``).
+        val_dir: root of the validation tree (same class folder names), or None for no validation.
+        image_size: output resolution (shorter side resized, then random/center crop).
+        batch_size: per-device batch size.
+        num_workers: DataLoader workers.
+        drop_last: drop the last incomplete training batch.
+        pin_memory: DataLoader pin_memory.
+    """
+
+    def __init__(
+        self,
+        train_dir: str,
+        val_dir: str | None = None,
+        image_size: int = 256,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        drop_last: bool = True,
+        pin_memory: bool = True,
+    ):
+        super().__init__()
+        self.train_dir = train_dir
+        self.val_dir = val_dir
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self._skipped = None  # multiprocessing.Value, created lazily (keeps the module picklable/copyable)
+        self.train_set: ImageFolderDataset | None = None
+        self.val_set: ImageFolderDataset | None = None
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of unreadable images skipped so far (all splits, all workers)."""
+        return 0 if self._skipped is None else int(self._skipped.value)
+
+    @property
+    def classes(self) -> list[str]:
+        if self.train_set is None:
+            self.setup("fit")
+        return self.train_set.classes
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._skipped is None:
+            self._skipped = mp.Value("l", 0)
+        if self.train_set is None:
+            self.train_set = ImageFolderDataset(
+                self.train_dir, train_transform(self.image_size), self._skipped
+            )
+        if self.val_dir is not None and self.val_set is None:
+            self.val_set = ImageFolderDataset(self.val_dir, eval_transform(self.image_size), self._skipped)
+            if self.val_set.classes != self.train_set.classes:
+                log.warning("val classes differ from train classes; labels follow each tree's sorted folders")
+
+    def _loader(self, dataset, shuffle: bool, drop_last: bool):
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=SkipCorruptCollate(self.image_size),
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            drop_last=drop_last,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        self.setup("fit")
+        return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self):
+        self.setup("validate")
+        if self.val_set is None:
+            return []
+        return self._loader(self.val_set, shuffle=False, drop_last=False)
+
+    def teardown(self, stage: str | None = None) -> None:
+        if self.num_skipped:
+            log.warning("FolderDataModule: %d unreadable images were skipped", self.num_skipped)
