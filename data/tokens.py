@@ -28,6 +28,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tempfile
 import warnings
 import zlib
@@ -129,10 +130,11 @@ class TokenShardWriter:
         if write_meta:
             _write_json_atomic(meta_path, self.meta)
         self.done_keys: set[str] = set()
-        mine = sorted(glob.glob(os.path.join(root, f"{prefix}-*.npz")))
-        for path in mine:
+        pattern = re.compile(re.escape(prefix) + r"-(\d{6,})\.npz")
+        mine = {int(m.group(1)): p for p in shard_paths(root) if (m := pattern.fullmatch(os.path.basename(p)))}
+        for path in mine.values():
             self.done_keys.update(load_shard(path)["keys"].tolist())
-        self.next_index = 1 + max((int(os.path.basename(p)[len(prefix) + 1:-4]) for p in mine), default=-1)
+        self.next_index = 1 + max(mine, default=-1)
         self.num_resumed = len(self.done_keys)
         self.num_written = 0
         self.num_skipped = 0
