@@ -17,7 +17,7 @@ meta.json:
      "num_views": A, "flip": true|false, "num_classes": C|null, "tokenizer_dir": "...", "image_size": 256,
      "num_records": N_total, "num_shards": S, "complete": true|false, ...extra fields given to the writer}
 
-`complete` is false while an extraction runs (or after it crashed); `TokenShardWriter` on the same root resumes:
+`complete` is false while an extraction runs (or after a crash); `TokenShardWriter` on the same root resumes:
 finished shards are kept and their keys are skipped, a leftover temp file is removed.
 Multi-process extraction: give each process its own `prefix` (e.g. "tokens-r03") and, when all are done,
 run `finalize_meta(root)` once; readers glob every `*.npz`.
@@ -103,10 +103,21 @@ class TokenShardWriter:
     this run. Records still buffered when the process dies are lost and re-extracted on resume.
     """
 
-    def __init__(self, root: str, num_tokens: int, codebook_size: int, shard_size: int = 10000,
-                 prefix: str = "tokens", num_views: int = 1, flip: bool = False, num_classes: int | None = None,
-                 tokenizer_dir: str | None = None, image_size: int | None = None, write_meta: bool = True,
-                 **extra_meta):
+    def __init__(
+        self,
+        root: str,
+        num_tokens: int,
+        codebook_size: int,
+        shard_size: int = 10000,
+        prefix: str = "tokens",
+        num_views: int = 1,
+        flip: bool = False,
+        num_classes: int | None = None,
+        tokenizer_dir: str | None = None,
+        image_size: int | None = None,
+        write_meta: bool = True,
+        **extra_meta,
+    ):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.root, self.prefix, self.shard_size = root, prefix, shard_size
@@ -116,22 +127,38 @@ class TokenShardWriter:
         os.makedirs(root, exist_ok=True)
         for tmp in glob.glob(os.path.join(root, f".{prefix}-*.tmp")):
             os.remove(tmp)  # a shard that was being written when the last run died
-        self.meta = dict(format=FORMAT, version=VERSION, num_tokens=num_tokens, codebook_size=codebook_size,
-                         dtype=self.dtype.name, num_views=num_views, flip=flip, num_classes=num_classes,
-                         tokenizer_dir=tokenizer_dir, image_size=image_size, num_records=None, num_shards=None,
-                         complete=False, **extra_meta)
+        self.meta = dict(
+            format=FORMAT,
+            version=VERSION,
+            num_tokens=num_tokens,
+            codebook_size=codebook_size,
+            dtype=self.dtype.name,
+            num_views=num_views,
+            flip=flip,
+            num_classes=num_classes,
+            tokenizer_dir=tokenizer_dir,
+            image_size=image_size,
+            num_records=None,
+            num_shards=None,
+            complete=False,
+            **extra_meta,
+        )
         meta_path = os.path.join(root, "meta.json")
         if os.path.exists(meta_path):
             old = read_meta(root)
             for field in ("num_tokens", "codebook_size", "num_views", "flip"):
                 if old.get(field) != self.meta[field]:
-                    raise ValueError(f"{root} holds shards with {field}={old.get(field)!r}, this writer has "
-                                     f"{self.meta[field]!r}; use a new directory")
+                    raise ValueError(
+                        f"{root} holds shards with {field}={old.get(field)!r}, this writer has "
+                        f"{self.meta[field]!r}; use a new directory"
+                    )
         if write_meta:
             _write_json_atomic(meta_path, self.meta)
         self.done_keys: set[str] = set()
         pattern = re.compile(re.escape(prefix) + r"-(\d{6,})\.npz")
-        mine = {int(m.group(1)): p for p in shard_paths(root) if (m := pattern.fullmatch(os.path.basename(p)))}
+        mine = {
+            int(m.group(1)): p for p in shard_paths(root) if (m := pattern.fullmatch(os.path.basename(p)))
+        }
         for path in mine.values():
             self.done_keys.update(load_shard(path)["keys"].tolist())
         self.next_index = 1 + max(mine, default=-1)
@@ -146,14 +173,16 @@ class TokenShardWriter:
         return key in self.done_keys or key in self._new_keys
 
     def write(self, ids, labels, keys) -> int:
-        """ids [N, K] or [N, A, K] (tensor or array), labels [N], keys: N strings. Returns records accepted."""
+        """ids [N, K] or [N, A, K] (tensor or array), labels [N], N string keys. Returns records accepted."""
         ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
         labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         keys = [str(k) for k in keys]
         want = (self.num_tokens,) if self.num_views == 1 else (self.num_views, self.num_tokens)
         if ids.shape[1:] != want or len(labels) != len(ids) or len(keys) != len(ids):
-            raise ValueError(f"expected ids [N, {', '.join(map(str, want))}], labels [N], N keys; got ids "
-                             f"{ids.shape}, labels {labels.shape}, {len(keys)} keys")
+            raise ValueError(
+                f"expected ids [N, {', '.join(map(str, want))}], labels [N], N keys; got ids "
+                f"{ids.shape}, labels {labels.shape}, {len(keys)} keys"
+            )
         if ids.size and (ids.min() < 0 or ids.max() >= self.codebook_size):
             raise ValueError(f"ids must be in [0, {self.codebook_size}), got [{ids.min()}, {ids.max()}]")
         keep = []
@@ -203,7 +232,7 @@ class TokenShardWriter:
             self.close()  # on an error, keep the finished shards and leave meta incomplete for a resume
 
 
-# ---- reading -----------------------------------------------------------------------------------------------------
+# ---- reading -----------------------------------------------------------------------------------------------
 def load_token_shards(root: str, check_keys: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """All shards of root in memory: ids [N, (A,) K] (stored dtype), labels int64 [N], keys [N], meta."""
     meta = read_meta(root)
@@ -211,7 +240,9 @@ def load_token_shards(root: str, check_keys: bool = True) -> tuple[np.ndarray, n
     if not paths:
         raise FileNotFoundError(f"no *.npz token shards in {root!r}")
     if not meta.get("complete", False):
-        warnings.warn(f"{root}/meta.json is not marked complete: extraction unfinished or crashed", stacklevel=2)
+        warnings.warn(
+            f"{root}/meta.json is not marked complete: extraction unfinished or crashed", stacklevel=2
+        )
     shards = [load_shard(p) for p in paths]
     ids = np.concatenate([s["ids"] for s in shards])
     labels = np.concatenate([s["labels"] for s in shards]).astype(np.int64)
@@ -219,7 +250,9 @@ def load_token_shards(root: str, check_keys: bool = True) -> tuple[np.ndarray, n
     if check_keys and len(np.unique(keys)) != len(keys):
         raise ValueError(f"{root}: some image keys appear in more than one record")
     if ids.shape[-1] != meta["num_tokens"]:
-        raise ValueError(f"{root}: shards hold {ids.shape[-1]} tokens per record, meta.json says {meta['num_tokens']}")
+        raise ValueError(
+            f"{root}: shards hold {ids.shape[-1]} tokens per record, meta.json says {meta['num_tokens']}"
+        )
     return ids, labels, keys, meta
 
 
@@ -236,7 +269,9 @@ class TokenDataset(torch.utils.data.Dataset):
     """(ids int64 [k], label int64) per record; k = num_tokens prefix. With A views per record, training
     picks one at random, evaluation always view 0 (the unflipped image)."""
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, num_tokens: int | None = None, random_view: bool = True):
+    def __init__(
+        self, ids: np.ndarray, labels: np.ndarray, num_tokens: int | None = None, random_view: bool = True
+    ):
         K = ids.shape[-1]
         k = K if num_tokens is None else num_tokens
         if not 1 <= k <= K:
@@ -251,7 +286,9 @@ class TokenDataset(torch.utils.data.Dataset):
         if row.ndim == 2:
             v = int(torch.randint(row.shape[0], ())) if self.random_view else 0
             row = row[v]
-        return torch.from_numpy(row[: self.k].astype(np.int64)), torch.tensor(self.labels[i], dtype=torch.long)
+        return torch.from_numpy(row[: self.k].astype(np.int64)), torch.tensor(
+            self.labels[i], dtype=torch.long
+        )
 
 
 class TokenDataModule(pl.LightningDataModule):
@@ -261,9 +298,18 @@ class TokenDataModule(pl.LightningDataModule):
     their keys, else none. `num_tokens` trains on a prefix k <= K of every sequence.
     """
 
-    def __init__(self, root: str, batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.0,
-                 val_root: str | None = None, num_tokens: int | None = None, split_seed: int = 0,
-                 drop_last: bool = True, pin_memory: bool = False):
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.0,
+        val_root: str | None = None,
+        num_tokens: int | None = None,
+        split_seed: int = 0,
+        drop_last: bool = True,
+        pin_memory: bool = False,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.root, self.val_root = root, val_root
@@ -293,7 +339,9 @@ class TokenDataModule(pl.LightningDataModule):
             vids, vlabels, _, vmeta = load_token_shards(self.val_root)
             for field in ("num_tokens", "codebook_size"):
                 if vmeta[field] != self.meta[field]:
-                    raise ValueError(f"val shards have {field}={vmeta[field]}, train shards {self.meta[field]}")
+                    raise ValueError(
+                        f"val shards have {field}={vmeta[field]}, train shards {self.meta[field]}"
+                    )
             self.val_set = TokenDataset(vids, vlabels, self.num_tokens, random_view=False)
         else:
             is_val = split_by_key(keys, self.val_fraction, self.split_seed)
@@ -304,8 +352,14 @@ class TokenDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: TokenDataset, train: bool) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            ds, batch_size=self.batch_size, shuffle=train, drop_last=train and self.drop_last,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self):
         return self._loader(self.train_set, train=True)

@@ -1,11 +1,12 @@
 """Sampling throughput of the generator GPT, with and without the KV cache (random weights; speed only).
 
     PYTHONPATH=. python scripts/bench_sampling.py                                  # tiny preset, CPU
-    PYTHONPATH=. python scripts/bench_sampling.py --preset B --device cuda --batch-sizes 8 64 --num-tokens 32 128 \
-        --cfg-scale 2.0 --dtype bfloat16
+    PYTHONPATH=. python scripts/bench_sampling.py --preset B --device cuda --batch-sizes 8 64 \
+        --num-tokens 32 128 --cfg-scale 2.0 --dtype bfloat16
 
-Prints one row per (batch size, k, cache): seconds per batch, generated tokens/s and images/s (an "image" is one
-sequence of k tokens; tokenizer decoding is not included). With CFG (scale != 1) the model runs on 2B rows.
+Prints one row per (batch size, k, cache): seconds per batch, generated tokens/s and images/s (an "image" is
+one sequence of k tokens; tokenizer decoding is not included). With CFG (scale != 1) the model runs on 2B
+rows.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench(model: GPT, batch_size: int, k: int, use_kv_cache: bool, cfg_scale: float, device: str,
-          repeats: int) -> float:
+def bench(
+    model: GPT, batch_size: int, k: int, use_kv_cache: bool, cfg_scale: float, device: str, repeats: int
+) -> float:
     labels = torch.arange(batch_size) % max(1, model.cfg.num_classes)
     generate(model, labels, min(k, 4), cfg_scale=cfg_scale, use_kv_cache=use_kv_cache)  # warm-up
     sync(device)
@@ -49,20 +51,27 @@ def main() -> None:
     p.add_argument("--num-tokens", type=int, nargs="+", default=[32, 128])
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--no-cache-max-tokens", type=int, default=None,
-                   help="skip the no-cache path above this k (it costs O(k^2)); default: run all")
+    p.add_argument(
+        "--no-cache-max-tokens",
+        type=int,
+        default=None,
+        help="skip the no-cache path above this k (it costs O(k^2)); default: run all",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = GPT.from_preset(args.preset, vocab_size=args.vocab_size, block_size=args.block_size,
-                            num_classes=args.num_classes)
+    model = GPT.from_preset(
+        args.preset, vocab_size=args.vocab_size, block_size=args.block_size, num_classes=args.num_classes
+    )
     model = model.to(args.device, getattr(torch, args.dtype)).eval()
-    print(f"preset {args.preset}: {model.num_params() / 1e6:.1f}M params, vocab {args.vocab_size}, K "
-          f"{args.block_size}, device {args.device}, dtype {args.dtype}, cfg_scale {args.cfg_scale}, "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(
+        f"preset {args.preset}: {model.num_params() / 1e6:.1f}M params, vocab {args.vocab_size}, K "
+        f"{args.block_size}, device {args.device}, dtype {args.dtype}, cfg_scale {args.cfg_scale}, "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
     print(f"{'batch':>5} {'k':>5} {'kv_cache':>8} {'s/batch':>9} {'tokens/s':>10} {'images/s':>9}")
     for B in args.batch_sizes:
         for k in args.num_tokens:

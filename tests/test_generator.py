@@ -9,9 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizer.generator import GPT, PRESETS, generate, next_token_logits, sample_from_logits, top_k_filter, top_p_filter
+from tokenizer.generator import (
+    GPT,
+    PRESETS,
+    generate,
+    next_token_logits,
+    sample_from_logits,
+    top_k_filter,
+    top_p_filter,
+)
 from tokenizer.generator.gpt import preset_config
 from tokenizer.generator.sampling import KVCache, cfg_mix
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -75,6 +84,15 @@ def test_preset_param_counts_match_llamagen():
         assert abs(n - expected) / expected < 0.01, (name, n)
 
 
+def test_save_load_pretrained(tmp_path):
+    m = small_gpt(num_classes=7, unconditional=False).eval()
+    m.save_pretrained(str(tmp_path / "gpt"))
+    m2 = GPT.from_pretrained(str(tmp_path / "gpt")).eval()
+    assert m2.cfg == m.cfg
+    ids = torch.randint(0, 64, (2, 16))
+    assert torch.equal(m(ids, torch.tensor([1, 6])).logits, m2(ids, torch.tensor([1, 6])).logits)
+
+
 def test_init_scaled_output_projections():
     m = GPT.from_preset("tiny", vocab_size=512, depth=8, dim=256, heads=4)
     std_proj = m.blocks[0].attn.proj.weight.std().item()
@@ -136,8 +154,9 @@ def test_cached_logits_match_teacher_forcing():
     full = m(ids, labels).logits
     cache = KVCache(m, 2)
     for t in range(16):
-        torch.testing.assert_close(next_token_logits(m, labels, ids[:, :t], cache=cache), full[:, t],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            next_token_logits(m, labels, ids[:, :t], cache=cache), full[:, t], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_cfg_scale_one_is_conditional_and_mix_formula():
@@ -147,7 +166,9 @@ def test_cfg_scale_one_is_conditional_and_mix_formula():
     cond = m.transformer(m.embed(labels, ids))[:, -1]
     assert torch.equal(next_token_logits(m, labels, ids, cfg_scale=1.0), cond)
     uncond = m.transformer(m.embed(torch.full_like(labels, 4), ids))[:, -1]
-    torch.testing.assert_close(next_token_logits(m, labels, ids, cfg_scale=2.5), uncond + 2.5 * (cond - uncond))
+    torch.testing.assert_close(
+        next_token_logits(m, labels, ids, cfg_scale=2.5), uncond + 2.5 * (cond - uncond)
+    )
     both = torch.cat([cond, uncond])
     torch.testing.assert_close(cfg_mix(both, 1.0), cond)  # the mixing formula itself is exact at scale 1
     assert torch.equal(cfg_mix(both, 0.0), uncond)
@@ -205,8 +226,9 @@ def test_generate_validates_and_restores_mode():
 
 def test_overfit_reproduces_sequences_from_class_prefix():
     torch.manual_seed(0)
-    m = GPT.from_preset("tiny", vocab_size=64, block_size=16, num_classes=4, dim=64, depth=2, heads=4,
-                        class_dropout_prob=0.0)
+    m = GPT.from_preset(
+        "tiny", vocab_size=64, block_size=16, num_classes=4, dim=64, depth=2, heads=4, class_dropout_prob=0.0
+    )
     data = torch.randint(0, 64, (4, 16))
     labels = torch.arange(4)
     opt = torch.optim.AdamW(m.optim_groups(0.0), lr=3e-3)
@@ -251,9 +273,14 @@ def test_lightning_training_loss_drops(tmp_path):
 
     write_synthetic_shards(str(tmp_path / "tokens"))
     dm = TokenDataModule(str(tmp_path / "tokens"), batch_size=32, val_fraction=0.1)
-    module = GeneratorModule(preset="tiny", overrides=dict(vocab_size=32, block_size=16, num_classes=4, dim=64,
-                                                           depth=2, heads=4),
-                             lr=3e-3, warmup_steps=5, num_val_samples=4, sample_cfg_scale=2.0)
+    module = GeneratorModule(
+        preset="tiny",
+        overrides=dict(vocab_size=32, block_size=16, num_classes=4, dim=64, depth=2, heads=4),
+        lr=3e-3,
+        warmup_steps=5,
+        num_val_samples=4,
+        sample_cfg_scale=2.0,
+    )
     module.set_tokenizer(_FakeTokenizer())
     losses = []
 
@@ -261,10 +288,21 @@ def test_lightning_training_loss_drops(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = pl.Trainer(max_steps=30, accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp_path)),
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         val_check_interval=30, check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
-                         callbacks=[Record()], log_every_n_steps=5)
+    trainer = pl.Trainer(
+        max_steps=30,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(str(tmp_path)),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=30,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[Record()],
+        log_every_n_steps=5,
+    )
     trainer.fit(module, datamodule=dm)
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:3]), losses  # ~3.4 -> ~1.9 in 30 steps
@@ -287,8 +325,16 @@ def test_lightning_module_rejects_mismatched_data(tmp_path):
     from tokenizer.generator.lightning import GeneratorModule
 
     write_synthetic_shards(str(tmp_path / "tokens"), n=40)
-    module = GeneratorModule(overrides=dict(vocab_size=16, block_size=16, num_classes=4, dim=64, depth=1, heads=4))
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    module = GeneratorModule(
+        overrides=dict(vocab_size=16, block_size=16, num_classes=4, dim=64, depth=1, heads=4)
+    )
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ValueError, match="vocab_size"):
         trainer.fit(module, datamodule=TokenDataModule(str(tmp_path / "tokens"), batch_size=8))

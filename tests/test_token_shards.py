@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from data.tokens import (TokenDataModule, TokenShardWriter, finalize_meta, ids_dtype, load_token_shards, read_meta,
-                         shard_paths, split_by_key)
+from data.tokens import (
+    TokenDataModule,
+    TokenShardWriter,
+    finalize_meta,
+    ids_dtype,
+    load_token_shards,
+    read_meta,
+    shard_paths,
+    split_by_key,
+)
 
 
 def make_records(n: int, k: int = 8, vocab: int = 100, views: int = 1, seed: int = 0):
@@ -28,12 +36,21 @@ def test_ids_dtype_by_codebook_size():
 def test_round_trip(tmp_path, codebook_size):
     ids, labels, keys = make_records(25, vocab=min(codebook_size, 60000))
     root = str(tmp_path / "tok")
-    with TokenShardWriter(root, num_tokens=8, codebook_size=codebook_size, shard_size=10, num_classes=10,
-                          tokenizer_dir="/some/tok") as w:
+    with TokenShardWriter(
+        root,
+        num_tokens=8,
+        codebook_size=codebook_size,
+        shard_size=10,
+        num_classes=10,
+        tokenizer_dir="/some/tok",
+    ) as w:
         w.write(torch.from_numpy(ids[:7]), torch.from_numpy(labels[:7]), keys[:7])  # tensors
         w.write(ids[7:], labels[7:], keys[7:])  # arrays
-    assert [os.path.basename(p) for p in shard_paths(root)] == ["tokens-000000.npz", "tokens-000001.npz",
-                                                                "tokens-000002.npz"]
+    assert [os.path.basename(p) for p in shard_paths(root)] == [
+        "tokens-000000.npz",
+        "tokens-000001.npz",
+        "tokens-000002.npz",
+    ]
     meta = read_meta(root)
     assert meta["complete"] and meta["num_records"] == 25 and meta["num_shards"] == 3
     assert meta["dtype"] == ids_dtype(codebook_size).name and meta["tokenizer_dir"] == "/some/tok"

@@ -5,13 +5,31 @@
     ids = generate(model, torch.tensor([1, 2]), num_tokens=32, cfg_scale=2.0)   # [2, 32]
     images = tok.decode(ids)
 
-Plain PyTorch; the Lightning training module is `tokenizer.generator.lightning.GeneratorModule` (not imported here).
+Plain PyTorch; the Lightning module is `tokenizer.generator.lightning.GeneratorModule` (not imported here).
 """
 
 from .gpt import GPT, PRESETS, GPTConfig, GPTOutput, preset_config
-from .sampling import KVCache, cfg_mix, generate, next_token_logits, sample_from_logits, top_k_filter, top_p_filter
+from .sampling import (
+    KVCache,
+    cfg_mix,
+    generate,
+    next_token_logits,
+    sample_from_logits,
+    top_k_filter,
+    top_p_filter,
+)
 
 __all__ = [
-    "GPT", "GPTConfig", "GPTOutput", "PRESETS", "preset_config",
-    "KVCache", "generate", "next_token_logits", "sample_from_logits", "top_k_filter", "top_p_filter", "cfg_mix",
+    "GPT",
+    "GPTConfig",
+    "GPTOutput",
+    "PRESETS",
+    "preset_config",
+    "KVCache",
+    "generate",
+    "next_token_logits",
+    "sample_from_logits",
+    "top_k_filter",
+    "top_p_filter",
+    "cfg_mix",
 ]

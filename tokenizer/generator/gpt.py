@@ -19,7 +19,9 @@ Architecture: pre-norm RMSNorm, SwiGLU MLP, 1D rotary position embedding on q/k,
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -55,8 +57,10 @@ class GPTConfig:
         if (self.dim // self.heads) % 2:
             raise ValueError(f"head dim {self.dim // self.heads} must be even for rotary embeddings")
         if self.vocab_size < 2 or self.block_size < 1 or self.num_classes < 0:
-            raise ValueError(f"bad vocab_size/block_size/num_classes: {self.vocab_size}/{self.block_size}/"
-                             f"{self.num_classes}")
+            raise ValueError(
+                f"bad vocab_size/block_size/num_classes: {self.vocab_size}/{self.block_size}/"
+                f"{self.num_classes}"
+            )
         if not 0.0 <= self.class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
         if self.mlp_hidden is None:
@@ -78,7 +82,7 @@ class GPTConfig:
 # Architecture presets; data-dependent fields (vocab_size, block_size, num_classes) are set by overrides.
 # B/L/XL follow LlamaGen's GPT-B/L/XL (111M/343M/775M parameters at vocab 16384).
 PRESETS: dict[str, GPTConfig] = {
-    "tiny": GPTConfig(dim=192, depth=4, heads=4, mlp_multiple_of=64),  # CPU demo, ~3.4M params at vocab 4096, K 128
+    "tiny": GPTConfig(dim=192, depth=4, heads=4, mlp_multiple_of=64),  # CPU demo, ~3.5M params at vocab 4096
     "B": GPTConfig(dim=768, depth=12, heads=12),
     "L": GPTConfig(dim=1024, depth=24, heads=16),
     "XL": GPTConfig(dim=1280, depth=36, heads=20),
@@ -134,10 +138,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
-                cache=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, cache=None
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x [B, H, T, D]
+        q, k, v = (
+            self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # 3x [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # [B, H, start_pos + T, D]
@@ -150,7 +157,9 @@ class Attention(nn.Module):
             qpos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
             mask, causal = torch.arange(S, device=x.device)[None, :] <= qpos, False  # [T, S]
         dp = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dp)  # [B,H,T,D]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dp
+        )  # [B,H,T,D]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -196,6 +205,30 @@ class GPT(nn.Module):
     def from_preset(cls, name: str, **overrides) -> GPT:
         return cls(preset_config(name, **overrides))
 
+    def save_pretrained(self, directory: str) -> None:
+        """config.json + model.safetensors (no pickle)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            os.path.join(directory, "model.safetensors"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu") -> GPT:
+        """Strict load: a missing or unexpected key is an error."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, "config.json")) as f:
+            model = cls(GPTConfig(**json.load(f)))
+        model.load_state_dict(
+            load_file(os.path.join(directory, "model.safetensors"), device=str(map_location))
+        )
+        return model.to(map_location)
+
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * depth)."""
         std = self.cfg.init_std
@@ -225,8 +258,9 @@ class GPT(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # ---- conditioning -------------------------------------------------------------------------------------
-    def condition_labels(self, labels: torch.Tensor | None, batch_size: int, device,
-                         drop: bool | None = None) -> torch.Tensor:
+    def condition_labels(
+        self, labels: torch.Tensor | None, batch_size: int, device, drop: bool | None = None
+    ) -> torch.Tensor:
         """Labels [B] int64 after unconditional mode and label dropout (`drop=None`: dropout iff training)."""
         null = self.cfg.null_class
         if labels is None or self.cfg.is_unconditional:
@@ -235,15 +269,17 @@ class GPT(nn.Module):
         if labels.shape != (batch_size,):
             raise ValueError(f"labels must have shape [{batch_size}], got {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() > null):
-            raise ValueError(f"labels must be in [0, {null}] ({null} = null class), got "
-                             f"[{labels.min().item()}, {labels.max().item()}]")
+            raise ValueError(
+                f"labels must be in [0, {null}] ({null} = null class), got "
+                f"[{labels.min().item()}, {labels.max().item()}]"
+            )
         drop = self.training if drop is None else drop
         if drop and self.cfg.class_dropout_prob > 0:
             dropped = torch.rand(batch_size, device=device) < self.cfg.class_dropout_prob  # [B]
             labels = torch.where(dropped, torch.full_like(labels, null), labels)
         return labels
 
-    # ---- transformer ----------------------------------------------------------------------------------------
+    # ---- transformer ---------------------------------------------------------------------------------------
     def embed(self, labels: torch.Tensor | None, ids: torch.Tensor | None) -> torch.Tensor:
         """[class token] + token embeddings. labels [B] (already conditioned) or None, ids [B, T] or None."""
         parts = []
@@ -265,24 +301,32 @@ class GPT(nn.Module):
         """Embedded sequence x [B, T, C] at positions start_pos.. -> logits [B, T, V]."""
         T = x.shape[1]
         if start_pos + T > self.cfg.block_size:
-            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed block_size {self.cfg.block_size}")
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + T - 1} exceed block_size {self.cfg.block_size}"
+            )
         cos, sin = self.rope_tables(x)
-        cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]  # [T, D]
+        cos, sin = cos[start_pos : start_pos + T], sin[start_pos : start_pos + T]  # [T, D]
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, start_pos, None if cache is None else cache.layers[i])
         return self.head(self.norm(x)).float()  # [B, T, V]
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None, compute_loss: bool = True,
-                drop_labels: bool | None = None) -> GPTOutput:
-        """Teacher-forced logits for image token ids [B, T] (T <= block_size); logits[:, t] predicts ids[:, t]."""
+    def forward(
+        self,
+        ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        compute_loss: bool = True,
+        drop_labels: bool | None = None,
+    ) -> GPTOutput:
+        """Teacher-forced logits for image ids [B, T] (T <= block_size); logits[:, t] predicts ids[:, t]."""
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}")
         B, T = ids.shape
         if not 1 <= T <= self.cfg.block_size:
             raise ValueError(f"sequence length {T} must be in 1..block_size={self.cfg.block_size}")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
-            raise ValueError(f"ids must be in [0, {self.cfg.vocab_size}), got [{ids.min().item()}, "
-                             f"{ids.max().item()}]")
+            raise ValueError(
+                f"ids must be in [0, {self.cfg.vocab_size}), got [{ids.min().item()}, {ids.max().item()}]"
+            )
         ids = ids.long()
         cond = self.condition_labels(labels, B, ids.device, drop=drop_labels)  # [B]
         logits = self.transformer(self.embed(cond, ids[:, :-1]))  # [B, T, V]

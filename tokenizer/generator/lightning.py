@@ -1,15 +1,17 @@
 """Lightning training of the generator GPT on extracted token shards (`data/tokens.py`).
 
-    python train.py fit --config configs/generator/tiny.yaml            # LightningCLI (model: GeneratorModule)
+    python train.py fit --config configs/generator/tiny.yaml      # LightningCLI (model: GeneratorModule)
 
-The module owns only the GPT. A frozen tokenizer, referenced by its `from_pretrained` directory, is loaded lazily
-(and kept out of checkpoints and the optimizer) only to decode validation samples into an image grid; with
-`tokenizer_dir=None`, or when the tokenizer package is unavailable, sampling still runs and logs token stats.
+The module owns only the GPT. A frozen tokenizer, referenced by its `from_pretrained` directory, is loaded
+lazily (and kept out of checkpoints and the optimizer) only to decode validation samples into an image grid;
+with `tokenizer_dir=None`, or when the tokenizer package is unavailable, sampling still runs and logs token
+stats.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import lightning.pytorch as pl
@@ -33,7 +35,8 @@ class GeneratorModule(pl.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
-        overrides: dict | None = None,  # GPTConfig fields, e.g. {vocab_size: 4096, block_size: 128, num_classes: 1000}
+        overrides: dict
+        | None = None,  # GPTConfig fields, e.g. {vocab_size: 4096, block_size: 128, num_classes: 1000}
         lr: float = 1e-4,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -56,19 +59,29 @@ class GeneratorModule(pl.LightningModule):
         self._tokenizer = None  # plain attribute: never a registered submodule (see _load_tokenizer)
         self._tokenizer_failed = False
 
-    # ---- setup ----------------------------------------------------------------------------------------------
+    # ---- setup ---------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        tdir = self.hparams.tokenizer_dir
+        if tdir and not os.path.isdir(tdir):
+            raise FileNotFoundError(
+                f"tokenizer_dir {tdir!r} does not exist (set it to null to train without "
+                "decoding validation samples)"
+            )
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         meta = getattr(dm, "meta", None) if dm is not None else None
         if not meta:
             return
         cfg, k = self.gpt.cfg, getattr(dm, "seq_len", meta["num_tokens"])
         if meta["codebook_size"] > cfg.vocab_size:
-            raise ValueError(f"token shards use codebook_size {meta['codebook_size']} > model vocab_size "
-                             f"{cfg.vocab_size}; set overrides.vocab_size")
+            raise ValueError(
+                f"token shards use codebook_size {meta['codebook_size']} > model vocab_size "
+                f"{cfg.vocab_size}; set overrides.vocab_size"
+            )
         if k > cfg.block_size:
-            raise ValueError(f"training sequences have {k} tokens > model block_size {cfg.block_size}; set "
-                             "overrides.block_size or data.num_tokens")
+            raise ValueError(
+                f"training sequences have {k} tokens > model block_size {cfg.block_size}; set "
+                "overrides.block_size or data.num_tokens"
+            )
         nc = meta.get("num_classes")
         if nc and not cfg.is_unconditional and nc > cfg.num_classes:
             raise ValueError(f"token shards have {nc} classes > model num_classes {cfg.num_classes}")
@@ -78,14 +91,16 @@ class GeneratorModule(pl.LightningModule):
         opt = torch.optim.AdamW(self.gpt.optim_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
         total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio))
+            opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         val = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
         if val and val > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=val, gradient_clip_algorithm=gradient_clip_algorithm
-                                or "norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=val, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # the pre-clip norm, now and then
@@ -93,7 +108,7 @@ class GeneratorModule(pl.LightningModule):
             if norms:
                 self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
 
-    # ---- steps ----------------------------------------------------------------------------------------------
+    # ---- steps ---------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         ids, labels = batch  # [B, k] int64, [B] int64
         loss = self.gpt(ids, labels).loss
@@ -134,14 +149,23 @@ class GeneratorModule(pl.LightningModule):
         hp = self.hparams
         labels = self.sample_labels(n) if labels is None else labels
         gen = torch.Generator(device=self.device).manual_seed(hp.sample_seed)
-        args = dict(num_tokens=hp.sample_num_tokens, cfg_scale=hp.sample_cfg_scale, temperature=hp.sample_temperature,
-                    top_k=hp.sample_top_k, top_p=hp.sample_top_p, generator=gen, batch_size=n)
+        args = dict(
+            num_tokens=hp.sample_num_tokens,
+            cfg_scale=hp.sample_cfg_scale,
+            temperature=hp.sample_temperature,
+            top_k=hp.sample_top_k,
+            top_p=hp.sample_top_p,
+            generator=gen,
+            batch_size=n,
+        )
         args.update(kwargs)
         return generate(self.gpt, labels, **args)
 
     def set_tokenizer(self, tokenizer) -> None:
         """Use an already-built tokenizer (anything with decode(ids) -> [B,3,H,W] in [0,1])."""
-        self._tokenizer = tokenizer.eval().requires_grad_(False) if isinstance(tokenizer, torch.nn.Module) else tokenizer
+        self._tokenizer = (
+            tokenizer.eval().requires_grad_(False) if isinstance(tokenizer, torch.nn.Module) else tokenizer
+        )
 
     def _load_tokenizer(self):
         if self._tokenizer is None and self.hparams.tokenizer_dir and not self._tokenizer_failed:
@@ -149,14 +173,19 @@ class GeneratorModule(pl.LightningModule):
                 from tokenizer import OneDTokenizer  # written in parallel; optional here
             except ImportError as e:
                 self._tokenizer_failed = True
-                warnings.warn(f"tokenizer_dir is set but OneDTokenizer cannot be imported ({e}); "
-                              "samples will not be decoded", stacklevel=2)
+                warnings.warn(
+                    f"tokenizer_dir is set but OneDTokenizer cannot be imported ({e}); "
+                    "samples will not be decoded",
+                    stacklevel=2,
+                )
                 return None
             tok = OneDTokenizer.from_pretrained(self.hparams.tokenizer_dir)
             cfg = self.gpt.cfg
             if tok.codebook_size != cfg.vocab_size or tok.max_tokens < cfg.block_size:
-                raise ValueError(f"tokenizer (codebook {tok.codebook_size}, K {tok.max_tokens}) does not fit the "
-                                 f"GPT (vocab {cfg.vocab_size}, block_size {cfg.block_size})")
+                raise ValueError(
+                    f"tokenizer (codebook {tok.codebook_size}, K {tok.max_tokens}) does not fit the "
+                    f"GPT (vocab {cfg.vocab_size}, block_size {cfg.block_size})"
+                )
             self.set_tokenizer(tok)
         if isinstance(self._tokenizer, torch.nn.Module):
             self._tokenizer.to(self.device)

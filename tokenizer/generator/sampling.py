@@ -6,7 +6,7 @@
 
 CFG runs the conditional and the null-class batch together (batch 2B) and mixes the logits,
 `uncond + scale * (cond - uncond)`; at scale 1 the null-class half is skipped, so the logits are exactly the
-conditional ones. `use_kv_cache=False` recomputes the whole prefix at every step (slow; a reference for tests).
+conditional ones. `use_kv_cache=False` recomputes the whole prefix at every step (slow; a test reference).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class LayerKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v [B, H, T, D] for positions start_pos..start_pos+T-1 -> every key/value so far [B, H, start_pos+T, D]
+        # k, v [B, H, T, D] at positions start_pos.. -> all keys/values so far [B, H, start_pos+T, D]
         end = start_pos + k.shape[2]
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
@@ -41,11 +41,13 @@ class KVCache:
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
         self.max_len = cfg.block_size if max_len is None else max_len
-        self.layers = [LayerKVCache(batch_size, cfg.heads, self.max_len, cfg.head_dim, device, dtype)
-                       for _ in range(cfg.depth)]
+        self.layers = [
+            LayerKVCache(batch_size, cfg.heads, self.max_len, cfg.head_dim, device, dtype)
+            for _ in range(cfg.depth)
+        ]
 
 
-# ---- logit processing -----------------------------------------------------------------------------------------
+# ---- logit processing --------------------------------------------------------------------------------------
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
     """Keep the k largest logits per row (and every logit tied with the k-th); the rest become -inf.
 
@@ -61,7 +63,7 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to >= p.
 
     The most likely token is always kept; tokens tied with the least likely kept token are kept too (so the
-    result never depends on how sort orders ties). p None or >= 1: no filtering; p <= 0: only the top token(s).
+    result never depends on how sort orders ties). p None or >= 1: no filtering; p <= 0: the top token(s).
     """
     if p is None or p >= 1.0:
         return logits
@@ -75,9 +77,14 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                       top_p: float | None = None, greedy: bool = False,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits [B, V] -> ids [B] (int64). temperature 0 or greedy=True: argmax (first index on ties)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -97,8 +104,9 @@ def cfg_mix(logits: torch.Tensor, scale: float) -> torch.Tensor:
 
 # ---- generation -------------------------------------------------------------------------------------------
 @torch.no_grad()
-def next_token_logits(model: GPT, labels: torch.Tensor, ids: torch.Tensor, cfg_scale: float = 1.0,
-                      cache: KVCache | None = None) -> torch.Tensor:
+def next_token_logits(
+    model: GPT, labels: torch.Tensor, ids: torch.Tensor, cfg_scale: float = 1.0, cache: KVCache | None = None
+) -> torch.Tensor:
     """Logits [B, V] for the token after ids [B, t] (t >= 0) given class labels [B] (null class allowed).
 
     With CFG (scale != 1) the model runs on [labels; null] (2B rows) and the cache must hold 2B rows.
@@ -119,10 +127,19 @@ def next_token_logits(model: GPT, labels: torch.Tensor, ids: torch.Tensor, cfg_s
 
 
 @torch.no_grad()
-def generate(model: GPT, class_labels: torch.Tensor | None, num_tokens: int | None = None,
-             cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, use_kv_cache: bool = True, greedy: bool = False,
-             generator: torch.Generator | None = None, batch_size: int | None = None) -> torch.Tensor:
+def generate(
+    model: GPT,
+    class_labels: torch.Tensor | None,
+    num_tokens: int | None = None,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_kv_cache: bool = True,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Sample ids [B, k] (int64), k = num_tokens (default: block_size K).
 
     class_labels [B] int64, or None for unconditional sampling (null class; then `batch_size` gives B and
