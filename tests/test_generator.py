@@ -159,6 +159,17 @@ def test_cached_logits_match_teacher_forcing():
         )
 
 
+def test_chunked_prefill_with_cache_matches_teacher_forcing():
+    m = small_gpt().eval()
+    labels = torch.tensor([1, 2])
+    ids = torch.randint(0, 64, (2, 16))
+    full = m(ids, labels).logits  # [2, 16, V]
+    cache = KVCache(m, 2)
+    first = m.transformer(m.embed(labels, ids[:, :4]), 0, cache)  # class + 4 ids: positions 0..4
+    chunk = m.transformer(m.embed(None, ids[:, 4:10]), 5, cache)  # ids 4..9 at positions 5..10 (masked path)
+    torch.testing.assert_close(torch.cat([first, chunk], 1), full[:, :11], atol=1e-5, rtol=1e-5)
+
+
 def test_cfg_scale_one_is_conditional_and_mix_formula():
     m = small_gpt().eval()
     labels = torch.tensor([0, 3])

@@ -142,9 +142,8 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, cache=None
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (
-            self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )  # 3x [B, H, T, D]
+        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)  # [B, T, 3, H, D]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # [B, H, start_pos + T, D]
@@ -157,9 +156,8 @@ class Attention(nn.Module):
             qpos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
             mask, causal = torch.arange(S, device=x.device)[None, :] <= qpos, False  # [T, S]
         dp = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dp
-        )  # [B,H,T,D]
+        # [B, H, T, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dp)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
