@@ -1,0 +1,35 @@
+"""Autoregressive generator over 1D tokenizer ids (LlamaGen-style GPT, class-conditional, CFG sampling).
+
+    from tokenizer.generator import GPT, generate
+    model = GPT.from_preset("tiny", vocab_size=tok.codebook_size, block_size=tok.max_tokens, num_classes=1000)
+    ids = generate(model, torch.tensor([1, 2]), num_tokens=32, cfg_scale=2.0)   # [2, 32]
+    images = tok.decode(ids)
+
+Plain PyTorch; the Lightning module is `tokenizer.generator.lightning.GeneratorModule` (not imported here).
+"""
+
+from .gpt import GPT, PRESETS, GPTConfig, GPTOutput, preset_config
+from .sampling import (
+    KVCache,
+    cfg_mix,
+    generate,
+    next_token_logits,
+    sample_from_logits,
+    top_k_filter,
+    top_p_filter,
+)
+
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "GPTOutput",
+    "PRESETS",
+    "preset_config",
+    "KVCache",
+    "generate",
+    "next_token_logits",
+    "sample_from_logits",
+    "top_k_filter",
+    "top_p_filter",
+    "cfg_mix",
+]

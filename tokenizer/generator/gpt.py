@@ -1,0 +1,337 @@
+"""A Llama-style GPT over 1D image token ids (LlamaGen's class-conditional recipe).
+
+The sequence the transformer sees for K image tokens is
+
+    position:  0            1        2              K-1
+    input:     [class]      id_0     id_1     ...   id_{K-2}
+    predicts:  id_0         id_1     id_2     ...   id_{K-1}
+
+so the output at position 0 (the class token) predicts the first image token. Classifier-free guidance uses an
+extra "null" class (index `num_classes`): during training a label is replaced by it with probability
+`class_dropout_prob`; an unconditional model always uses it.
+
+Architecture: pre-norm RMSNorm, SwiGLU MLP, 1D rotary position embedding on q/k, no biases, attention through
+`F.scaled_dot_product_attention`. Named presets live in `PRESETS`:
+
+    model = GPT.from_preset("B", vocab_size=4096, block_size=128, num_classes=1000)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096  # = tokenizer codebook size
+    block_size: int = 128  # K = tokenizer max_tokens (the class token takes position 0, ids 1..K-1 follow)
+    num_classes: int = 1000  # 0 means unconditional (only the null class exists)
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_hidden: int | None = None  # None: Llama's find_multiple(8/3 * dim, mlp_multiple_of)
+    mlp_multiple_of: int = 256
+    class_dropout_prob: float = 0.1  # label -> null class while training (for CFG)
+    unconditional: bool = False  # always the null class
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # residual/attention dropout (LlamaGen uses 0.1 resid dropout only for XL+)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if (self.dim // self.heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.heads} must be even for rotary embeddings")
+        if self.vocab_size < 2 or self.block_size < 1 or self.num_classes < 0:
+            raise ValueError(
+                f"bad vocab_size/block_size/num_classes: {self.vocab_size}/{self.block_size}/"
+                f"{self.num_classes}"
+            )
+        if not 0.0 <= self.class_dropout_prob <= 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = _find_multiple(int(2 * 4 * self.dim / 3), self.mlp_multiple_of)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def is_unconditional(self) -> bool:
+        return self.unconditional or self.num_classes == 0
+
+
+# Architecture presets; data-dependent fields (vocab_size, block_size, num_classes) are set by overrides.
+# B/L/XL follow LlamaGen's GPT-B/L/XL (111M/343M/775M parameters at vocab 16384).
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(dim=192, depth=4, heads=4, mlp_multiple_of=64),  # CPU demo, ~3.5M params at vocab 4096
+    "B": GPTConfig(dim=768, depth=12, heads=12),
+    "L": GPTConfig(dim=1024, depth=24, heads=16),
+    "XL": GPTConfig(dim=1280, depth=36, heads=20),
+}
+
+
+def preset_config(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown GPT preset {name!r}; known: {sorted(PRESETS)}")
+    base = PRESETS[name]
+    if "dim" in overrides and "mlp_hidden" not in overrides:
+        overrides["mlp_hidden"] = None  # recompute from the new width
+    return dataclasses.replace(base, **overrides)  # re-runs __post_init__; unknown keys -> TypeError
+
+
+def _check_values(t: torch.Tensor) -> bool:
+    """Range-check ids/labels on CPU only: on an accelerator the check would sync the host every step."""
+    return t.numel() > 0 and t.device.type == "cpu"
+
+
+class GPTOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None  # scalar mean cross-entropy, when targets were given
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_cache(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [T, head_dim] for the rotate-half form of RoPE."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # [D/2]
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # [T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [T, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, H, T, D]; cos/sin [T, D] in fp32 (fp64 for an fp64 model)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, cache=None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)  # [B, T, 3, H, D]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)  # [B, H, start_pos + T, D]
+        S = k.shape[2]
+        if T == 1:
+            mask, causal = None, False  # one new query (the latest position) sees every key so far
+        elif S == T:
+            mask, causal = None, True  # plain causal self-attention over the whole prefix
+        else:  # a chunk of T queries after start_pos cached keys: query i sees keys <= start_pos + i
+            qpos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
+            mask, causal = torch.arange(S, device=x.device)[None, :] <= qpos, False  # [T, S]
+        dp = self.dropout if self.training else 0.0
+        # [B, H, T, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dp)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down (output projection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, start_pos: int = 0, cache=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # last entry: null class
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # RoPE tables are not buffers so that model.to(bfloat16) cannot round them; built per device/dtype.
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reset_parameters()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPT:
+        return cls(preset_config(name, **overrides))
+
+    def save_pretrained(self, directory: str) -> None:
+        """config.json + model.safetensors (no pickle)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            os.path.join(directory, "model.safetensors"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu") -> GPT:
+        """Strict load: a missing or unexpected key is an error."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, "config.json")) as f:
+            model = cls(GPTConfig(**json.load(f)))
+        model.load_state_dict(
+            load_file(os.path.join(directory, "model.safetensors"), device=str(map_location))
+        )
+        return model.to(map_location)
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * depth)."""
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for block in self.blocks:
+            for w in (block.attn.proj.weight, block.mlp.w2.weight):
+                nn.init.normal_(w, mean=0.0, std=std / math.sqrt(2 * self.cfg.depth))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel() + self.class_emb.weight.numel()
+        return n
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: decay matrices of Linear layers only, not norms or embeddings."""
+        decay, no_decay = [], []
+        for module in self.modules():
+            for _, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                (decay if isinstance(module, nn.Linear) and p.ndim >= 2 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ---- conditioning -------------------------------------------------------------------------------------
+    def condition_labels(
+        self, labels: torch.Tensor | None, batch_size: int, device, drop: bool | None = None
+    ) -> torch.Tensor:
+        """Labels [B] int64 after unconditional mode and label dropout (`drop=None`: dropout iff training)."""
+        null = self.cfg.null_class
+        if labels is None or self.cfg.is_unconditional:
+            return torch.full((batch_size,), null, dtype=torch.long, device=device)
+        labels = labels.to(device=device, dtype=torch.long)
+        if labels.shape != (batch_size,):
+            raise ValueError(f"labels must have shape [{batch_size}], got {tuple(labels.shape)}")
+        if _check_values(labels) and (labels.min() < 0 or labels.max() > null):
+            raise ValueError(
+                f"labels must be in [0, {null}] ({null} = null class), got "
+                f"[{labels.min().item()}, {labels.max().item()}]"
+            )
+        drop = self.training if drop is None else drop
+        if drop and self.cfg.class_dropout_prob > 0:
+            dropped = torch.rand(batch_size, device=device) < self.cfg.class_dropout_prob  # [B]
+            labels = torch.where(dropped, torch.full_like(labels, null), labels)
+        return labels
+
+    # ---- transformer ---------------------------------------------------------------------------------------
+    def embed(self, labels: torch.Tensor | None, ids: torch.Tensor | None) -> torch.Tensor:
+        """[class token] + token embeddings. labels [B] (already conditioned) or None, ids [B, T] or None."""
+        parts = []
+        if labels is not None:
+            parts.append(self.class_emb(labels)[:, None])  # [B, 1, C]
+        if ids is not None and ids.shape[1] > 0:
+            parts.append(self.tok_emb(ids))  # [B, T, C]
+        return torch.cat(parts, dim=1)  # [B, T', C]
+
+    def rope_tables(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        key = (x.device, dtype)
+        if key not in self._rope:
+            cos, sin = rope_cache(self.cfg.block_size, self.cfg.head_dim, self.cfg.rope_base)  # [K, D] fp64
+            self._rope[key] = (cos.to(x.device, dtype), sin.to(x.device, dtype))
+        return self._rope[key]
+
+    def transformer(self, x: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
+        """Embedded sequence x [B, T, C] at positions start_pos.. -> logits [B, T, V]."""
+        T = x.shape[1]
+        if start_pos + T > self.cfg.block_size:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + T - 1} exceed block_size {self.cfg.block_size}"
+            )
+        cos, sin = self.rope_tables(x)
+        cos, sin = cos[start_pos : start_pos + T], sin[start_pos : start_pos + T]  # [T, D]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, start_pos, None if cache is None else cache.layers[i])
+        return self.head(self.norm(x)).float()  # [B, T, V]
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        compute_loss: bool = True,
+        drop_labels: bool | None = None,
+    ) -> GPTOutput:
+        """Teacher-forced logits for image ids [B, T] (T <= block_size); logits[:, t] predicts ids[:, t]."""
+        if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ids must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}")
+        B, T = ids.shape
+        if not 1 <= T <= self.cfg.block_size:
+            raise ValueError(f"sequence length {T} must be in 1..block_size={self.cfg.block_size}")
+        if _check_values(ids) and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise ValueError(
+                f"ids must be in [0, {self.cfg.vocab_size}), got [{ids.min().item()}, {ids.max().item()}]"
+            )
+        ids = ids.long()
+        cond = self.condition_labels(labels, B, ids.device, drop=drop_labels)  # [B]
+        logits = self.transformer(self.embed(cond, ids[:, :-1]))  # [B, T, V]
+        loss = F.cross_entropy(logits.reshape(B * T, -1), ids.reshape(B * T)) if compute_loss else None
+        return GPTOutput(logits, loss)

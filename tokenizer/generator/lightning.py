@@ -1,0 +1,198 @@
+"""Lightning training of the generator GPT on extracted token shards (`data/tokens.py`).
+
+    python train.py fit --config configs/generator/tiny.yaml      # LightningCLI (model: GeneratorModule)
+
+The module owns only the GPT. A frozen tokenizer, referenced by its `from_pretrained` directory, is loaded
+lazily (and kept out of checkpoints and the optimizer) only to decode validation samples into an image grid;
+with `tokenizer_dir=None`, or when the tokenizer package is unavailable, sampling still runs and logs token
+stats.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .gpt import GPT, preset_config
+from .sampling import generate
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup 0 -> 1 over warmup_steps, then cosine 1 -> min_ratio at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class GeneratorModule(pl.LightningModule):
+    def __init__(
+        self,
+        preset: str = "tiny",
+        overrides: dict
+        | None = None,  # GPTConfig fields, e.g. {vocab_size: 4096, block_size: 128, num_classes: 1000}
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 1000,
+        total_steps: int | None = None,  # cosine length; None = trainer.estimated_stepping_batches
+        min_lr_ratio: float = 0.0,
+        grad_clip: float = 1.0,  # by norm; a Trainer gradient_clip_val takes precedence
+        tokenizer_dir: str | None = None,
+        num_val_samples: int = 8,  # sampled once per validation; 0 disables
+        sample_num_tokens: int | None = None,  # None = block_size
+        sample_cfg_scale: float = 1.0,
+        sample_temperature: float = 1.0,
+        sample_top_k: int | None = None,
+        sample_top_p: float | None = None,
+        sample_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.gpt = GPT(preset_config(preset, **(overrides or {})))
+        self._tokenizer = None  # plain attribute: never a registered submodule (see _load_tokenizer)
+        self._tokenizer_failed = False
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        tdir = self.hparams.tokenizer_dir
+        if tdir and not os.path.isdir(tdir):
+            raise FileNotFoundError(
+                f"tokenizer_dir {tdir!r} does not exist (set it to null to train without "
+                "decoding validation samples)"
+            )
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        meta = getattr(dm, "meta", None) if dm is not None else None
+        if not meta:
+            return
+        cfg, k = self.gpt.cfg, getattr(dm, "seq_len", meta["num_tokens"])
+        if meta["codebook_size"] > cfg.vocab_size:
+            raise ValueError(
+                f"token shards use codebook_size {meta['codebook_size']} > model vocab_size "
+                f"{cfg.vocab_size}; set overrides.vocab_size"
+            )
+        if k > cfg.block_size:
+            raise ValueError(
+                f"training sequences have {k} tokens > model block_size {cfg.block_size}; set "
+                "overrides.block_size or data.num_tokens"
+            )
+        nc = meta.get("num_classes")
+        if nc and not cfg.is_unconditional and nc > cfg.num_classes:
+            raise ValueError(f"token shards have {nc} classes > model num_classes {cfg.num_classes}")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.gpt.optim_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        val = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
+        if val and val > 0:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=val, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # the pre-clip norm, now and then
+            norms = [p.grad.detach().float().norm() for p in self.gpt.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        ids, labels = batch  # [B, k] int64, [B] int64
+        loss = self.gpt(ids, labels).loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        ids, labels = batch
+        loss = self.gpt(ids, labels, drop_labels=False).loss
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(ids))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or self.hparams.num_val_samples <= 0:
+            return
+        ids = self.sample(self.hparams.num_val_samples)  # same samples on every rank (seeded)
+        unique = torch.tensor([len(torch.unique(row)) / row.numel() for row in ids]).mean()
+        self.log("val/sample_unique_frac", unique, on_epoch=True)
+        tok = self._load_tokenizer()
+        if tok is None or not self.trainer.is_global_zero:
+            return
+        with torch.no_grad():
+            images = tok.decode(ids.to(self.device)).float().clamp(0, 1).cpu()  # [n, 3, H, W]
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_images("val/samples", images, self.global_step)
+
+    # ---- sampling and the frozen tokenizer ----------------------------------------------------------------
+    def sample_labels(self, n: int) -> torch.Tensor | None:
+        nc = self.gpt.cfg.num_classes
+        if self.gpt.cfg.is_unconditional:
+            return None
+        return (torch.arange(n) * max(1, nc // n)) % nc  # classes spread over the label range
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """ids [n, k] with the module's sampling settings (kwargs override them, see `generate`)."""
+        hp = self.hparams
+        labels = self.sample_labels(n) if labels is None else labels
+        gen = torch.Generator(device=self.device).manual_seed(hp.sample_seed)
+        args = dict(
+            num_tokens=hp.sample_num_tokens,
+            cfg_scale=hp.sample_cfg_scale,
+            temperature=hp.sample_temperature,
+            top_k=hp.sample_top_k,
+            top_p=hp.sample_top_p,
+            generator=gen,
+            batch_size=n,
+        )
+        args.update(kwargs)
+        return generate(self.gpt, labels, **args)
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Use an already-built tokenizer (anything with decode(ids) -> [B,3,H,W] in [0,1])."""
+        self._tokenizer = (
+            tokenizer.eval().requires_grad_(False) if isinstance(tokenizer, torch.nn.Module) else tokenizer
+        )
+
+    def _load_tokenizer(self):
+        if self._tokenizer is None and self.hparams.tokenizer_dir and not self._tokenizer_failed:
+            try:
+                from tokenizer import OneDTokenizer  # written in parallel; optional here
+            except ImportError as e:
+                self._tokenizer_failed = True
+                warnings.warn(
+                    f"tokenizer_dir is set but OneDTokenizer cannot be imported ({e}); "
+                    "samples will not be decoded",
+                    stacklevel=2,
+                )
+                return None
+            tok = OneDTokenizer.from_pretrained(self.hparams.tokenizer_dir)
+            cfg = self.gpt.cfg
+            if tok.codebook_size != cfg.vocab_size or tok.max_tokens < cfg.block_size:
+                raise ValueError(
+                    f"tokenizer (codebook {tok.codebook_size}, K {tok.max_tokens}) does not fit the "
+                    f"GPT (vocab {cfg.vocab_size}, block_size {cfg.block_size})"
+                )
+            self.set_tokenizer(tok)
+        if isinstance(self._tokenizer, torch.nn.Module):
+            self._tokenizer.to(self.device)
+        return self._tokenizer
+
+    def __setattr__(self, name, value):
+        if name == "_tokenizer":  # bypass nn.Module registration: not in state_dict, optimizer or .to()
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
