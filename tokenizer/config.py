@@ -41,6 +41,9 @@ class TokenizerConfig:
     vq_decay: float = 0.99  # EMA decay of the codebook
     vq_dead_code_threshold: float = 2.0  # codes whose EMA cluster size falls below this are re-seeded
     lfq_entropy_weight: float = 0.1
+    # all-reduce codebook EMA statistics across ranks (multi-GPU). Only the multi-node smoke test turns this
+    # off, to prove that it detects ranks whose codebooks drift apart.
+    vq_sync_codebook: bool = True
 
     # variable length: one of LENGTH_MECHANISMS; only used while training
     length_mechanism: str = "tail_token_drop"

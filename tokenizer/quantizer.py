@@ -86,13 +86,14 @@ class Quantizer(nn.Module):
                 # Lightning builds the model before the process group exists, so the library's own
                 # auto-detection would say "not distributed" forever. We ask for sync explicitly and make the
                 # collectives no-ops while there is no process group (single process, CPU tests).
-                sync_codebook=True,
+                sync_codebook=cfg.vq_sync_codebook,
             )
-            codebook = impl._codebook
-            codebook.all_reduce_fn = _all_reduce_when_distributed
-            codebook.kmeans_all_reduce_fn = _all_reduce_when_distributed
-            codebook.sample_fn = _sample_when_distributed
-            codebook.replace_sample_fn = _sample_when_distributed
+            if cfg.vq_sync_codebook:
+                codebook = impl._codebook
+                codebook.all_reduce_fn = _all_reduce_when_distributed
+                codebook.kmeans_all_reduce_fn = _all_reduce_when_distributed
+                codebook.sample_fn = _sample_when_distributed
+                codebook.replace_sample_fn = _sample_when_distributed
             return cls("vq", impl, cfg.token_dim, cfg.codebook_size)
         if cfg.quantizer == "lfq":
             dim = cfg.codebook_size.bit_length() - 1  # one bit per dimension, no projection
