@@ -35,6 +35,9 @@ class Encoder(nn.Module):
         init_vit_weights(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.latent_tokens, std=0.02)
+        # unit-variance quantizer input: FSQ/LFQ levels sit at +-1..+-L/2, and a 0.02-std projection would round
+        # every token to the central code at init (no usage, no gradient to the decoder's token input).
+        nn.init.normal_(self.to_token.weight, std=width**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, 3, H, W] in [-1, 1]

@@ -1,0 +1,219 @@
+"""The tokenizer model and its public API: quantizers, length mechanisms, prefixes, persistence, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenizer import OneDTokenizer, TokenizerConfig
+from tokenizer.config import preset_config
+from tokenizer.encoder import causal_latent_mask
+from tokenizer.length import keep_mask, powers_of_two_upto, sample_keep_lengths
+
+QUANTIZERS = {
+    "vq": dict(quantizer="vq", codebook_size=64, token_dim=8),
+    "lfq": dict(quantizer="lfq", codebook_size=64),
+    "fsq": dict(quantizer="fsq", fsq_levels=[5, 4, 3]),
+}
+MECHANISMS = ["tail_token_drop", "nested_dropout", "fixed"]
+
+
+def small(**overrides) -> OneDTokenizer:
+    """A 32 px, 8-token model: big enough to exercise every code path, small enough for CPU tests."""
+    base = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
+                dec_width=32, dec_depth=1, dec_heads=2)
+    return OneDTokenizer.from_preset("tiny", **{**base, **overrides})
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.rand(3, 3, 32, 32)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+@pytest.mark.parametrize("quantizer", sorted(QUANTIZERS))
+def test_forward_backward_every_quantizer_and_mechanism(quantizer, mechanism, images):
+    torch.manual_seed(0)
+    model = small(**QUANTIZERS[quantizer], length_mechanism=mechanism).train()
+    out = model(images)
+    assert out.recon.shape == images.shape
+    assert out.ids.dtype == torch.int64 and out.ids.shape == (3, 8)
+    assert out.ids.min() >= 0 and out.ids.max() < model.codebook_size
+    assert out.lengths.shape == (3,) and out.lengths.min() >= 1 and out.lengths.max() <= 8
+    loss = (out.recon - (images * 2 - 1)).pow(2).mean() + out.aux_loss
+    loss.backward()
+    for name in ("encoder.patch_embed.weight", "encoder.latent_tokens", "decoder.token_in.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reached {name}"
+    assert 0 < out.stats.usage <= 1 and out.stats.perplexity >= 1
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+@pytest.mark.parametrize("quantizer", sorted(QUANTIZERS))
+def test_prefix_encode_and_decode_at_every_k(quantizer, mechanism, images):
+    torch.manual_seed(0)
+    model = small(**QUANTIZERS[quantizer], length_mechanism=mechanism, causal_latents=mechanism != "fixed")
+    model.eval()
+    full = model.encode(images)
+    assert full.shape == (3, model.max_tokens) and full.dtype == torch.int64
+    for k in range(1, model.max_tokens + 1):
+        ids = model.encode(images, num_tokens=k)
+        assert torch.equal(ids, full[:, :k])
+        recon = model.decode(ids)
+        assert recon.shape == images.shape and recon.dtype == torch.float32
+        assert recon.min() >= 0 and recon.max() <= 1
+        # inference on a k-prefix computes the same function the training path applies at keep length k
+        train_path = model(images, lengths=torch.full((3,), k))
+        assert torch.allclose(recon, ((train_path.recon + 1) / 2).clamp(0, 1), atol=1e-5)
+
+
+def test_tail_token_drop_hides_dropped_tokens_from_decoder(images):
+    model = small(length_mechanism="tail_token_drop").eval()
+    ids = model.encode(images)
+    other = ids.clone()
+    other[:, 4:] = (ids[:, 4:] + 1) % model.codebook_size  # change only tokens past k=4
+    codes = model.quantizer.codes_from_ids
+    a = model.decoder(codes(ids), lengths=torch.full((3,), 4))
+    b = model.decoder(codes(other), lengths=torch.full((3,), 4))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_causal_latents_make_early_tokens_independent_of_later_ones(images):
+    torch.manual_seed(0)
+    model = small(causal_latents=True).eval()
+    z = model.encoder(images)
+    with torch.no_grad():
+        model.encoder.latent_tokens[:, 5:] += 1.0  # perturb latents 5..7
+    z2 = model.encoder(images)
+    assert torch.allclose(z[:, :5], z2[:, :5], atol=1e-6)
+    assert not torch.allclose(z[:, 5:], z2[:, 5:])
+    mask = causal_latent_mask(2, 3, "cpu")
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+def test_length_sampling():
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(num_latent_tokens=16, length_mechanism="tail_token_drop")
+    draws = torch.stack([sample_keep_lengths(cfg, 8, "cpu") for _ in range(400)])
+    assert (draws == draws[:, :1]).all(), "tail token drop draws one k per batch by default"
+    assert draws.min() == 1 and draws.max() == 16 and abs(draws.float().mean() - 8.5) < 0.6
+    cfg.per_sample_length = True
+    per_sample = sample_keep_lengths(cfg, 256, "cpu")
+    assert len(per_sample.unique()) > 8
+    nested = TokenizerConfig(num_latent_tokens=12, length_mechanism="nested_dropout", length_sampling="pow2")
+    values = set(sample_keep_lengths(nested, 2000, "cpu").tolist())
+    assert values == {1, 2, 4, 8, 12} == set(powers_of_two_upto(12))
+    fixed = TokenizerConfig(num_latent_tokens=12, length_mechanism="fixed")
+    assert (sample_keep_lengths(fixed, 5, "cpu") == 12).all()
+    assert keep_mask(torch.tensor([1, 3]), 4).tolist() == [[True, False, False, False], [True, True, True, False]]
+
+
+def test_presets_and_attributes():
+    tiny = OneDTokenizer.from_preset("tiny")
+    assert (tiny.max_tokens, tiny.codebook_size, tiny.image_size) == (32, 1024, 64)
+    for name, width, depth in (("S", 512, 8), ("B", 768, 12), ("L", 1024, 24)):
+        cfg = preset_config(name)
+        assert (cfg.enc_width, cfg.enc_depth, cfg.patch_size, cfg.image_size) == (width, depth, 16, 256)
+        assert (cfg.codebook_size, cfg.token_dim) == (4096, 12)
+    with pytest.raises(ValueError, match="unknown preset"):
+        OneDTokenizer.from_preset("huge")
+    with pytest.raises(ValueError, match="unknown TokenizerConfig fields"):
+        OneDTokenizer.from_preset("tiny", widht=3)
+    with pytest.raises(ValueError, match="quantizer must be one of"):
+        OneDTokenizer.from_preset("tiny", quantizer="rvq")
+
+
+@pytest.mark.parametrize("quantizer", sorted(QUANTIZERS))
+def test_save_load_round_trip(tmp_path, quantizer, images):
+    torch.manual_seed(0)
+    model = small(**QUANTIZERS[quantizer], length_mechanism="nested_dropout").train()
+    for _ in range(2):  # move the VQ codebook off its init so buffers matter
+        model(images)
+    model.eval()
+    model.save_pretrained(tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = OneDTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.config == model.config
+    ids = model.encode(images)
+    assert torch.equal(loaded.encode(images), ids)
+    assert torch.equal(loaded.decode(ids[:, :3]), model.decode(ids[:, :3]))
+
+
+def test_strict_load_rejects_mismatched_files(tmp_path):
+    model = small()
+    directory = model.save_pretrained(tmp_path / "tok")
+    weights = directory / "model.safetensors"
+    state = load_file(str(weights))
+
+    missing = dict(state)
+    missing.pop("decoder.to_pixels.weight")
+    save_file(missing, str(weights))
+    with pytest.raises(ValueError, match="missing keys.*decoder.to_pixels.weight"):
+        OneDTokenizer.from_pretrained(directory)
+
+    save_file({**state, "decoder.extra": torch.zeros(1)}, str(weights))
+    with pytest.raises(ValueError, match="unexpected keys.*decoder.extra"):
+        OneDTokenizer.from_pretrained(directory)
+
+    save_file(state, str(weights))
+    config = json.loads((directory / "config.json").read_text())
+    config["config"]["dec_width"] = 64
+    config["config"]["dec_heads"] = 2
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        OneDTokenizer.from_pretrained(directory)
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        OneDTokenizer.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (torch.rand(2, 3, 32), ValueError, r"shape \[B, 3, H, W\]"),
+        (torch.rand(2, 1, 32, 32), ValueError, "3 channels"),
+        (torch.rand(2, 3, 48, 48), ValueError, "32x32"),
+        (torch.rand(2, 3, 32, 32) * 2, ValueError, r"in \[0, 1\]"),
+        (torch.rand(2, 3, 32, 32) - 0.5, ValueError, r"in \[0, 1\]"),
+        (torch.full((2, 3, 32, 32), float("nan")), ValueError, "finite"),
+        ((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8), TypeError, "float tensor"),
+        ([[0.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_encode_rejects_bad_images(bad, error, message):
+    with pytest.raises(error, match=message):
+        small().encode(bad)
+
+
+def test_bad_num_tokens_and_ids(images):
+    model = small()
+    for k in (0, 9, -1):
+        with pytest.raises(ValueError, match=r"num_tokens must be in 1..8"):
+            model.encode(images, num_tokens=k)
+    with pytest.raises(TypeError, match="num_tokens must be an int"):
+        model.encode(images, num_tokens=2.0)
+    ids = model.encode(images)
+    with pytest.raises(TypeError, match="integer tensor"):
+        model.decode(ids.float())
+    with pytest.raises(ValueError, match=rf"ids must be in \[0, {model.codebook_size}\)"):
+        model.decode(ids + 64)
+    with pytest.raises(ValueError, match=rf"ids must be in \[0, {model.codebook_size}\)"):
+        model.decode(ids - 100)
+    with pytest.raises(ValueError, match="1..8 tokens"):
+        model.decode(torch.zeros(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="1..8 tokens"):
+        model.decode(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \[B, k\]"):
+        model.decode(ids[0])
+
+
+def test_encode_does_not_update_codebook_or_change_mode(images):
+    model = small().train()
+    before = model.quantizer.impl._codebook.embed.clone()
+    model.encode(images)
+    model.decode(model.encode(images, num_tokens=2))
+    assert model.training and torch.equal(model.quantizer.impl._codebook.embed, before)

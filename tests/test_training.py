@@ -1,0 +1,120 @@
+"""Training: the loss drops on the real embedded photographs, the CLI writes and resumes runs, optimizer groups."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from data.sample import TRAIN_IMAGES, VAL_IMAGES, SampleImagesDataModule
+from tokenizer import OneDTokenizer
+from tokenizer.training import TokenizerModule
+from tokenizer.training.module import default_eval_tokens, tokenizer_from_checkpoint
+from tokenizer.training.optim import param_groups, warmup_cosine
+
+SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_depth=2, enc_heads=4,
+             dec_width=64, dec_depth=2, dec_heads=4, codebook_size=256)
+
+
+def test_sample_data_holds_out_whole_photographs():
+    assert not set(TRAIN_IMAGES) & set(VAL_IMAGES)
+    # the stereo pair is near-identical: both halves must be on the same side of the split
+    assert {"motorcycle_left", "motorcycle_right"} <= set(TRAIN_IMAGES)
+    dm = SampleImagesDataModule(image_size=32, batch_size=8, train_samples_per_epoch=16, val_crops_per_scale=2)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.dtype == torch.int64 and y.max() < len(TRAIN_IMAGES)
+    val = dm.val_batch()
+    assert val.shape == (len(VAL_IMAGES) * 2 * 3, 3, 32, 32)
+    assert torch.equal(val, SampleImagesDataModule(image_size=32, val_crops_per_scale=2).val_batch())
+
+
+def test_short_training_run_reduces_loss_on_real_photos():
+    pl.seed_everything(0)
+    dm = SampleImagesDataModule(image_size=32, batch_size=16, train_samples_per_epoch=16 * 60)
+    module = TokenizerModule(preset="tiny", overrides=SMALL, lr=2e-3, warmup_steps=5, codebook_window=10)
+    dm.setup()
+    held_out = dm.val_batch()
+
+    def held_out_loss() -> float:
+        module.tokenizer.eval()
+        with torch.no_grad():
+            out = module.tokenizer(held_out)
+        module.tokenizer.train()  # Lightning keeps the modes it is given
+        return torch.nn.functional.mse_loss(out.recon, held_out * 2 - 1).item()
+
+    before = held_out_loss()
+    trainer = pl.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    after = held_out_loss()
+    assert trainer.global_step == 60  # one optimizer step per batch
+    assert after < 0.85 * before, f"held-out reconstruction loss {before:.4f} -> {after:.4f}"
+
+
+def test_param_groups_exclude_norms_biases_and_tokens_from_decay():
+    model = OneDTokenizer.from_preset("tiny", **SMALL, length_mechanism="nested_dropout")
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    for expected in ("encoder.latent_tokens", "encoder.pos_embed", "decoder.latent_mask_token",
+                     "decoder.patch_query", "decoder.transformer.norm.weight", "encoder.to_token.bias"):
+        assert expected in no_decay_names
+    assert "encoder.transformer.blocks.0.attn.qkv.weight" in decay_names
+    assert "decoder.to_pixels.weight" in decay_names
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(120):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_default_eval_tokens():
+    assert default_eval_tokens(32) == [1, 2, 4, 8, 16, 32]
+    assert default_eval_tokens(12) == [1, 2, 4, 8, 12]
+
+
+def test_cli_trains_exports_and_resumes(tmp_path, monkeypatch):
+    """train.py fit writes config, checkpoints and the exported tokenizer; --ckpt_path last resumes."""
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "checkpoints" / "cli"
+    overrides = ",".join(f"{k}: {v}" for k, v in SMALL.items())
+    common = [
+        "--trainer.accelerator", "cpu", "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir", str(tmp_path / "checkpoints"), "--trainer.logger.name", "cli",
+        "--trainer.logger.version", "", "--trainer.enable_progress_bar", "false",
+        "--trainer.val_check_interval", "3", "--trainer.check_val_every_n_epoch", "null",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
+        "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath", str(run / "ckpt"), "--trainer.callbacks.save_last", "true",
+        "--model", "tokenizer.training.TokenizerModule", "--model.preset", "tiny",
+        "--model.overrides", "{" + overrides + "}", "--model.ema_decay", "0.99", "--model.warmup_steps", "2",
+        "--data", "data.sample.SampleImagesDataModule", "--data.image_size", "32", "--data.batch_size", "4",
+        "--data.train_samples_per_epoch", "400", "--data.val_crops_per_scale", "1",
+    ]  # fmt: skip
+    train.main(["fit", *common, "--trainer.max_steps", "3"])
+    assert (run / "config.yaml").is_file()
+    assert (run / "ckpt" / "last.ckpt").is_file()
+    exported = OneDTokenizer.from_pretrained(run / "tokenizer")
+    from_ckpt = tokenizer_from_checkpoint(run / "ckpt" / "last.ckpt")  # EMA weights
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(exported.encode(x), from_ckpt.encode(x))
+
+    cli = train.main(["fit", *common, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 6
+    state = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
