@@ -1,13 +1,17 @@
-"""TokenizerModule: the Lightning stage that trains a OneDTokenizer.
+"""TokenizerModule: the Lightning stage that trains a OneDTokenizer, single-stage from pixels.
 
-Manual optimization (one optimizer step per batch here; the adversarial stage adds a discriminator step, and
-`global_step` then advances twice per batch): `manual_backward`, `clip_gradients`, explicit scheduler steps.
+Objective (generator side):
+    recon_weight * L1|L2(recon, x) + perceptual_weight * LPIPS-VGG(recon, x) + quantizer_weight * aux
+    + gan_weight * w_adaptive * hinge_G(D(recon))            (only from `gan_start` on)
+Discriminator (PatchGAN, hinge, optional LeCam): one step after every generator step when gan_weight > 0.
 
-Loss = recon_weight * L1|L2(recon, x) + quantizer_weight * quantizer aux loss.
-`extra_losses()` is the one place where perceptual and adversarial terms plug in.
+Steps: manual optimization, and Lightning's `global_step` counts *optimizer* steps. With a discriminator that is
+two per batch, so `trainer.max_steps` counts both; `gan_start` and `warmup_steps` are in *generator* steps
+(batches), which is what `generator_steps` reports.
 
-An EMA copy of the tokenizer (weights and codebook buffers; never a discriminator or LPIPS net) is kept
+An EMA copy of the tokenizer (weights and codebook buffers; never the discriminator nor the LPIPS net) is kept
 when `ema_decay` is set; it is part of the checkpoint, survives resume, and is what validation and export use.
+The frozen LPIPS network is not registered as a submodule: it is neither checkpointed nor wrapped by DDP.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ..discriminator import PatchDiscriminator
+from ..losses import LeCamEMA, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from ..model import OneDTokenizer
 from ..quantizer import code_histogram, histogram_stats
 from .optim import make_adamw, param_groups, warmup_cosine
@@ -48,6 +54,14 @@ class TokenizerModule(pl.LightningModule):
         recon_loss: str = "l2",
         recon_weight: float = 1.0,
         quantizer_weight: float = 1.0,
+        perceptual_weight: float = 0.0,
+        gan_weight: float = 0.0,
+        gan_start: int = 0,
+        adaptive_gan_weight: bool = True,
+        lecam_weight: float = 0.0,
+        disc_lr: float | None = None,
+        disc_channels: int = 64,
+        disc_layers: int = 3,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 1e-4,
@@ -59,6 +73,7 @@ class TokenizerModule(pl.LightningModule):
         num_log_images: int = 8,
         codebook_window: int = 100,
         export_dir: str | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         if recon_loss not in ("l1", "l2"):
@@ -66,6 +81,11 @@ class TokenizerModule(pl.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.tokenizer = OneDTokenizer.from_preset(preset, **(overrides or {}))
+        self.discriminator = self.lecam = None
+        if gan_weight > 0:
+            self.discriminator = PatchDiscriminator(disc_channels, disc_layers)
+            self.lecam = LeCamEMA()
+        self._lpips = None  # built lazily (needs the converted weights); deliberately not a submodule
         self.ema_tokenizer = None
         if ema_decay is not None:
             self.ema_tokenizer = copy.deepcopy(self.tokenizer).requires_grad_(False).eval()
@@ -77,49 +97,116 @@ class TokenizerModule(pl.LightningModule):
         self._window_steps = 0
 
     # ---- optimisation ---------------------------------------------------------------------------------------
+    @property
+    def optimizers_per_batch(self) -> int:
+        return 2 if self.discriminator is not None else 1
+
+    @property
+    def generator_steps(self) -> int:
+        """Tokenizer optimizer steps taken so far (= batches trained)."""
+        return self.global_step // self.optimizers_per_batch
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            # in-place compile keeps parameter names (no `_orig_mod.`), so checkpoints stay interchangeable;
+            # the quantizer stays eager (data-dependent codebook updates, fp32).
+            self.tokenizer.encoder.compile()
+            self.tokenizer.decoder.compile()
+
     def configure_optimizers(self):
         hp = self.hparams
-        opt = make_adamw(param_groups(self.tokenizer, hp.weight_decay), hp.lr, hp.betas)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        sched = warmup_cosine(opt, hp.warmup_steps, total, hp.min_lr_ratio)
-        return [opt], [{"scheduler": sched, "interval": "step"}]
+        total_generator_steps = max(1, total // self.optimizers_per_batch)
+        opt = make_adamw(param_groups(self.tokenizer, hp.weight_decay), hp.lr, hp.betas)
+        optimizers = [opt]
+        schedulers = [{"scheduler": warmup_cosine(opt, hp.warmup_steps, total_generator_steps, hp.min_lr_ratio),
+                       "interval": "step"}]
+        if self.discriminator is not None:
+            opt_d = make_adamw(param_groups(self.discriminator, hp.weight_decay), hp.disc_lr or hp.lr, hp.betas)
+            optimizers.append(opt_d)
+            schedulers.append({"scheduler": warmup_cosine(opt_d, hp.warmup_steps, total_generator_steps,
+                                                          hp.min_lr_ratio), "interval": "step"})
+        return optimizers, schedulers
+
+    @property
+    def lpips(self):
+        if self._lpips is None:
+            from ..perceptual import LPIPS
+
+            self._lpips = LPIPS().to(self.device)
+        return self._lpips
 
     def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.hparams.recon_loss == "l1":
             return F.l1_loss(recon.float(), target.float())
         return F.mse_loss(recon.float(), target.float())
 
-    def extra_losses(self, recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weighted extra generator-side terms (perceptual, adversarial). None in the base objective."""
-        return {}
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
         hp = self.hparams
+        optimizers = self.optimizers()
+        schedulers = self.lr_schedulers()
+        opt_g, sched_g = (optimizers[0], schedulers[0]) if isinstance(optimizers, list) else (optimizers, schedulers)
+        adversarial_on = self.discriminator is not None and self.generator_steps >= hp.gan_start
 
+        # ---- generator (tokenizer) step ----
         out = self.tokenizer(images)
         target = images * 2 - 1
         rec = self.reconstruction_loss(out.recon, target)
-        extras = self.extra_losses(out.recon, target)
-        loss = hp.recon_weight * rec + hp.quantizer_weight * out.aux_loss + sum(extras.values())
+        logs = {"train/recon": rec, "train/quantizer": out.aux_loss}
+        rec_total = hp.recon_weight * rec
+        if hp.perceptual_weight > 0:
+            perceptual = self.lpips(out.recon.float(), target.float()).mean()
+            rec_total = rec_total + hp.perceptual_weight * perceptual
+            logs["train/lpips"] = perceptual
+        loss = rec_total + hp.quantizer_weight * out.aux_loss
+        if adversarial_on:
+            self.discriminator.requires_grad_(False)  # generator step: no gradients into D
+            g_loss = hinge_g_loss(self.discriminator(out.recon))
+            self.discriminator.requires_grad_(True)
+            weight = torch.ones((), device=images.device)
+            if hp.adaptive_gan_weight:
+                weight = adaptive_gan_weight(rec_total, g_loss, self.last_decoder_layer())
+            loss = loss + hp.gan_weight * weight * g_loss
+            logs.update({"train/g_adv": g_loss, "train/g_adv_weight": weight})
 
-        opt.zero_grad(set_to_none=True)
+        opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
+        self.clip_gradients(opt_g, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        sched_g.step()
         self.update_ema()
 
-        logs = {"train/loss": loss, "train/recon": rec, "train/quantizer": out.aux_loss,
-                "train/keep_tokens": out.lengths.float().mean(), "train/batch_usage": out.stats.usage,
-                "train/batch_perplexity": out.stats.perplexity, "lr": sched.get_last_lr()[0]}
-        logs.update({f"train/{name}": value for name, value in extras.items()})
-        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=images.shape[0])
+        # ---- discriminator step (every batch once a discriminator exists) ----
+        if self.discriminator is not None:
+            opt_d, sched_d = optimizers[1], schedulers[1]
+            real_logits = self.discriminator(target)
+            fake_logits = self.discriminator(out.recon.detach())
+            d_loss = hinge_d_loss(real_logits, fake_logits)
+            if hp.lecam_weight > 0:
+                lecam = self.lecam(real_logits, fake_logits)
+                d_loss = d_loss + hp.lecam_weight * lecam
+                logs["train/lecam"] = lecam
+            self.lecam.update(real_logits, fake_logits)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            self.clip_gradients(opt_d, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            opt_d.step()
+            sched_d.step()
+            logs.update({"train/d_loss": d_loss, "train/d_real": real_logits.mean().detach(),
+                         "train/d_fake": fake_logits.mean().detach()})
+
+        logs.update({"train/loss": loss, "train/keep_tokens": out.lengths.float().mean(),
+                     "train/batch_usage": out.stats.usage, "train/batch_perplexity": out.stats.perplexity,
+                     "lr": sched_g.get_last_lr()[0]})
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=images.shape[0])
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         self.track_codebook(out.ids)
         return loss
+
+    def last_decoder_layer(self) -> torch.Tensor:
+        decoder = self.tokenizer.decoder
+        return decoder.conv_out.weight if decoder.conv_out is not None else decoder.to_pixels.weight
 
     # ---- EMA ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -127,7 +214,7 @@ class TokenizerModule(pl.LightningModule):
         if self.ema_tokenizer is None:
             return
         # warm-up: early on the EMA follows the weights closely (decay grows toward ema_decay)
-        step = self.global_step
+        step = self.generator_steps
         decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
         for ema_p, p in zip(self.ema_tokenizer.parameters(), self.tokenizer.parameters()):
             ema_p.lerp_(p.detach(), 1 - decay)
