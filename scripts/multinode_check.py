@@ -1,13 +1,13 @@
 """Helpers of scripts/multinode_smoke.sh.
 
-    python scripts/multinode_check.py shards RUN_DIR [--per-photo N] [--size S] [--num-shards 8]
-        RUN_DIR/images: an ImageFolder tree of JPEG crops of the embedded scikit-image photographs (one class
-        per photo), converted to webdataset shards RUN_DIR/shards/train-{000000..}.tar by data.convert_shards
-    python scripts/multinode_check.py check RUN_DIR --world-size 2 --steps 6 12
-        (a) ranks consumed disjoint samples (per epoch) and the same number of batches,
-        (b) all parameters and buffers (VQ codebook included) are identical on every rank after each fit,
-        (c) the resumed fit continued the global step, and the final checkpoint holds the last step.
-        Prints one line per check; exits 1 naming the failed checks.
+python scripts/multinode_check.py shards RUN_DIR [--per-photo N] [--size S] [--num-shards 8]
+    RUN_DIR/images: an ImageFolder tree of JPEG crops of the embedded scikit-image photographs (one class
+    per photo), converted to webdataset shards RUN_DIR/shards/train-{000000..}.tar by data.convert_shards
+python scripts/multinode_check.py check RUN_DIR --world-size 2 --steps 6 12
+    (a) ranks consumed disjoint samples (per epoch) and the same number of batches,
+    (b) all parameters and buffers (VQ codebook included) are identical on every rank after each fit,
+    (c) the resumed fit continued the global step, and the final checkpoint holds the last step.
+    Prints one line per check; exits 1 naming the failed checks.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ def compare_states(paths: list[str]) -> tuple[bool, str]:
     n_params = sum(k.startswith("param:") for k in ref)
     n_buffers = sum(k.startswith("buffer:") for k in ref)
     if bad:
-        return False, f"{len(bad)} tensors differ across ranks: " + "; ".join(bad[:6]) + (" ..." if len(bad) > 6 else "")
+        return False, f"{len(bad)} tensors differ across ranks: " + "; ".join(bad[:6]) + (
+            " ..." if len(bad) > 6 else ""
+        )
     return True, f"{n_params} parameters + {n_buffers} buffers bit-identical on {len(states)} ranks"
 
 
@@ -91,9 +93,13 @@ def check(run_dir: str, world: int, steps: list[int]) -> int:
     audit = os.path.join(run_dir, "audit")
     records = load_records(audit, world)
     expected_starts = [0, *steps[:-1]]
-    c("fits recorded", sorted(records) == expected_starts and all(all(recs) for recs in records.values()),
-      f"fit calls starting at steps {sorted(records)} (expected {expected_starts}), "
-      f"{world} ranks each" if records else f"no audit records in {audit}")
+    c(
+        "fits recorded",
+        sorted(records) == expected_starts and all(all(recs) for recs in records.values()),
+        f"fit calls starting at steps {sorted(records)} (expected {expected_starts}), {world} ranks each"
+        if records
+        else f"no audit records in {audit}",
+    )
     for start, end in zip(expected_starts, steps):
         recs = records.get(start)
         if not recs or not all(recs):
@@ -101,11 +107,18 @@ def check(run_dir: str, world: int, steps: list[int]) -> int:
         tag = f"fit {start}->{end}"
         # (a) disjoint data, equal batch counts
         counts = [len(r["batches"]) for r in recs]
-        c(f"(a) equal batches/rank [{tag}]", len(set(counts)) == 1 and counts[0] > 0, f"batches per rank {counts}")
+        c(
+            f"(a) equal batches/rank [{tag}]",
+            len(set(counts)) == 1 and counts[0] > 0,
+            f"batches per rank {counts}",
+        )
         # (b) identical weights and buffers
         ends = [r["end_step"] for r in recs]
-        c(f"(b) ranks stopped at the same step [{tag}]", len(set(ends)) == 1 and ends[0] == end,
-          f"end steps {ends} (expected {end})")
+        c(
+            f"(b) ranks stopped at the same step [{tag}]",
+            len(set(ends)) == 1 and ends[0] == end,
+            f"end steps {ends} (expected {end})",
+        )
         ok, detail = compare_states([r["state_path"] for r in recs])
         c(f"(b) identical parameters and buffers [{tag}]", ok, detail)
     # (a) over all fits: a resumed fit re-enters its epoch, so merge the fits' batches by epoch
@@ -122,29 +135,50 @@ def check(run_dir: str, world: int, steps: list[int]) -> int:
             for j in range(i + 1, world):
                 common = keysets[i] & keysets[j]
                 if common:
-                    overlaps.append(f"epoch {ep}: ranks {i},{j} share {len(common)} keys e.g. {sorted(common)[:3]}")
-    c("(a) disjoint samples across ranks", bool(complete) and not overlaps and total > 0,
-      "; ".join(overlaps) if overlaps else f"{total} distinct (rank, epoch, key) samples in epochs "
-      f"{sorted(by_epoch)}; no key was read by two ranks in the same epoch")
+                    overlaps.append(
+                        f"epoch {ep}: ranks {i},{j} share {len(common)} keys e.g. {sorted(common)[:3]}"
+                    )
+    c(
+        "(a) disjoint samples across ranks",
+        bool(complete) and not overlaps and total > 0,
+        "; ".join(overlaps)
+        if overlaps
+        else f"{total} distinct (rank, epoch, key) samples in epochs "
+        f"{sorted(by_epoch)}; no key was read by two ranks in the same epoch",
+    )
     # (c) resume: global step continued, final checkpoint at the last step
     if len(steps) > 1:
         recs = records.get(steps[-2])
         if recs and all(recs):
             first_steps = [r["batches"][0][1] if r["batches"] else None for r in recs]
-            c("(c) resumed fit continued the global step", all(s == steps[-2] for s in first_steps),
-              f"first step of the resumed fit per rank {first_steps} (expected {steps[-2]})")
+            c(
+                "(c) resumed fit continued the global step",
+                all(s == steps[-2] for s in first_steps),
+                f"first step of the resumed fit per rank {first_steps} (expected {steps[-2]})",
+            )
         lasts = glob.glob(os.path.join(run_dir, "**", "last.ckpt"), recursive=True)
         if c("(c) last.ckpt exists", len(lasts) == 1, f"{lasts}"):
             ckpt = torch.load(lasts[0], map_location="cpu", weights_only=False)
             step = ckpt.get("global_step")
-            c("(c) final checkpoint step", step == steps[-1], f"global_step {step} in {lasts[0]} (expected {steps[-1]})")
+            c(
+                "(c) final checkpoint step",
+                step == steps[-1],
+                f"global_step {step} in {lasts[0]} (expected {steps[-1]})",
+            )
             if records.get(steps[-2]) and all(records[steps[-2]]):
                 final = torch.load(records[steps[-2]][0]["state_path"], map_location="cpu", weights_only=True)
                 sd = ckpt["state_dict"]
                 same = [k for k in sd if f"param:{k}" in final or f"buffer:{k}" in final]
-                diff = [k for k in same if not torch.equal(sd[k], final.get(f"param:{k}", final.get(f"buffer:{k}")))]
-                c("(c) checkpoint holds the final weights", bool(same) and not diff,
-                  f"{len(same)} tensors compared, {len(diff)} differ {diff[:3]}")
+                diff = [
+                    k
+                    for k in same
+                    if not torch.equal(sd[k], final.get(f"param:{k}", final.get(f"buffer:{k}")))
+                ]
+                c(
+                    "(c) checkpoint holds the final weights",
+                    bool(same) and not diff,
+                    f"{len(same)} tensors compared, {len(diff)} differ {diff[:3]}",
+                )
     if c.failed:
         print(f"MULTINODE SMOKE FAILED: {len(c.failed)} check(s) failed: " + ", ".join(c.failed))
         return 1
@@ -163,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     pc = sub.add_parser("check")
     pc.add_argument("run_dir")
     pc.add_argument("--world-size", type=int, default=2)
-    pc.add_argument("--steps", type=int, nargs="+", required=True, help="max_steps of each fit call, in order")
+    pc.add_argument(
+        "--steps", type=int, nargs="+", required=True, help="max_steps of each fit call, in order"
+    )
     a = p.parse_args(argv)
     if a.cmd == "shards":
         from data import convert_shards
@@ -172,8 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         n = make_images(images, a.per_photo, a.size)
         shard_size = -(-n // a.num_shards)
         print(f"{n} JPEG crops in {images} -> {a.num_shards} shards of <= {shard_size}")
-        convert_shards.main(["--src", images, "--out", os.path.join(a.run_dir, "shards"), "--split", "train",
-                             "--shard-size", str(shard_size), "--quiet"])
+        convert_shards.main(
+            [
+                "--src",
+                images,
+                "--out",
+                os.path.join(a.run_dir, "shards"),
+                "--split",
+                "train",
+                "--shard-size",
+                str(shard_size),
+                "--quiet",
+            ]
+        )
         return 0
     return check(a.run_dir, a.world_size, a.steps)
 

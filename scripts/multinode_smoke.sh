@@ -50,7 +50,7 @@ say "run dir $RUN_DIR"
 # `python -m data.convert_shards --src images --out shards --split train --shard-size ceil(N/8)` (its main()).
 "$PYTHON" scripts/multinode_check.py shards "$RUN_DIR" --per-photo "$PER_PHOTO" --size 48 --num-shards 8
 SHARDS="$RUN_DIR/shards/train-{000000..000007}.tar"
-say "shards written: $(ls "$RUN_DIR/shards"/train-*.tar | wc -l) x ~$SHARD_SIZE samples"
+say "shards written: $(ls "$RUN_DIR/shards"/train-*.tar | wc -l) tar files"
 
 # ---- 2./3. two fits, each as two single-process "nodes" -----------------------------------------------------
 free_port() {

@@ -56,7 +56,9 @@ class DistributedAudit(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         keys = batch[2] if isinstance(batch, (tuple, list)) and len(batch) > 2 else None
         if keys is None:
-            raise RuntimeError("DistributedAudit needs batches (images, labels, keys): set data return_keys=True")
+            raise RuntimeError(
+                "DistributedAudit needs batches (images, labels, keys): set data return_keys=True"
+            )
         self._batches.append([int(trainer.current_epoch), int(trainer.global_step), [str(k) for k in keys]])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -188,7 +188,8 @@ class TokenizerModule(pl.LightningModule):
         # rank 0 waits in the broadcast while the others exit.
         log_dir = self.trainer.log_dir
         if self.trainer.is_global_zero:
-            target = self.hparams.export_dir or str(Path(log_dir or self.trainer.default_root_dir) / "tokenizer")
+            target = self.hparams.export_dir or str(Path(log_dir or self.trainer.default_root_dir)
+                                                   / "tokenizer")
             self.eval_tokenizer.save_pretrained(target)
 
 
