@@ -16,9 +16,14 @@
 #
 # Environment: PYTHON (default .venv/bin/python), TORCHRUN (default: next to PYTHON), STEPS1 (6), STEPS2 (12),
 # NUM_WORKERS (2, DataLoader workers per rank), PER_PHOTO (12 crops per photo, 14 photos), BREAK_SYNC (0),
-# RUN_DIR (default: a new temp dir, deleted on success unless KEEP=1), RANK_TIMEOUT (300 s per fit).
+# RUN_DIR (kept; default: a new temp dir, deleted on success unless KEEP=1), RANK_TIMEOUT (300 s per fit).
 set -euo pipefail
 
+# Paths given by the caller are relative to the caller's directory; everything else to the repo root.
+abspath() { (cd "$(dirname "$1")" && echo "$(pwd)/$(basename "$1")"); }  # no symlink resolution (venvs)
+if [[ "${PYTHON:-}" == */* ]]; then PYTHON=$(abspath "$PYTHON"); fi
+if [[ "${TORCHRUN:-}" == */* ]]; then TORCHRUN=$(abspath "$TORCHRUN"); fi
+if [[ -n "${RUN_DIR:-}" ]]; then mkdir -p "$RUN_DIR" && RUN_DIR=$(abspath "$RUN_DIR"); fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 TORCHRUN=${TORCHRUN:-$(dirname "$PYTHON")/torchrun}
@@ -30,9 +35,15 @@ BREAK_SYNC=${BREAK_SYNC:-0}
 RANK_TIMEOUT=${RANK_TIMEOUT:-300}
 KEEP=${KEEP:-0}
 if [[ -n "${RUN_DIR:-}" ]]; then
-    rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+    # reuse only an empty directory or one of an earlier smoke run (never wipe anything else)
+    if [[ -n "$(ls -A "$RUN_DIR")" && ! -e "$RUN_DIR/shards/train-meta.json" ]]; then
+        echo "RUN_DIR=$RUN_DIR is not empty and not a multinode_smoke run dir; refusing to clear it" >&2
+        exit 2
+    fi
+    rm -rf "${RUN_DIR:?}"/* && mkdir -p "$RUN_DIR"
 else
     RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/multinode_smoke.XXXXXX")
+    TEMP_RUN_DIR=1
 fi
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
 
@@ -133,7 +144,7 @@ fit fit2 "$STEPS2" --ckpt_path last
 rc=0
 "$PYTHON" scripts/multinode_check.py check "$RUN_DIR" --world-size 2 --steps "$STEPS1" "$STEPS2" || rc=$?
 say "total $((SECONDS - t0))s"
-if ((rc == 0)) && [[ "$KEEP" != 1 ]]; then
+if ((rc == 0)) && [[ "$KEEP" != 1 && "${TEMP_RUN_DIR:-0}" == 1 ]]; then
     rm -rf "$RUN_DIR"
 else
     say "outputs kept in $RUN_DIR"
