@@ -271,8 +271,11 @@ class TokenizerModule(pl.LightningModule):
 
     # ---- export ---------------------------------------------------------------------------------------------
     def on_train_end(self) -> None:
+        # `trainer.log_dir` is a collective under DDP (broadcast from rank 0): every rank must evaluate it, or
+        # rank 0 waits in the broadcast while the others exit.
+        log_dir = self.trainer.log_dir
         if self.trainer.is_global_zero:
-            target = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            target = self.hparams.export_dir or str(Path(log_dir or self.trainer.default_root_dir)
                                                    / "tokenizer")
             self.eval_tokenizer.save_pretrained(target)
 
