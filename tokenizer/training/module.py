@@ -133,7 +133,9 @@ class TokenizerModule(pl.LightningModule):
         if self._lpips is None:
             from ..perceptual import LPIPS
 
-            self._lpips = LPIPS().to(self.device)
+            # object.__setattr__: an nn.Module attribute would otherwise become a submodule (checkpointed,
+            # DDP-wrapped, moved by .to()). Built lazily, on the device training runs on.
+            object.__setattr__(self, "_lpips", LPIPS().to(self.device))
         return self._lpips
 
     def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
