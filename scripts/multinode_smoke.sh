@@ -94,6 +94,14 @@ PY
 )")
 fi
 
+# EXTRA_ARGS: more train.py arguments, e.g. the full objective under DDP:
+#   EXTRA_ARGS="--model.init_args.gan_weight 0.1 --model.init_args.gan_start 1 --model.init_args.ema_decay 0.9
+#               --trainer.strategy.init_args.find_unused_parameters true" scripts/multinode_smoke.sh
+if [[ -n "${EXTRA_ARGS:-}" ]]; then
+    read -ra extra_args <<<"$EXTRA_ARGS"
+    TRAIN_ARGS+=("${extra_args[@]}")
+fi
+
 fit() {  # fit NAME MAX_STEPS [extra args...]
     local name=$1 steps=$2
     shift 2

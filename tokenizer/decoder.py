@@ -31,8 +31,13 @@ class Decoder(nn.Module):
             self.latent_mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.transformer = Transformer(width, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio)
         self.to_pixels = nn.Linear(width, p * p * 3)
-        self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1) if cfg.decoder_conv else None
+        self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1) if cfg.decoder_conv else None  # img + conv(img)
         init_vit_weights(self)
+        if self.conv_out is not None:
+            # residual refinement that starts as the identity: a small-std conv in series would scale the output
+            # down ~10x, and Adam needs hundreds of steps to grow it back (a "mean image" plateau).
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
         for param in (self.latent_pos, self.patch_query, self.patch_pos, self.latent_mask_token):
             if param is not None:
                 nn.init.trunc_normal_(param, std=0.02)
@@ -61,7 +66,7 @@ class Decoder(nn.Module):
         h = self.transformer(torch.cat([queries, latents], dim=1), attn_mask)  # [B, N+k', C]
         pixels = self.to_pixels(h[:, :n])  # [B, N, p*p*3]
         img = unpatchify(pixels, cfg.patch_size, cfg.image_size // cfg.patch_size)
-        return self.conv_out(img) if self.conv_out is not None else img
+        return img + self.conv_out(img) if self.conv_out is not None else img
 
 
 def unpatchify(pixels: torch.Tensor, p: int, grid: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,8 +30,13 @@ class LeCamEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
-        self.real_ema.lerp_(real_logits.float().mean(), 1 - self.decay)
-        self.fake_ema.lerp_(fake_logits.float().mean(), 1 - self.decay)
+        means = torch.stack([real_logits.float().mean(), fake_logits.float().mean()])
+        if dist.is_available() and dist.is_initialized():
+            # every rank must hold the same EMA (they are buffers of one model): average over ranks
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        self.real_ema.lerp_(means[0], 1 - self.decay)
+        self.fake_ema.lerp_(means[1], 1 - self.decay)
 
     def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
         return (F.relu(real_logits - self.fake_ema).pow(2).mean()
