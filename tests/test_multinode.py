@@ -21,9 +21,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import multinode_check  # noqa: E402
 
 
+FULL_OBJECTIVE = ("--model.init_args.gan_weight 0.1 --model.init_args.gan_start 1 --model.init_args.lecam_weight 0.01 "
+                  "--model.init_args.ema_decay 0.9 --trainer.strategy.init_args.find_unused_parameters true")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo over the 'lo' interface (Linux)")
-def test_multinode_smoke(tmp_path):
+@pytest.mark.parametrize("objective", ["reconstruction", "full"])
+def test_multinode_smoke(tmp_path, objective):
+    """`full`: discriminator (two optimizer steps per batch), LeCam buffers and EMA must stay in sync too."""
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip(f"no torchrun next to {sys.executable}")
@@ -33,8 +39,9 @@ def test_multinode_smoke(tmp_path):
         TORCHRUN=str(torchrun),
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         RUN_DIR=str(tmp_path / "run"),
-        STEPS1="3",
-        STEPS2="5",
+        STEPS1="4" if objective == "full" else "3",  # full: 2 optimizer steps per batch
+        STEPS2="8" if objective == "full" else "5",
+        EXTRA_ARGS=FULL_OBJECTIVE if objective == "full" else "",
         PER_PHOTO="6",
         RANK_TIMEOUT="240",
     )
