@@ -31,6 +31,7 @@ demo: install
 	$(PY) -m eval.reconstruction --tokenizer checkpoints/demo/tokenizer --out checkpoints/demo/report
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 lint: install

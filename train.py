@@ -19,11 +19,18 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 # `data` and `eval` are repo-local packages: make them importable whatever the working directory.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+# Expected here, not problems: checkpoints hold the post-step state (what we want), and the EMA copy of the
+# tokenizer lives in eval mode on purpose.
+warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization.*")
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

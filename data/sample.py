@@ -83,9 +83,11 @@ def fixed_crops(photo: torch.Tensor, image_size: int, per_scale: int, scales=(1.
     for s in scales:
         image = resize_shorter_side(photo, min(int(s * image_size), min(photo.shape[-2:])))
         h, w = image.shape[-2:]
-        n = per_scale
-        rows = [round(i * (h - image_size) / max(n - 1, 1)) for i in range(n)] if h > w else [(h - image_size) // 2] * n
-        cols = [round(i * (w - image_size) / max(n - 1, 1)) for i in range(n)] if h <= w else [(w - image_size) // 2] * n
+        spread = [i / max(per_scale - 1, 1) for i in range(per_scale)]  # 0 .. 1 along the long side
+        if h > w:
+            rows, cols = [round(f * (h - image_size)) for f in spread], [(w - image_size) // 2] * per_scale
+        else:
+            rows, cols = [(h - image_size) // 2] * per_scale, [round(f * (w - image_size)) for f in spread]
         for top, left in zip(rows, cols):
             crops.append(image[:, top : top + image_size, left : left + image_size].contiguous())
     return crops

@@ -20,7 +20,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import multinode_check  # noqa: E402
 
-
 FULL_OBJECTIVE = ("--model.init_args.gan_weight 0.1 --model.init_args.gan_start 1 --model.init_args.lecam_weight 0.01 "
                   "--model.init_args.ema_decay 0.9 --trainer.strategy.init_args.find_unused_parameters true")
 
