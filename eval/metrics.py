@@ -31,8 +31,8 @@ import torch
 from tokenizer.inception import fid_from_features, frechet_distance, inception_features, load_fid_inception
 
 __all__ = [
-    "PSNR_CAP_DB", "to_uint8", "psnr", "ssim", "lpips", "lpips_model", "LPIPSReference", "inception_features", "load_fid_inception",
-    "fid_from_features", "fid_from_rows", "frechet_distance", "FeatureSet", "fid",
+    "PSNR_CAP_DB", "to_uint8", "psnr", "ssim", "lpips", "lpips_model", "LPIPSReference", "inception_features",
+    "load_fid_inception", "fid_from_features", "fid_from_rows", "frechet_distance", "FeatureSet", "fid",
 ]  # fmt: skip
 
 PSNR_CAP_DB = 100.0
@@ -49,7 +49,8 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.dtype != torch.uint8 or y.dtype != torch.uint8:
         raise TypeError(f"metrics take uint8 images (use to_uint8 first), got {x.dtype} and {y.dtype}")
     if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected two [B, 3, H, W] tensors of equal shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(f"expected two [B, 3, H, W] tensors of equal shape, got {tuple(x.shape)}, "
+                         f"{tuple(y.shape)}")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, cap_db: float = PSNR_CAP_DB) -> torch.Tensor:
@@ -80,7 +81,7 @@ def lpips(x: torch.Tensor, y: torch.Tensor, model=None) -> torch.Tensor:
 
 
 def lpips_model(device: torch.device | str = "cpu"):
-    """The pretrained LPIPS-VGG module (:class:`tokenizer.perceptual.LPIPS`), one cached instance per device."""
+    """The pretrained LPIPS-VGG (:class:`tokenizer.perceptual.LPIPS`), one cached instance per device."""
     from tokenizer import perceptual
 
     key = str(torch.device(device))
@@ -90,7 +91,7 @@ def lpips_model(device: torch.device | str = "cpu"):
 
 
 class LPIPSReference:
-    """LPIPS of many candidates against the same uint8 references, computing the references' VGG features once.
+    """LPIPS of several candidates against the same uint8 references (their VGG features computed once).
 
     ``LPIPSReference(refs)(x)`` equals ``lpips(x, refs)`` (same operations, in the same order, as the lpips
     package's forward) at about half the cost when there are several candidates per reference.
@@ -113,7 +114,8 @@ class LPIPSReference:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.shape != self.refs_shape:
-            raise ValueError(f"expected uint8 {tuple(self.refs_shape)}, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"expected uint8 {tuple(self.refs_shape)}, got {images.dtype} "
+                             f"{tuple(images.shape)}")
         net = self.model.net
         val = 0
         for kk, feat in enumerate(self._features(images)):
@@ -124,10 +126,10 @@ class LPIPSReference:
 def fid_from_rows(x: torch.Tensor, y: torch.Tensor) -> float:
     """Exact FID from two feature sets [N1, D], [N2, D] (N >= 2) without a D x D matrix root.
 
-    With centred rows A, B: sigma1 sigma2 = A^T A B^T B / c, c = (N1 - 1)(N2 - 1), and its non-zero eigenvalues
-    are those of (A B^T)(A B^T)^T / c, so tr((sigma1 sigma2)^{1/2}) = ||A B^T||_* / sqrt(c) (nuclear norm of an
-    N1 x N2 matrix). Cheap when N << D (a few seconds saved per FID on CPU) and identical in value to
-    :func:`tokenizer.inception.fid_from_features`.
+    With centred rows A, B: sigma1 sigma2 = A^T A B^T B / c, c = (N1 - 1)(N2 - 1), and its non-zero
+    eigenvalues are those of (A B^T)(A B^T)^T / c, so tr((sigma1 sigma2)^{1/2}) = ||A B^T||_* / sqrt(c)
+    (nuclear norm of an N1 x N2 matrix). Cheap when N << D (no 2048 x 2048 eigendecomposition, seconds per
+    FID on CPU) and equal in value to :func:`tokenizer.inception.fid_from_features`.
     """
     x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:

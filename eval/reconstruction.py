@@ -4,25 +4,31 @@ Single process (CPU or one GPU):
 
     python -m eval.reconstruction --tokenizer checkpoints/demo/tokenizer --out checkpoints/demo/report
     python -m eval.reconstruction --checkpoint checkpoints/demo/ckpt/last.ckpt --num-tokens 1 4 16 32 --out r/
-    python -m eval.reconstruction --tokenizer tok/ --source folder --root /data/imagenet/val --max-images 5000 --out r/
+    python -m eval.reconstruction --tokenizer tok/ --source folder --root /data/val --max-images 5000 --out r/
 
-Several GPUs (or CPU processes: add ``--cpu``), one process per device; the images are split over processes:
+Several GPUs, one process per GPU; the images are split over the processes:
 
     accelerate launch --num_processes 8 -m eval.reconstruction --tokenizer tok/ \\
         --source webdataset --shards '/data/shards/val-{000000..000049}.tar' --out reports/B
 
+Several CPU processes (gloo; what the tests do): in accelerate 1.x ``accelerate launch --cpu`` starts ONE
+process, ``--multi_gpu`` is what starts N local processes, and this script's own ``--cpu`` keeps them on CPU:
+
+    accelerate launch --multi_gpu --num_processes 2 -m eval.reconstruction --tokenizer tok/ --out r/ --cpu
+
 What it does. The tokenizer comes from a ``save_pretrained`` directory (``--tokenizer``) or a training
 checkpoint (``--checkpoint``, EMA weights when present). Images (``--source``): ``sample`` (default, the
 embedded held-out crops), ``folder --root DIR`` or ``webdataset --shards PATTERN``; folder/shard images are
-resized (shorter side, bicubic antialiased) and center cropped to the tokenizer's image size (``data.transforms
-.eval_transform``); ``--max-images N`` keeps the first N. References are those crops as uint8. For every k
-(default 1, 2, 4, ..., K) the first k tokens are decoded and the reconstruction is quantised to uint8 exactly
-like the references BEFORE any metric. Per k: rFID, LPIPS, PSNR, SSIM (:mod:`eval.metrics`), codebook usage
-(fraction of the V codes used by the first k tokens of all images) and bits per image k * log2(V).
+resized (shorter side, bicubic antialiased) and center cropped to the tokenizer's image size
+(``data.transforms.eval_transform``); ``--max-images N`` keeps the first N. References are those crops as
+uint8. For every k (default 1, 2, 4, ..., K) the first k tokens are decoded and the reconstruction is
+quantised to uint8 exactly like the references BEFORE any metric. Per k: rFID, LPIPS, PSNR, SSIM
+(:mod:`eval.metrics`), codebook usage (fraction of the V codes used by the first k tokens of all images) and
+bits per image k * log2(V).
 
 Codec baselines (``--codecs jpeg webp``, the default; ``--codecs`` alone for none): each uint8 reference is
-encoded with Pillow at the quality whose file size is closest to k * log2(V) bits (:mod:`eval.codecs`), and the
-decoded image is scored with the same metrics; the table reports the bits actually achieved (whole file,
+encoded with Pillow at the quality whose file size is closest to k * log2(V) bits (:mod:`eval.codecs`), and
+the decoded image is scored with the same metrics; the table reports the bits actually achieved (whole file,
 headers included; at tiny budgets codecs cannot get down to the target).
 
 rFID protocol: reconstructions of the N crops vs those same N crops (uint8); TF-FID InceptionV3 weights
@@ -36,9 +42,9 @@ per-image metric rows, token ids and FID feature rows are gathered with their in
 for the collective, trimmed, sorted), or, above 2048 images, FID sums are all-reduced; so every metric is over
 exactly N images whatever W. Only the main process writes the report.
 
-Outputs in ``--out``: ``metrics.md`` (protocol + table), ``metrics.json`` (meta + rows), ``metrics_vs_tokens.png``,
-``metrics_vs_bits.png`` (tokenizer vs codecs, log x), ``reconstructions.png`` (originals, then k = 1..K),
-``reconstructions_<codec>.png``; with ``--per-image`` also ``per_image.npz``.
+Outputs in ``--out``: ``metrics.md`` (protocol + table), ``metrics.json`` (meta + rows),
+``metrics_vs_tokens.png``, ``metrics_vs_bits.png`` (tokenizer vs codecs, log x), ``reconstructions.png``
+(originals, then k = 1..K), ``reconstructions_<codec>.png``; with ``--per-image`` also ``per_image.npz``.
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ PROTOCOL = {
             "compare only at equal N",
     "lpips": "LPIPS VGG16, v0.1 linear layers, real weights (lpips package + converted ImageNet VGG16 trunk; "
              "the training loss' network), inputs x/255*2-1, mean over images",
-    "psnr": f"per image on uint8 (peak 255), capped at {PSNR_CAP_DB:g} dB (identical images), mean over images",
+    "psnr": f"per image on uint8 (peak 255), capped at {PSNR_CAP_DB:g} dB (identical images), mean over "
+            "images",
     "ssim": "torchmetrics structural_similarity_index_measure, Gaussian window 11, sigma 1.5, on x/255 with "
             "data_range 1, mean over images",
     "codebook_usage": "fraction of the V codes that occur in the first k tokens of the N images",
@@ -102,7 +109,9 @@ class Row:
 def load_tokenizer(tokenizer_dir: str | None, checkpoint: str | None) -> OneDTokenizer:
     if bool(tokenizer_dir) == bool(checkpoint):
         raise ValueError("give exactly one of --tokenizer (a save_pretrained directory) or --checkpoint")
-    return OneDTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else tokenizer_from_checkpoint(checkpoint)
+    if tokenizer_dir:
+        return OneDTokenizer.from_pretrained(tokenizer_dir)
+    return tokenizer_from_checkpoint(checkpoint)
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -146,7 +155,7 @@ def _merge_features(accelerator, fs: FeatureSet, total: int) -> FeatureSet:
 @torch.no_grad()
 def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_tokens: list[int],
              codecs: list[str], fid: bool = True, grid_images: int = 8):
-    """Runs on every process. Returns (rows, grid, per_image) on the main process, (None, None, None) elsewhere.
+    """On every process; Returns (rows, grid, per_image) on the main process, (None, None, None) elsewhere.
 
     grid: {"reference": uint8 [n, 3, S, S], "tokenizer@k" / "<codec>@k": uint8 [n, 3, S, S]}, first n indices.
     per_image: {"index": [N], "settings": [...], "metrics": [N, S, 5] (PER_IMAGE_FIELDS), "ids": [N, K]}.
@@ -168,7 +177,8 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
     indices, ids_all, metrics = [], [], []
     grid: dict[int, dict[str, torch.Tensor]] = {}
     # main process' progress, scaled by the number of processes (they run in step)
-    bar = tqdm(total=total, unit="img", desc="eval", dynamic_ncols=True, disable=not accelerator.is_main_process)
+    bar = tqdm(total=total, unit="img", desc="eval", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
     for index, refs in loader:
         if len(index) == 0:
             continue
@@ -181,7 +191,7 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
             grid[int(index[j])] = {"reference": refs[j].cpu()}
         if fid:
             feats["reference"].add(inception_features(refs_dev, inception), index)
-        candidates = []  # (reconstruction uint8 [b, 3, S, S], bits [b], quality [b] or None), in settings order
+        candidates = []  # (reconstruction uint8 [b, 3, S, S], bits [b], quality [b] | None), settings order
         for k in num_tokens:
             candidates.append((to_uint8(tokenizer.decode(ids[:, :k])), torch.full((b,), bits[k]), None))
         for codec in codecs:
@@ -209,7 +219,8 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
     k_max = tokenizer.max_tokens
     index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
     ids = torch.cat(ids_all) if ids_all else torch.zeros(0, k_max, dtype=torch.long)
-    per = torch.cat(metrics) if metrics else torch.zeros(0, len(settings), len(PER_IMAGE_FIELDS), dtype=torch.float64)
+    empty = torch.zeros(0, len(settings), len(PER_IMAGE_FIELDS), dtype=torch.float64)
+    per = torch.cat(metrics) if metrics else empty
     index, (ids, per) = _gather_rows(accelerator, index, ids, per)
     n = len(index)
     fids: dict[str, float] = {}
@@ -253,8 +264,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| k tokens | method | target bits | bits/image | rFID | LPIPS | PSNR (dB) | SSIM | codebook usage | quality |",
-             "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| k tokens | method | target bits | bits/image | rFID | LPIPS | PSNR (dB) | SSIM "
+             "| codebook usage | quality |", "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {"tokenizer": 0}
     for r in sorted(rows, key=lambda r: (r.num_tokens, order.get(r.method, 1), r.method)):
         over = "*" if r.method != "tokenizer" and r.bits_per_image > 1.1 * r.target_bits else ""
@@ -372,9 +383,10 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
     if not all(1 <= k <= k_max for k in ks):
         raise ValueError(f"--num-tokens must be within 1..{k_max}, got {ks}")
     loader, total, what = make_source(
-        args.source, tokenizer.image_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        batch_size=args.batch_size, max_images=args.max_images, num_workers=args.num_workers, root=args.root,
-        shards=args.shards, val_crops_per_scale=args.val_crops_per_scale)  # fmt: skip
+        args.source, tokenizer.image_size, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, batch_size=args.batch_size, max_images=args.max_images,
+        num_workers=args.num_workers, root=args.root, shards=args.shards,
+        val_crops_per_scale=args.val_crops_per_scale)
     rows, grid, per_image = evaluate(accelerator, tokenizer, loader, total, ks, list(args.codecs or []),
                                      fid=args.fid, grid_images=args.grid_images)
     if accelerator.is_main_process:

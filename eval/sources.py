@@ -159,7 +159,8 @@ def make_source(source: str, image_size: int, *, rank: int = 0, world_size: int 
         total = sum(counts) if max_images is None else min(max_images, sum(counts))
         dataset = _ShardImages(urls, offsets, total, rank, world_size, image_size)
         num_workers = min(num_workers, len(urls))
-        what = f"webdataset shards {shards} ({len(urls)} shards), resize shorter side + center crop to {image_size}px"
+        what = (f"webdataset shards {shards} ({len(urls)} shards), resize shorter side + center crop to "
+                f"{image_size}px")
     else:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,

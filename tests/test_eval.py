@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,7 +29,8 @@ def _have(resolve) -> bool:
         return False
 
 
-needs_lpips = pytest.mark.skipif(not _have(weights.resolve_vgg16_weights), reason="LPIPS weights absent; make weights")
+needs_lpips = pytest.mark.skipif(not _have(weights.resolve_vgg16_weights),
+                                 reason="LPIPS weights absent; make weights")
 needs_inception = pytest.mark.skipif(not _have(weights.resolve_inception_weights),
                                      reason="FID Inception weights absent; make weights")
 
@@ -158,7 +158,8 @@ def test_report_files_and_columns(tmp_path):
             "protocol": rec.PROTOCOL}
     rec.write_report(rows, grid, tmp_path, meta, per)
     for name in ("metrics.md", "metrics.json", "metrics_vs_tokens.png", "metrics_vs_bits.png",
-                 "reconstructions.png", "reconstructions_jpeg.png", "reconstructions_webp.png", "per_image.npz"):
+                 "reconstructions.png", "reconstructions_jpeg.png", "reconstructions_webp.png",
+                 "per_image.npz"):
         assert (tmp_path / name).stat().st_size > 0, name
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert set(data["rows"][0]) == {"method", "num_tokens", "target_bits", "bits_per_image", "rfid", "lpips",
@@ -179,7 +180,7 @@ def test_report_files_and_columns(tmp_path):
     assert per["index"].tolist() == list(range(6))
 
 
-# ---------------------------------------------------------------------------------------------- 1 vs 2 processes
+# ---------------------------------------------------------------------------------------------- 1 vs 2 procs
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -192,8 +193,9 @@ def _free_port() -> int:
 def test_one_and_two_processes_give_the_same_metrics(tmp_path):
     """13 images (odd: padding would duplicate one on 2 ranks): same N, per-image metrics, rFID, usage."""
     tok_dir = _tiny_tokenizer().save_pretrained(tmp_path / "tok")
-    args = ["-m", "eval.reconstruction", "--tokenizer", str(tok_dir), "--max-images", "13", "--num-tokens", "32",
-            "--codecs", "webp", "--per-image", "--num-workers", "0", "--batch-size", "4", "--cpu"]
+    args = ["-m", "eval.reconstruction", "--tokenizer", str(tok_dir), "--max-images", "13",
+            "--num-tokens", "32", "--codecs", "webp", "--per-image", "--num-workers", "0",
+            "--batch-size", "4", "--cpu"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
