@@ -224,3 +224,43 @@ def test_one_and_two_processes_give_the_same_metrics(tmp_path):
     assert np.array_equal(p1["ids"], p2["ids"])
     np.testing.assert_allclose(p1["metrics"], p2["metrics"], rtol=0, atol=1e-4)
     assert (tmp_path / "two" / "reconstructions.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def _collect(loader):
+    idx, imgs = [], []
+    for i, x in loader:
+        idx += i.tolist()
+        imgs += list(x)
+    order = np.argsort(idx)
+    return [idx[j] for j in order], [imgs[j] for j in order]
+
+
+def test_folder_and_webdataset_sources_split_by_index(tmp_path):
+    from _data_helpers import make_awkward_tree
+
+    from data.convert_shards import main as convert
+    from eval.sources import make_source
+
+    make_awkward_tree(str(tmp_path / "tree"))
+    convert(["--src", str(tmp_path / "tree"), "--out", str(tmp_path / "shards"), "--split", "val",
+             "--shard-size", "3", "--no-shuffle", "--quiet"])
+    loader, total, _ = make_source("folder", 32, root=str(tmp_path / "tree"), batch_size=4)
+    idx, imgs = _collect(loader)
+    assert total == 10 and len(idx) == 9  # the truncated JPEG is skipped, the others are evaluated once
+    assert all(x.dtype == torch.uint8 and x.shape == (3, 32, 32) for x in imgs)
+    parts = [_collect(make_source("folder", 32, root=str(tmp_path / "tree"), rank=r, world_size=2,
+                                  batch_size=2)[0]) for r in (0, 1)]
+    assert sorted(parts[0][0] + parts[1][0]) == idx and not set(parts[0][0]) & set(parts[1][0])
+    assert all(i % 2 == r for r in (0, 1) for i in parts[r][0])
+    shards = json.loads((tmp_path / "shards" / "val-meta.json").read_text())["pattern"]
+    w_idx, w_imgs = [], []
+    for r in (0, 1):
+        i, x = _collect(make_source("webdataset", 32, shards=shards, rank=r, world_size=2, batch_size=2)[0])
+        w_idx += i
+        w_imgs += x
+    assert sorted(w_idx) == list(range(9))  # the converter dropped the corrupt file
+    assert sorted(x.sum().item() for x in w_imgs) == sorted(x.sum().item() for x in imgs)
+    loader, total, _ = make_source("sample", 64, max_images=5)
+    idx, imgs = _collect(loader)
+    assert total == 5 and idx == list(range(5)) and imgs[0].dtype == torch.uint8
