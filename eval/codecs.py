@@ -15,6 +15,8 @@ tables), WebP lossy ``quality`` 0..100, ``method=6`` (slowest/best). Decoded bac
 from __future__ import annotations
 
 import io
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,12 +102,27 @@ def compress_to_bits(image: torch.Tensor, codec: str, target_bits: float) -> tup
     return CodecSearch(image, codec).compress(target_bits)
 
 
-def compress_batch(images: torch.Tensor, codec: str, targets: list[float]) -> dict[float, tuple]:
-    """uint8 [B, 3, H, W] -> {target: (recons uint8 [B, 3, H, W], bits int64 [B], quality int64 [B])}."""
+def _compress_all(search: CodecSearch, targets: list[float]) -> list[tuple]:
+    return [search.compress(t) for t in targets]
+
+
+def compress_batch(images: torch.Tensor, codec: str, targets: list[float],
+                   threads: int | None = None) -> dict[float, tuple]:
+    """uint8 [B, 3, H, W] -> {target: (recons uint8 [B, 3, H, W], bits int64 [B], quality int64 [B])}.
+
+    Images are encoded on ``threads`` threads (Pillow releases the GIL while encoding; default: up to 8,
+    bounded by the CPU count). Results do not depend on the number of threads.
+    """
     searches = [CodecSearch(img, codec) for img in images]
+    threads = threads or min(8, os.cpu_count() or 1, max(1, len(searches)))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            per_image = list(pool.map(_compress_all, searches, [targets] * len(searches)))
+    else:
+        per_image = [_compress_all(s, targets) for s in searches]
     out = {}
-    for t in targets:
-        res = [s.compress(t) for s in searches]
+    for j, t in enumerate(targets):
+        res = [r[j] for r in per_image]
         out[t] = (
             torch.stack([r[0] for r in res]),
             torch.tensor([r[1] for r in res], dtype=torch.long),
