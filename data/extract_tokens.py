@@ -4,7 +4,8 @@
     python -m data.extract_tokens --tokenizer checkpoints/demo/tokenizer --out checkpoints/tokens/demo \\
         --source sample --num-crops 3000 --flip
     # every process of a node (or several nodes) encodes its share
-    accelerate launch -m data.extract_tokens --tokenizer TOK --out OUT --source folder --root /data/train --flip
+    accelerate launch -m data.extract_tokens --tokenizer TOK --out OUT --source folder \\
+        --root /data/train --flip
     accelerate launch -m data.extract_tokens --tokenizer TOK --out OUT --source webdataset \\
         --shards '/data/shards/train-{000000..001281}.tar'
 
@@ -60,7 +61,7 @@ from data.tokens import (  # noqa: E402
 log = logging.getLogger("extract_tokens")
 
 
-# ---- distributed state --------------------------------------------------------------------------------------
+# ---- distributed state -----------------------------------------------------------------------------------
 class _Single:
     """Stand-in for accelerate's PartialState when accelerate is unavailable (one process)."""
 
@@ -85,8 +86,10 @@ def partial_state(cpu: bool = False):
         return _Single()
     state = PartialState(cpu=cpu or not torch.cuda.is_available())
     if world > 1 and state.num_processes != world:
-        raise SystemExit(f"WORLD_SIZE={world} but accelerate sees {state.num_processes} process(es); refusing "
-                         "to run (every process would encode every image)")
+        raise SystemExit(
+            f"WORLD_SIZE={world} but accelerate sees {state.num_processes} process(es); refusing "
+            "to run (every process would encode every image)"
+        )
     return state
 
 
@@ -95,7 +98,7 @@ def split_for_process(items: list, process_index: int, num_processes: int) -> li
     return items[process_index::num_processes]
 
 
-# ---- sources --------------------------------------------------------------------------------------------------
+# ---- sources ---------------------------------------------------------------------------------------------
 def _crop_seed(seed: int, index: int) -> int:
     return zlib.crc32(f"crop:{seed}:{index}".encode())
 
@@ -181,7 +184,11 @@ def _batches_from_dataset(ds, batch_size: int, num_workers: int) -> Iterator[tup
 
 
 def _webdataset_batches(
-    shards: list[str], process_index: int, num_processes: int, done: set[str], image_size: int,
+    shards: list[str],
+    process_index: int,
+    num_processes: int,
+    done: set[str],
+    image_size: int,
     batch_size: int,
 ) -> Iterator[tuple]:
     """This process's (images, labels, keys) batches from tar shards, skipping keys in `done`."""
@@ -265,13 +272,17 @@ class Source:
         a = self.args
         if a.source == "webdataset":
             return _webdataset_batches(
-                self.shards, self.state.process_index, self.state.num_processes, self.done,
-                self.image_size, a.batch_size,
+                self.shards,
+                self.state.process_index,
+                self.state.num_processes,
+                self.done,
+                self.image_size,
+                a.batch_size,
             )
         return _batches_from_dataset(self.dataset, a.batch_size, a.num_workers)
 
 
-# ---- encoding -----------------------------------------------------------------------------------------------
+# ---- encoding --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_batch(tokenizer, images: torch.Tensor, num_tokens: int, flip: bool) -> torch.Tensor:
     """images [B, 3, S, S] -> ids [B, k], or [B, 2, k] (image, horizontal flip) with flip."""
@@ -317,9 +328,16 @@ def extract(args: argparse.Namespace) -> dict | None:
     # every process validates a pre-existing meta.json (same K / codebook / views / flip) and reads the keys
     # already written; nothing is written before the barrier, so all processes see the same finished set.
     writer = TokenShardWriter(
-        args.out, num_tokens=k, codebook_size=tokenizer.codebook_size, shard_size=args.shard_size,
-        prefix=f"tokens-r{pi:03d}", num_views=2 if args.flip else 1, flip=args.flip,
-        tokenizer_dir=os.path.abspath(args.tokenizer), image_size=tokenizer.image_size, write_meta=False,
+        args.out,
+        num_tokens=k,
+        codebook_size=tokenizer.codebook_size,
+        shard_size=args.shard_size,
+        prefix=f"tokens-r{pi:03d}",
+        num_views=2 if args.flip else 1,
+        flip=args.flip,
+        tokenizer_dir=os.path.abspath(args.tokenizer),
+        image_size=tokenizer.image_size,
+        write_meta=False,
     )
     done = finished_keys(args.out)
     source = Source(args, tokenizer.image_size, state, done)
@@ -331,15 +349,24 @@ def extract(args: argparse.Namespace) -> dict | None:
         _write_json_atomic(os.path.join(args.out, "meta.json"), meta)
         log.warning(
             "extracting %s -> %s: K=%d, codebook %d, flip=%s, %d process(es), %d record(s) already done%s",
-            args.source, args.out, k, tokenizer.codebook_size, args.flip, n, len(done),
+            args.source,
+            args.out,
+            k,
+            tokenizer.codebook_size,
+            args.flip,
+            n,
+            len(done),
             f", {source.total_todo} to do" if source.total_todo is not None else "",
         )
     state.wait_for_everyone()
 
     t0, count = time.time(), 0
     bar = tqdm(
-        total=source.num_images(), unit="img", disable=not state.is_local_main_process or args.no_progress,
-        desc=f"extract (process {pi}/{n})", dynamic_ncols=True,
+        total=source.num_images(),
+        unit="img",
+        disable=not state.is_local_main_process or args.no_progress,
+        desc=f"extract (process {pi}/{n})",
+        dynamic_ncols=True,
     )
     for images, labels, keys in source.batches():
         ids = encode_batch(tokenizer, images.to(device, non_blocking=True), k, args.flip)
@@ -357,7 +384,8 @@ def extract(args: argparse.Namespace) -> dict | None:
             updates["num_classes"] = _labels_num_classes(args.out)
         meta = finalize_meta(args.out, **updates)
         print(
-            f"token shards complete: {meta['num_records']} records in {meta['num_shards']} shard(s) at {args.out} "
+            f"token shards complete: {meta['num_records']} records in {meta['num_shards']} shard(s) "
+            f"at {args.out} "
             f"(K={meta['num_tokens']}, views={meta['num_views']}, classes={meta['num_classes']}, "
             f"{time.time() - t0:.1f}s)",
             flush=True,
@@ -373,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=("sample", "folder", "webdataset"), default="sample")
     p.add_argument("--root", help="folder source: ImageFolder root")
     p.add_argument("--shards", help="webdataset source: brace pattern(s) joined with '::'")
-    p.add_argument("--num-classes", type=int, help="webdataset source: number of classes (default: max label + 1)")
+    p.add_argument(
+        "--num-classes", type=int, help="webdataset source: number of classes (default: max label + 1)"
+    )
     p.add_argument("--num-crops", type=int, default=3000, help="sample source: number of random crops")
     p.add_argument("--seed", type=int, default=0, help="sample source: crop seed (part of every key)")
     p.add_argument("--num-tokens", type=int, help="tokens per image k (default: the tokenizer's K)")
