@@ -135,3 +135,37 @@ def test_sample_source_two_processes_then_resume(tok_dir, tmp_path):
     # changing the stored layout into the same directory is refused
     with pytest.raises(ValueError, match="num_views|flip"):
         main([*common, "--no-progress", "--flip"])
+
+
+def test_webdataset_source_splits_exactly_once(tok_dir, tmp_path):
+    """Shards split by process when there are enough of them, samples by index otherwise; either way every
+    key once (checked by calling the per-process reader for every simulated process), then a real extraction
+    in one process with labels from `cls`."""
+    from _data_helpers import make_plain_tree
+
+    from data.convert_shards import convert
+    from data.extract_tokens import _webdataset_batches
+    from data.webdataset import expand_shards
+
+    src = tmp_path / "tree"
+    make_plain_tree(str(src), n_per_class=3)  # 9 images, 3 classes
+    meta = convert(str(src), str(tmp_path / "wds"), "train", shard_size=4, quiet=True)  # 3 shards: 4/4/1
+    pattern = meta["pattern"]
+    shards = expand_shards(pattern)
+    assert len(shards) == 3
+    for world in (1, 2, 3, 4, 5):  # 4, 5 > 3 shards: split by sample index
+        seen = []
+        for rank in range(world):
+            for _, _, keys in _webdataset_batches(shards, rank, world, set(), 16, batch_size=2):
+                seen += keys
+        assert len(seen) == 9 and len(set(seen)) == 9, (world, seen)
+    done = set(seen[:4])
+    left = [k for rank in range(2) for b in _webdataset_batches(shards, rank, 2, done, 16, 4) for k in b[2]]
+    assert sorted(left) == sorted(set(seen) - done)
+
+    out = tmp_path / "tokens"
+    res = main(["--tokenizer", tok_dir, "--out", str(out), "--source", "webdataset", "--shards", pattern,
+                "--no-progress", "--num-tokens", "4"])  # fmt: skip
+    ids, labels, keys, meta = load_token_shards(str(out))
+    assert res["num_records"] == 9 and ids.shape == (9, 4) and meta["num_classes"] == 3
+    assert sorted(set(labels.tolist())) == [0, 1, 2]
