@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="tokenizer save_pretrained dir (env TOKENIZER_DIR; default checkpoints/demo/tokenizer)",
     )
     p.add_argument("--out", default="checkpoints/demo-generator")
-    p.add_argument("--num-crops", type=int, default=3000, help="random crops to extract (x2 with the flip)")
+    p.add_argument("--num-crops", type=int, default=2000, help="random crops to extract (x2 with the flip)")
     p.add_argument("--max-steps", type=int, help="override trainer.max_steps of the config")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the grid")
     args = p.parse_args(argv)
