@@ -1,0 +1,171 @@
+"""data.extract_tokens: one record per image across processes (uneven splits), labels, flip, resume."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from _data_helpers import make_awkward_tree
+
+from data.extract_tokens import SampleCrops, encode_batch, main, split_for_process
+from data.tokens import load_token_shards, read_meta, shard_paths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from tokenizer import OneDTokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1).save_pretrained(path)
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m data.extract_tokens ...` on CPU (what accelerate's multi-process
+    launchers do as well), from the repository root."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "data.extract_tokens", *args, "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_split_for_process_is_disjoint_and_complete():
+    for n_items in (0, 1, 5, 7, 16):
+        for world in (1, 2, 3, 8):
+            parts = [split_for_process(list(range(n_items)), r, world) for r in range(world)]
+            flat = sorted(i for p in parts for i in p)
+            assert flat == list(range(n_items))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.slow
+def test_two_processes_folder_exactly_once(tok_dir, tmp_path):
+    src = tmp_path / "tree"
+    special = make_awkward_tree(str(src))
+    from data.folder import scan_image_folder
+
+    classes, items = scan_image_folder(str(src))
+    readable = {rel: label for rel, label in items if rel != special["corrupt"]}
+    assert len(readable) % 2 == 1  # an uneven split over 2 processes
+    out = tmp_path / "tokens"
+    _launch(2, ["--tokenizer", tok_dir, "--out", str(out), "--source", "folder", "--root", str(src),
+                "--shard-size", "2", "--batch-size", "3", "--flip", "--num-tokens", "16"])  # fmt: skip
+
+    ids, labels, keys, meta = load_token_shards(str(out))
+    assert meta["complete"] and meta["num_records"] == len(readable) == len(keys)
+    assert sorted(keys.tolist()) == sorted(readable)  # each readable image once, the corrupt one skipped
+    assert [int(label) for label in labels] == [readable[k] for k in keys.tolist()]
+    assert meta["num_classes"] == len(classes) == 2 and meta["num_processes"] == 2
+    assert ids.shape == (len(readable), 2, 16) and ids.dtype == np.int16 and meta["flip"]
+    names = {os.path.basename(p).rsplit("-", 1)[0] for p in shard_paths(str(out))}
+    assert names == {"tokens-r000", "tokens-r001"}  # both processes wrote their share
+
+    # ids equal a direct encode of the eval-transformed image (view 1 = the flip)
+    from data.transforms import decode_image, eval_transform
+    from tokenizer import OneDTokenizer
+
+    tok = OneDTokenizer.from_pretrained(tok_dir)
+    key = keys[0]
+    with open(src / key, "rb") as f:
+        image = eval_transform(tok.image_size)(decode_image(f.read()))[None]
+    expect = encode_batch(tok, image, 16, flip=True)[0].numpy()
+    np.testing.assert_array_equal(ids[0], expect)
+
+
+@pytest.mark.slow
+def test_sample_source_two_processes_then_resume(tok_dir, tmp_path):
+    out = tmp_path / "tokens"
+    n = 7
+    common = ["--tokenizer", tok_dir, "--out", str(out), "--source", "sample", "--num-crops", str(n),
+              "--shard-size", "2", "--batch-size", "2", "--seed", "3"]  # fmt: skip
+    _launch(2, common)
+    ids, labels, keys, meta = load_token_shards(str(out))
+    want = [SampleCrops.key(3, i) for i in range(n)]
+    assert sorted(keys.tolist()) == want and meta["num_records"] == n and ids.shape == (n, 32)
+    crops = SampleCrops(64, n, seed=3)
+    by_key = {crops[i][2]: crops[i][1] for i in range(n)}
+    assert [int(lbl) for lbl in labels] == [by_key[k] for k in keys.tolist()]  # label = photo index
+    assert meta["num_classes"] == 14 and len(meta["classes"]) == 14
+
+    # simulate a crash: one finished shard of each process is lost and meta is not complete; a leftover temp
+    paths = shard_paths(str(out))
+    kept = {p: os.path.getmtime(p) for p in paths}
+    for p in (paths[0], paths[-1]):
+        os.remove(p)
+        del kept[p]
+    with open(out / ".tokens-r000-000009.npz.tmp", "wb") as f:
+        f.write(b"partial")
+    meta_path = out / "meta.json"
+    meta_path.write_text(meta_path.read_text().replace('"complete": true', '"complete": false'))
+    assert not read_meta(str(out))["complete"]
+
+    # resume in ONE process (a different world size): only the lost keys are re-encoded
+    meta2 = main([*common, "--no-progress"])
+    assert meta2["complete"] and meta2["num_records"] == n
+    ids2, labels2, keys2, _ = load_token_shards(str(out))
+    assert sorted(keys2.tolist()) == want
+    order, order2 = np.argsort(keys), np.argsort(keys2)
+    np.testing.assert_array_equal(ids[order], ids2[order2])  # same crops, same ids (deterministic keys)
+    np.testing.assert_array_equal(labels[order], labels2[order2])
+    assert all(os.path.getmtime(p) == t for p, t in kept.items())  # finished shards untouched
+    assert not (out / ".tokens-r000-000009.npz.tmp").exists()
+
+    # a rerun with nothing left to do writes nothing and keeps the count exact
+    before = sorted(shard_paths(str(out)))
+    meta3 = main([*common, "--no-progress"])
+    assert meta3["num_records"] == n and sorted(shard_paths(str(out))) == before
+
+    # changing the stored layout into the same directory is refused
+    with pytest.raises(ValueError, match="num_views|flip"):
+        main([*common, "--no-progress", "--flip"])
+
+
+def test_webdataset_source_splits_exactly_once(tok_dir, tmp_path):
+    """Shards split by process when there are enough of them, samples by index otherwise; either way every
+    key once (checked by calling the per-process reader for every simulated process), then a real extraction
+    in one process with labels from `cls`."""
+    from _data_helpers import make_plain_tree
+
+    from data.convert_shards import convert
+    from data.extract_tokens import _webdataset_batches
+    from data.webdataset import expand_shards
+
+    src = tmp_path / "tree"
+    make_plain_tree(str(src), n_per_class=3)  # 9 images, 3 classes
+    meta = convert(str(src), str(tmp_path / "wds"), "train", shard_size=4, quiet=True)  # 3 shards: 4/4/1
+    pattern = meta["pattern"]
+    shards = expand_shards(pattern)
+    assert len(shards) == 3
+    for world in (1, 2, 3, 4, 5):  # 4, 5 > 3 shards: split by sample index
+        seen = []
+        for rank in range(world):
+            for _, _, keys in _webdataset_batches(shards, rank, world, set(), 16, batch_size=2):
+                seen += keys
+        assert len(seen) == 9 and len(set(seen)) == 9, (world, seen)
+    done = set(seen[:4])
+    left = [k for rank in range(2) for b in _webdataset_batches(shards, rank, 2, done, 16, 4) for k in b[2]]
+    assert sorted(left) == sorted(set(seen) - done)
+
+    out = tmp_path / "tokens"
+    res = main(["--tokenizer", tok_dir, "--out", str(out), "--source", "webdataset", "--shards", pattern,
+                "--no-progress", "--num-tokens", "4"])  # fmt: skip
+    ids, labels, keys, meta = load_token_shards(str(out))
+    assert res["num_records"] == 9 and ids.shape == (9, 4) and meta["num_classes"] == 3
+    assert sorted(set(labels.tolist())) == [0, 1, 2]
