@@ -116,8 +116,10 @@ class TokenizerModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        total_generator_steps = max(1, total // self.optimizers_per_batch)
+        if self.trainer.max_steps > 0:  # optimizer steps, `optimizers_per_batch` per batch
+            total_generator_steps = max(1, self.trainer.max_steps // self.optimizers_per_batch)
+        else:  # epoch-bound run: with manual optimization this estimate counts batches
+            total_generator_steps = max(1, int(self.trainer.estimated_stepping_batches))
         opt = make_adamw(param_groups(self.tokenizer, hp.weight_decay), hp.lr, hp.betas)
         optimizers = [opt]
         schedulers = [{"scheduler": warmup_cosine(opt, hp.warmup_steps, total_generator_steps, hp.min_lr_ratio),
