@@ -150,15 +150,11 @@ class FolderImages(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, j: int):
-        from data.transforms import decode_image
+        from data.transforms import read_image
 
         rel, label = self.items[j]
         path = os.path.join(self.root, rel)
-        try:
-            with open(path, "rb") as f:
-                img = decode_image(f.read())
-        except OSError:
-            img = None
+        img = read_image(path)
         if img is None:
             log.warning("skipping unreadable image %s", path)
             return None

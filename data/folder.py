@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from data.transforms import IMAGE_EXTENSIONS, decode_image, eval_transform, train_transform
+from data.transforms import IMAGE_EXTENSIONS, eval_transform, read_image, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         rel, label = self.items[index]
         path = os.path.join(self.root, rel)
-        try:
-            with open(path, "rb") as f:
-                img = decode_image(f.read())
-        except OSError:  # unreadable file (permissions, I/O error, vanished)
-            img = None
+        img = read_image(path)
         if img is None:
             n = -1
             if self.skipped_counter is not None:

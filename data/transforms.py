@@ -85,6 +85,15 @@ def decode_image(data: bytes) -> Image.Image | None:
         return None
 
 
+def read_image(path: str) -> Image.Image | None:
+    """An image file as RGB, or None when it cannot be read (I/O error, vanished) or decoded (corrupt)."""
+    try:
+        with open(path, "rb") as f:
+            return decode_image(f.read())
+    except OSError:
+        return None
+
+
 def decode_error(data: bytes) -> str | None:
     """Return ``None`` if ``data`` decodes fully, else a short reason (used by the shard converter)."""
     try:

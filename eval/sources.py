@@ -62,14 +62,10 @@ class _FolderLoad:
         self.root, self.files, self.transform = root, files, eval_transform(image_size)
 
     def __call__(self, i: int):
-        from data.transforms import decode_image
+        from data.transforms import read_image
 
         path = os.path.join(self.root, self.files[i])
-        try:
-            with open(path, "rb") as f:
-                img = decode_image(f.read())
-        except OSError:
-            img = None
+        img = read_image(path)
         if img is None:
             log.warning("skipping unreadable image %s", path)
             return None
