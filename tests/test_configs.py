@@ -12,7 +12,8 @@ import yaml
 
 from tokenizer.config import preset_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 
 
 def resolve(class_path: str):
@@ -40,6 +41,6 @@ def test_paper_configs_cover_the_variants():
     names = {p.stem for p in CONFIGS}
     assert {"titok-L-32", "titok-B-64", "titok-S-128", "onedpiece-B-256", "flextok-style-B-256",
             "vq-B-128", "lfq-B-128", "fsq-B-128"} <= names
-    flex = yaml.safe_load((CONFIGS[0].parent / "flextok-style-B-256.yaml").read_text())["model"]["init_args"]
+    flex = yaml.safe_load((CONFIG_DIR / "tokenizer" / "flextok-style-B-256.yaml").read_text())["model"]["init_args"]
     cfg = preset_config(flex["preset"], **flex["overrides"])
     assert (cfg.length_mechanism, cfg.causal_latents, cfg.quantizer) == ("nested_dropout", True, "fsq")
