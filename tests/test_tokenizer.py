@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from tokenizer import OneDTokenizer, TokenizerConfig
 from tokenizer.config import preset_config
+from tokenizer.decoder import unpatchify
 from tokenizer.encoder import causal_latent_mask
 from tokenizer.length import keep_mask, powers_of_two_upto, sample_keep_lengths
 
@@ -217,3 +218,13 @@ def test_encode_does_not_update_codebook_or_change_mode(images):
     model.encode(images)
     model.decode(model.encode(images, num_tokens=2))
     assert model.training and torch.equal(model.quantizer.impl._codebook.embed, before)
+
+
+def test_unpatchify_places_patches_row_major_with_channels_last():
+    p, grid = 2, 3
+    pixels = torch.arange(grid * grid, dtype=torch.float)[None, :, None].repeat(1, 1, p * p * 3)  # patch id everywhere
+    pixels[..., 2::3] += 100  # channel 2 of every pixel (channels are the fastest-moving axis)
+    img = unpatchify(pixels, p, grid)
+    assert img.shape == (1, 3, grid * p, grid * p)
+    assert img[0, 0, 2 * p, 1 * p].item() == 2 * grid + 1  # patch (row 2, col 1)
+    assert img[0, 2, 0, 0].item() == 100 and img[0, 1, 0, 0].item() == 0

@@ -74,10 +74,3 @@ def unpatchify(pixels: torch.Tensor, p: int, grid: int) -> torch.Tensor:
     b = pixels.shape[0]
     x = pixels.view(b, grid, grid, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # [B, 3, gh, p, gw, p]
     return x.reshape(b, 3, grid * p, grid * p)
-
-
-def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
-    """Inverse of unpatchify: [B, 3, H, W] -> [B, (H/p)*(W/p), p*p*3]."""
-    b, c, h, w = img.shape
-    x = img.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
