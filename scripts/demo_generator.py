@@ -27,6 +27,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # repo-local packages (data, eval) whatever the working directory
 CONFIG = "configs/generator/tiny.yaml"
 
 
