@@ -131,7 +131,7 @@ class _OneProcess:
 
 def _tiny_tokenizer() -> OneDTokenizer:
     torch.manual_seed(0)
-    return OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1)
+    return OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=32)
 
 
 @needs_lpips

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -40,6 +42,7 @@ def fit(module, steps_per_batch_total: int, batch_size: int = 8):
     dm = SampleImagesDataModule(image_size=32, batch_size=batch_size, train_samples_per_epoch=1000)
     recorder = Recorder()
     trainer = pl.Trainer(max_steps=steps_per_batch_total, accelerator="cpu", logger=False,
+                         default_root_dir=tempfile.mkdtemp(),
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, callbacks=[recorder])
     trainer.fit(module, datamodule=dm)

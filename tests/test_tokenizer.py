@@ -115,7 +115,7 @@ def test_length_sampling():
 
 def test_presets_and_attributes():
     tiny = OneDTokenizer.from_preset("tiny")
-    assert (tiny.max_tokens, tiny.codebook_size, tiny.image_size) == (32, 1024, 64)
+    assert (tiny.max_tokens, tiny.codebook_size, tiny.image_size) == (16, 1024, 64)
     for name, width, depth in (("S", 512, 8), ("B", 768, 12), ("L", 1024, 24)):
         cfg = preset_config(name)
         assert (cfg.enc_width, cfg.enc_depth, cfg.patch_size, cfg.image_size) == (width, depth, 16, 256)
@@ -228,3 +228,30 @@ def test_unpatchify_places_patches_row_major_with_channels_last():
     assert img.shape == (1, 3, grid * p, grid * p)
     assert img[0, 0, 2 * p, 1 * p].item() == 2 * grid + 1  # patch (row 2, col 1)
     assert img[0, 2, 0, 0].item() == 100 and img[0, 1, 0, 0].item() == 0
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+@pytest.mark.parametrize("token_mixing,decoder_final_norm", [(True, False), (False, True)])
+def test_token_mixing_stem_keeps_every_prefix_exact(mechanism, token_mixing, decoder_final_norm, images):
+    """With non-zero stem weights (they start at zero), a k-prefix decode still equals the training path with
+    per-sample lengths, and tail drop still ignores every token past k."""
+    torch.manual_seed(0)
+    model = small(length_mechanism=mechanism, token_mixing=token_mixing, decoder_final_norm=decoder_final_norm)
+    model.eval()
+    assert (model.encoder.latent_mixing is not None) == token_mixing
+    if token_mixing:
+        with torch.no_grad():
+            model.encoder.latent_mixing.normal_()
+            model.decoder.patch_mixing.normal_()
+    ids = model.encode(images)
+    lengths = torch.tensor([1, 3, 8])  # a different k for each sample, as training with per_sample_length
+    train_path = ((model(images, lengths=lengths).recon + 1) / 2).clamp(0, 1)
+    for i, k in enumerate(lengths.tolist()):
+        prefix = model.decode(ids[i : i + 1, :k])
+        assert torch.allclose(prefix, train_path[i : i + 1], atol=1e-5), f"sample {i}, k={k}"
+    if mechanism == "tail_token_drop":
+        other = ids.clone()
+        other[:, 3:] = (ids[:, 3:] + 1) % model.codebook_size
+        codes = model.quantizer.codes_from_ids
+        keep3 = torch.full((3,), 3)
+        assert torch.allclose(model.decoder(codes(ids), keep3), model.decoder(codes(other), keep3), atol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -45,7 +47,8 @@ def test_short_training_run_reduces_loss_on_real_photos():
         return torch.nn.functional.mse_loss(out.recon, held_out * 2 - 1).item()
 
     before = held_out_loss()
-    trainer = pl.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=60, accelerator="cpu", logger=False,
+                         default_root_dir=tempfile.mkdtemp(), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     after = held_out_loss()
@@ -60,7 +63,7 @@ def test_param_groups_exclude_norms_biases_and_tokens_from_decay():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     for expected in ("encoder.latent_tokens", "encoder.pos_embed", "decoder.latent_mask_token",
-                     "decoder.patch_query", "decoder.transformer.norm.weight", "encoder.to_token.bias"):
+                     "decoder.patch_query", "encoder.transformer.norm.weight", "encoder.to_token.bias"):
         assert expected in no_decay_names
     assert "encoder.transformer.blocks.0.attn.qkv.weight" in decay_names
     assert "decoder.to_pixels.weight" in decay_names

@@ -29,7 +29,11 @@ class Decoder(nn.Module):
         self.latent_mask_token = None
         if cfg.length_mechanism == "nested_dropout":
             self.latent_mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.transformer = Transformer(width, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio)
+        # token_mixing: patch query i also starts from a learned linear spread of the kept latents (config.py)
+        self.patch_mixing = None  # [N, K]
+        if cfg.token_mixing:
+            self.patch_mixing = nn.Parameter(torch.zeros(cfg.num_patches, cfg.num_latent_tokens))
+        self.transformer = Transformer(width, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.decoder_final_norm)
         self.to_pixels = nn.Linear(width, p * p * 3)
         self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1) if cfg.decoder_conv else None  # img + conv(img)
         init_vit_weights(self)
@@ -49,7 +53,7 @@ class Decoder(nn.Module):
         b, k, _ = tokens.shape
         n, k_max = cfg.num_patches, cfg.num_latent_tokens
         latents = self.token_in(tokens) + self.latent_pos[:, :k]  # [B, k, C]
-        attn_mask = None
+        attn_mask, tail_keep = None, None
         if self.latent_mask_token is not None:
             # nested dropout: every position past the prefix holds the mask token (+ its position).
             filler = self.latent_mask_token + self.latent_pos  # [1, K, C]
@@ -60,9 +64,15 @@ class Decoder(nn.Module):
                 latents = torch.where(keep, latents, filler.to(latents.dtype))
         elif lengths is not None and bool((lengths < k).any()):
             # tail drop: hide the dropped tokens as keys; patch queries never see them.
-            keys = torch.cat([torch.ones(b, n, dtype=torch.bool, device=tokens.device), keep_mask(lengths, k)], 1)
+            tail_keep = keep_mask(lengths, k)  # [B, k]
+            keys = torch.cat([torch.ones(b, n, dtype=torch.bool, device=tokens.device), tail_keep], 1)
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, N+k]
         queries = (self.patch_query + self.patch_pos).expand(b, -1, -1)  # [B, N, C]
+        if self.patch_mixing is not None:
+            # the stem reads what attention may read: tail drop zeroes the dropped tokens, nested dropout's
+            # dropped slots hold the mask token; a k-prefix at inference uses the first k columns.
+            kept = latents if tail_keep is None else latents * tail_keep[:, :, None].to(latents.dtype)
+            queries = queries + torch.einsum("nk,bkc->bnc", self.patch_mixing[:, : kept.shape[1]], kept)
         h = self.transformer(torch.cat([queries, latents], dim=1), attn_mask)  # [B, N+k', C]
         pixels = self.to_pixels(h[:, :n])  # [B, N, p*p*3]
         img = unpatchify(pixels, cfg.patch_size, cfg.image_size // cfg.patch_size)

@@ -30,6 +30,10 @@ class Encoder(nn.Module):
         self.patch_embed = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, width))
         self.latent_tokens = nn.Parameter(torch.zeros(1, cfg.num_latent_tokens, width))
+        # token_mixing: latent j also starts from a learned linear pooling of the patch embeddings (config.py)
+        self.latent_mixing = None  # [K, N]
+        if cfg.token_mixing:
+            self.latent_mixing = nn.Parameter(torch.zeros(cfg.num_latent_tokens, cfg.num_patches))
         self.transformer = Transformer(width, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio)
         self.to_token = nn.Linear(width, out_dim)
         init_vit_weights(self)
@@ -44,6 +48,8 @@ class Encoder(nn.Module):
         b = x.shape[0]
         patches = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, C]
         latents = self.latent_tokens.expand(b, -1, -1)  # [B, K, C]
+        if self.latent_mixing is not None:
+            latents = latents + torch.einsum("kn,bnc->bkc", self.latent_mixing, patches)
         h = torch.cat([patches, latents], dim=1)  # [B, N+K, C]
         mask = None
         if self.cfg.causal_latents:

@@ -50,12 +50,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of blocks followed by a final LayerNorm. [B, L, C] -> [B, L, C]."""
+    """A stack of blocks followed by a final LayerNorm (or none: `final_norm=False`). [B, L, C] -> [B, L, C]."""
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, final_norm: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
+        self.norm = nn.LayerNorm(width) if final_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:

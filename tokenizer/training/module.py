@@ -283,9 +283,10 @@ class TokenizerModule(pl.LightningModule):
         # rank 0 waits in the broadcast while the others exit.
         log_dir = self.trainer.log_dir
         if self.trainer.is_global_zero:
-            target = self.hparams.export_dir or str(Path(log_dir or self.trainer.default_root_dir)
-                                                   / "tokenizer")
-            self.eval_tokenizer.save_pretrained(target)
+            # without a logger there is no run directory: fall back to <root>/checkpoints/tokenizer, never to
+            # <root>/tokenizer, which from the repository root is this package's own source directory.
+            base = Path(log_dir) if log_dir else Path(self.trainer.default_root_dir) / "checkpoints"
+            self.eval_tokenizer.save_pretrained(self.hparams.export_dir or base / "tokenizer")
 
 
 def make_grid(rows: torch.Tensor, pad: int = 2) -> torch.Tensor:
