@@ -53,6 +53,7 @@ def test_resume_after_sigkill_restores_step_optimizer_and_ema(tmp_path):
         sys.executable, "train.py", "fit", "--config", "configs/tokenizer/tiny.yaml",
         "--trainer.max_steps", "100000", "--trainer.val_check_interval", "1000000",
         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(run),  # without a logger, config.yaml goes here (not into the repo)
         "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"),
         "--trainer.callbacks.init_args.every_n_train_steps", "2",
         "--model.init_args.overrides", SMALL, "--model.init_args.ema_decay", "0.9",
