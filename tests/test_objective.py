@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -38,18 +36,18 @@ class Recorder(pl.Callback):
         })  # fmt: skip
 
 
-def fit(module, steps_per_batch_total: int, batch_size: int = 8):
+def fit(module, root, steps_per_batch_total: int, batch_size: int = 8):
     dm = SampleImagesDataModule(image_size=32, batch_size=batch_size, train_samples_per_epoch=1000)
     recorder = Recorder()
     trainer = pl.Trainer(max_steps=steps_per_batch_total, accelerator="cpu", logger=False,
-                         default_root_dir=tempfile.mkdtemp(),
+                         default_root_dir=str(root),
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, callbacks=[recorder])
     trainer.fit(module, datamodule=dm)
     return trainer, recorder.rows
 
 
-def test_adversarial_path_steps_both_optimizers_and_starts_on_time(monkeypatch):
+def test_adversarial_path_steps_both_optimizers_and_starts_on_time(monkeypatch, tmp_path):
     pl.seed_everything(0)
     module = TokenizerModule(preset="tiny", overrides=SMALL, gan_weight=0.5, gan_start=4, lecam_weight=0.01,
                              lr=1e-3, disc_lr=1e-3, warmup_steps=1)
@@ -63,7 +61,7 @@ def test_adversarial_path_steps_both_optimizers_and_starts_on_time(monkeypatch):
         return original(x)
 
     monkeypatch.setattr(module.discriminator, "forward", spy)
-    trainer, rows = fit(module, steps_per_batch_total=20)  # 10 batches x (G step + D step)
+    trainer, rows = fit(module, tmp_path, steps_per_batch_total=20)  # 10 batches x (G step + D step)
     assert trainer.global_step == 20 and module.generator_steps == 10
     assert [r["global_step"] for r in rows] == list(range(2, 21, 2))
     assert all(r["g_moved"] and r["d_moved"] for r in rows), "both optimizers step on every batch"

@@ -6,7 +6,6 @@ import copy
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def test_resume_after_sigkill_restores_step_optimizer_and_ema(tmp_path):
     module = TokenizerModule(**{k: v for k, v in hp.items() if not k.startswith("_")})
     probe = Probe()
     trainer = pl.Trainer(max_steps=step + 4, accelerator="cpu", logger=False,
-                         default_root_dir=tempfile.mkdtemp(), enable_checkpointing=False,
+                         default_root_dir=str(tmp_path / "resumed"), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=[probe])
     trainer.fit(module, datamodule=SampleImagesDataModule(image_size=32, batch_size=4), ckpt_path=ckpt)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -32,7 +30,7 @@ def test_sample_data_holds_out_whole_photographs():
     assert torch.equal(val, SampleImagesDataModule(image_size=32, val_crops_per_scale=2).val_batch())
 
 
-def test_short_training_run_reduces_loss_on_real_photos():
+def test_short_training_run_reduces_loss_on_real_photos(tmp_path):
     pl.seed_everything(0)
     dm = SampleImagesDataModule(image_size=32, batch_size=16, train_samples_per_epoch=16 * 60)
     module = TokenizerModule(preset="tiny", overrides=SMALL, lr=2e-3, warmup_steps=5, codebook_window=10)
@@ -48,7 +46,7 @@ def test_short_training_run_reduces_loss_on_real_photos():
 
     before = held_out_loss()
     trainer = pl.Trainer(max_steps=60, accelerator="cpu", logger=False,
-                         default_root_dir=tempfile.mkdtemp(), enable_checkpointing=False,
+                         default_root_dir=str(tmp_path), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     after = held_out_loss()
