@@ -188,8 +188,8 @@ def _webdataset_batches(
     batch_size: int,
 ) -> Iterator[tuple]:
     """This process's (images, labels, keys) batches from tar shards, skipping keys in `done`."""
-    from data.transforms import decode_image, eval_transform
-    from data.webdataset import IMAGE_KEYS, _iter_shard, _Skips
+    from data.transforms import eval_transform
+    from data.webdataset import _iter_shard, _Skips, sample_image, sample_label
 
     transform, skips = eval_transform(image_size), _Skips()
     by_shard = len(shards) >= num_processes
@@ -203,16 +203,11 @@ def _webdataset_batches(
             key = sample.get("__key__")
             if key is None or key in done:
                 continue
-            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-            img = decode_image(data) if data is not None else None
+            img, why = sample_image(sample)
             if img is None:
-                skips(f"{'no image member' if data is None else 'undecodable image'} {key} in {url}")
+                skips(f"{why} {key} in {url}")
                 continue
-            try:
-                label = int(sample["cls"]) if "cls" in sample else -1
-            except (ValueError, TypeError):
-                label = -1
-            buf.append((transform(img), label, key))
+            buf.append((transform(img), sample_label(sample), key))
             if len(buf) == batch_size:
                 yield _collate(buf)
                 buf = []

@@ -75,6 +75,24 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", 
 SHARD_MODES = ("auto", "split", "resampled")
 
 
+def sample_image(sample: dict) -> tuple[object | None, str]:
+    """A webdataset sample's first image member (IMAGE_KEYS order) decoded to an RGB PIL image, as (image, "");
+    or (None, why) when there is no image member or it does not decode."""
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None:
+        return None, "no image member"
+    img = decode_image(data)
+    return (img, "") if img is not None else (None, "undecodable image")
+
+
+def sample_label(sample: dict) -> int:
+    """The sample's integer class from its `cls` member, or -1 when it has none or it is not an integer."""
+    try:
+        return int(sample["cls"]) if "cls" in sample else -1
+    except (ValueError, TypeError):
+        return -1
+
+
 # ----------------------------------------------------------------------------------------------- shards
 def expand_shards(shards: str | list[str]) -> list[str]:
     """Brace pattern(s) (joined with ``::``) or a list -> list of shard URLs/paths."""
@@ -254,17 +272,11 @@ class ShardStream(IterableDataset):
     def _decode(self, samples: Iterator[dict]) -> Iterator[tuple]:
         for sample in samples:
             key = sample.get("__key__", "?")
-            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-            img = decode_image(data) if data is not None else None
+            img, why = sample_image(sample)
             if img is None:
-                why = "no image member" if data is None else "undecodable image"
                 self.skips(f"{why} {key} in {sample.get('__url__', '?')}")
                 continue
-            try:
-                label = int(sample["cls"]) if "cls" in sample else -1
-            except (ValueError, TypeError):
-                label = -1
-            yield self.transform(img), label, key
+            yield self.transform(img), sample_label(sample), key
 
     def _collate(self, items: list[tuple]):
         images = torch.stack([it[0] for it in items])

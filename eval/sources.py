@@ -98,8 +98,8 @@ class _ShardImages(IterableDataset):
         self.rank, self.world, self.image_size = rank, world, image_size
 
     def __iter__(self) -> Iterator:
-        from data.transforms import decode_image, eval_transform
-        from data.webdataset import IMAGE_KEYS, _iter_shard, _Skips
+        from data.transforms import eval_transform
+        from data.webdataset import _iter_shard, _Skips, sample_image
 
         transform, skips = eval_transform(self.image_size), _Skips()
         info = get_worker_info()
@@ -113,10 +113,9 @@ class _ShardImages(IterableDataset):
                     break
                 if i % self.world != self.rank:
                     continue
-                data = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
-                img = decode_image(data) if data is not None else None
+                img, why = sample_image(sample)
                 if img is None:
-                    skips(f"unreadable sample {sample.get('__key__', '?')} in {self.shards[j]}")
+                    skips(f"{why} {sample.get('__key__', '?')} in {self.shards[j]}")
                     continue
                 yield i, _to_uint8(transform(img))
 
