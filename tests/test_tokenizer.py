@@ -13,6 +13,7 @@ from tokenizer.config import preset_config
 from tokenizer.decoder import unpatchify
 from tokenizer.encoder import causal_latent_mask
 from tokenizer.length import keep_mask, powers_of_two_upto, sample_keep_lengths
+from tokenizer.stem import dct_basis
 
 QUANTIZERS = {
     "vq": dict(quantizer="vq", codebook_size=64, token_dim=8),
@@ -230,10 +231,38 @@ def test_unpatchify_places_patches_row_major_with_channels_last():
     assert img[0, 2, 0, 0].item() == 100 and img[0, 1, 0, 0].item() == 0
 
 
+def test_dct_basis_is_orthonormal_and_coarse_to_fine():
+    basis = dct_basis(4, 6)  # [6, 16]
+    torch.testing.assert_close(basis @ basis.T, torch.eye(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(basis[0], torch.full((16,), 0.25))  # row 0: mean pooling
+    grid = basis.view(6, 4, 4)
+    # rows 1 and 2: the two first-order ramps (one varies along columns only, the other along rows only)
+    assert {bool((g - g[:1]).abs().max() < 1e-6) for g in grid[1:3]} == {True, False}
+    # every row past the first has zero mean: a prefix adds detail, never moves the mean
+    assert basis[1:].sum(1).abs().max() < 1e-5
+    more_tokens_than_patches = dct_basis(2, 6)
+    assert more_tokens_than_patches[4:].abs().max() == 0
+    torch.testing.assert_close(more_tokens_than_patches[:4] @ more_tokens_than_patches[:4].T, torch.eye(4))
+
+
+def test_token_mixing_stem_starts_as_a_low_pass_prefix():
+    """At init the encoder stem pools the K lowest DCT frequencies and the decoder stem spreads them back: the
+    decoder's stem applied to a k-prefix of the encoder's stem is the projection onto the first k frequencies."""
+    model = small(token_mixing=True)
+    pool, spread = model.encoder.latent_mixing.detach(), model.decoder.patch_mixing.detach()  # [K, N], [N, K]
+    torch.testing.assert_close(spread, pool.T)
+    field = torch.randn(model.config.num_patches, 5)  # a patch-embedding field [N, C]
+    for k in (1, 3, model.max_tokens):
+        low_pass = spread[:, :k] @ (pool[:k] @ field)
+        torch.testing.assert_close(spread[:, :k] @ (pool[:k] @ low_pass), low_pass, atol=1e-5, rtol=0)  # idempotent
+    torch.testing.assert_close(spread[:, :1] @ (pool[:1] @ field), field.mean(0, keepdim=True).expand_as(field))
+    assert small(token_mixing=False).encoder.latent_mixing is None
+
+
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 @pytest.mark.parametrize("token_mixing,decoder_final_norm", [(True, False), (False, True)])
 def test_token_mixing_stem_keeps_every_prefix_exact(mechanism, token_mixing, decoder_final_norm, images):
-    """With non-zero stem weights (they start at zero), a k-prefix decode still equals the training path with
+    """With random stem weights (not the DCT they start from), a k-prefix decode still equals the training path with
     per-sample lengths, and tail drop still ignores every token past k."""
     torch.manual_seed(0)
     model = small(length_mechanism=mechanism, token_mixing=token_mixing, decoder_final_norm=decoder_final_norm)

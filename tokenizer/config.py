@@ -60,6 +60,8 @@ class TokenizerConfig:
     # - token_mixing: a learned linear stem beside attention. Encoder latent j starts as
     #   latent_token_j + sum_i A[j, i] * patch_i (A: [K, N]); decoder patch query i starts as
     #   query + pos_i + sum_{j < k} B[i, j] * latent_j (B: [N, K], kept latents only, so any prefix stays valid).
+    #   A starts as the K lowest-frequency 2D-DCT basis images of the patch grid and B as its transpose
+    #   (stem.py), so a k-prefix starts out carrying the k coarsest spatial frequencies.
     # - decoder_final_norm: the decoder's last LayerNorm. Without it the pixel head reads the residual stream
     #   directly and keeps absolute brightness, which the LayerNorm removes. (The encoder keeps its final norm:
     #   FSQ/LFQ need unit-scale inputs.)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import TokenizerConfig
 from .length import keep_mask
+from .stem import dct_basis
 from .vit import Transformer, init_vit_weights
 
 
@@ -30,9 +31,10 @@ class Decoder(nn.Module):
         if cfg.length_mechanism == "nested_dropout":
             self.latent_mask_token = nn.Parameter(torch.zeros(1, 1, width))
         # token_mixing: patch query i also starts from a learned linear spread of the kept latents (config.py)
-        self.patch_mixing = None  # [N, K]
+        self.patch_mixing = None  # [N, K], starts as the transpose of the encoder's DCT pooling (stem.py)
         if cfg.token_mixing:
-            self.patch_mixing = nn.Parameter(torch.zeros(cfg.num_patches, cfg.num_latent_tokens))
+            grid = cfg.image_size // cfg.patch_size
+            self.patch_mixing = nn.Parameter(dct_basis(grid, cfg.num_latent_tokens).T.contiguous())
         self.transformer = Transformer(width, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.decoder_final_norm)
         self.to_pixels = nn.Linear(width, p * p * 3)
         self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1) if cfg.decoder_conv else None  # img + conv(img)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import TokenizerConfig
+from .stem import dct_basis
 from .vit import Transformer, init_vit_weights
 
 
@@ -31,9 +32,10 @@ class Encoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, width))
         self.latent_tokens = nn.Parameter(torch.zeros(1, cfg.num_latent_tokens, width))
         # token_mixing: latent j also starts from a learned linear pooling of the patch embeddings (config.py)
-        self.latent_mixing = None  # [K, N]
+        self.latent_mixing = None  # [K, N], starts as the K lowest 2D-DCT frequencies of the patch grid (stem.py)
         if cfg.token_mixing:
-            self.latent_mixing = nn.Parameter(torch.zeros(cfg.num_latent_tokens, cfg.num_patches))
+            grid = cfg.image_size // cfg.patch_size
+            self.latent_mixing = nn.Parameter(dct_basis(grid, cfg.num_latent_tokens))
         self.transformer = Transformer(width, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio)
         self.to_token = nn.Linear(width, out_dim)
         init_vit_weights(self)
