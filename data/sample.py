@@ -1,7 +1,8 @@
 """The embedded default data source: photographs that ship inside the scikit-image wheel (nothing downloaded).
 
 Train and validation come from *different* photographs, so validation measures generalisation, not memory:
-- train: random crops (random scale, random position, horizontal flip) from the TRAIN_IMAGES;
+- train: random crops (random scale, random position, horizontal flip, optional per-channel colour jitter) from
+  the TRAIN_IMAGES;
 - val: fixed crops (a grid of positions at three scales) from the held-out VAL_IMAGES.
 `stereo_motorcycle` is a near-identical left/right pair: both halves are in train, never split across sets.
 
@@ -50,11 +51,19 @@ def resize_shorter_side(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class RandomCrops(Dataset):
-    """`length` random crops from a pyramid of the source photos (scales precomputed once)."""
+    """`length` random crops from a pyramid of the source photos (scales precomputed once).
+
+    color_jitter s > 0: each crop's channels get an independent gain in [1-s, 1+s] and offset in [-s/2, s/2]
+    (then clipped to [0, 1]). Half the photos are grayscale and the held-out ones are colour; without it a small
+    model sees too few colours to reconstruct unseen ones.
+    """
 
     def __init__(self, photos: list[torch.Tensor], labels: list[int], image_size: int, length: int,
-                 scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)):
+                 scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0), color_jitter: float = 0.0):
+        if not 0.0 <= color_jitter < 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
         self.image_size, self.length, self.labels = image_size, length, labels
+        self.color_jitter = color_jitter
         # pyramid[i][j]: photo i with its shorter side at scales[j] * image_size (never upsampled past source)
         self.pyramid = [
             [resize_shorter_side(p, min(int(s * image_size), min(p.shape[-2:]))) for s in scales] for p in photos
@@ -73,6 +82,11 @@ class RandomCrops(Dataset):
         crop = image[:, top : top + self.image_size, left : left + self.image_size]
         if torch.rand(()) < 0.5:
             crop = crop.flip(-1)
+        if self.color_jitter > 0:
+            s = self.color_jitter
+            gain = 1 + s * (2 * torch.rand(3, 1, 1) - 1)  # [3, 1, 1]
+            offset = s * (torch.rand(3, 1, 1) - 0.5)
+            crop = (crop * gain + offset).clamp(0, 1)
         return crop.contiguous(), self.labels[photo]
 
 
@@ -108,8 +122,9 @@ class SampleImagesDataModule(pl.LightningDataModule):
     """Random training crops and fixed held-out crops of scikit-image's bundled photographs."""
 
     def __init__(self, image_size: int = 64, batch_size: int = 32, num_workers: int = 0,
-                 train_samples_per_epoch: int = 4096, val_crops_per_scale: int = 4):
+                 train_samples_per_epoch: int = 4096, val_crops_per_scale: int = 4, color_jitter: float = 0.0):
         super().__init__()
+        self.color_jitter = color_jitter
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -122,7 +137,7 @@ class SampleImagesDataModule(pl.LightningDataModule):
         if self.train_set is None:
             photos = [load_photo(n) for n in TRAIN_IMAGES]
             self.train_set = RandomCrops(photos, list(range(len(TRAIN_IMAGES))), self.image_size,
-                                         self.train_samples_per_epoch)
+                                         self.train_samples_per_epoch, color_jitter=self.color_jitter)
         if self.val_set is None:
             crops, labels = [], []
             for i, name in enumerate(VAL_IMAGES):

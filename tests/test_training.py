@@ -30,6 +30,23 @@ def test_sample_data_holds_out_whole_photographs():
     assert torch.equal(val, SampleImagesDataModule(image_size=32, val_crops_per_scale=2).val_batch())
 
 
+def test_color_jitter_recolours_training_crops_within_range():
+    def first_batch(jitter: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        dm = SampleImagesDataModule(image_size=32, batch_size=64, train_samples_per_epoch=64, color_jitter=jitter)
+        dm.setup()
+        return next(iter(dm.train_dataloader()))[0]
+
+    plain, jittered = first_batch(0.0), first_batch(0.4)
+    assert 0 <= jittered.min() and jittered.max() <= 1
+    # grayscale photos are half the training set: jitter gives their crops colour (channels differ)
+    spread = lambda x: (x - x.mean(1, keepdim=True)).abs().mean((1, 2, 3))  # noqa: E731  [B] channel disagreement
+    assert (spread(plain) < 1e-6).sum() >= 10  # many plain crops are gray
+    assert (spread(jittered) < 1e-6).sum() == 0
+    with pytest.raises(ValueError, match="color_jitter"):
+        SampleImagesDataModule(color_jitter=1.5).setup()
+
+
 def test_short_training_run_reduces_loss_on_real_photos(tmp_path):
     pl.seed_everything(0)
     dm = SampleImagesDataModule(image_size=32, batch_size=16, train_samples_per_epoch=16 * 60)
