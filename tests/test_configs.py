@@ -44,3 +44,15 @@ def test_paper_configs_cover_the_variants():
     flex = yaml.safe_load((CONFIG_DIR / "tokenizer" / "flextok-style-B-256.yaml").read_text())["model"]["init_args"]
     cfg = preset_config(flex["preset"], **flex["overrides"])
     assert (cfg.length_mechanism, cfg.causal_latents, cfg.quantizer) == ("nested_dropout", True, "fsq")
+
+
+def test_tiny_perceptual_differs_from_the_demo_only_in_the_objective():
+    """The README compares the two reports as "the objective alone": keep every other setting in step."""
+    demo = yaml.safe_load((CONFIG_DIR / "tokenizer" / "tiny.yaml").read_text())
+    perceptual = yaml.safe_load((CONFIG_DIR / "tokenizer" / "tiny-perceptual.yaml").read_text())
+    assert perceptual["model"]["init_args"].pop("perceptual_weight") > 0
+    perceptual["model"]["init_args"].pop("perceptual_subsample", None)
+    for cfg in (demo, perceptual):  # where each run writes
+        cfg["trainer"]["logger"]["init_args"].pop("name")
+        cfg["trainer"]["callbacks"][0]["init_args"].pop("dirpath")
+    assert perceptual == demo
