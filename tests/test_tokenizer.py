@@ -238,6 +238,7 @@ def test_dct_basis_is_orthonormal_and_coarse_to_fine():
     grid = basis.view(6, 4, 4)
     # rows 1 and 2: the two first-order ramps (one varies along columns only, the other along rows only)
     assert {bool((g - g[:1]).abs().max() < 1e-6) for g in grid[1:3]} == {True, False}
+    torch.testing.assert_close(grid[1], grid[2].T)
     # every row past the first has zero mean: a prefix adds detail, never moves the mean
     assert basis[1:].sum(1).abs().max() < 1e-5
     more_tokens_than_patches = dct_basis(2, 6)
