@@ -88,8 +88,13 @@ class TokenizerConfig:
         self.fsq_levels = [int(v) for v in self.fsq_levels]
 
     @property
+    def grid_size(self) -> int:
+        """Patches along each side of the (square) image."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid_size**2
 
     @property
     def effective_codebook_size(self) -> int:

@@ -33,8 +33,7 @@ class Decoder(nn.Module):
         # token_mixing: patch query i also starts from a learned linear spread of the kept latents (config.py)
         self.patch_mixing = None  # [N, K], starts as the transpose of the encoder's DCT pooling (stem.py)
         if cfg.token_mixing:
-            grid = cfg.image_size // cfg.patch_size
-            self.patch_mixing = nn.Parameter(dct_basis(grid, cfg.num_latent_tokens).T.contiguous())
+            self.patch_mixing = nn.Parameter(dct_basis(cfg.grid_size, cfg.num_latent_tokens).T.contiguous())
         self.transformer = Transformer(width, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.decoder_final_norm)
         self.to_pixels = nn.Linear(width, p * p * 3)
         self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1) if cfg.decoder_conv else None  # img + conv(img)
@@ -77,7 +76,7 @@ class Decoder(nn.Module):
             queries = queries + torch.einsum("nk,bkc->bnc", self.patch_mixing[:, : kept.shape[1]], kept)
         h = self.transformer(torch.cat([queries, latents], dim=1), attn_mask)  # [B, N+k', C]
         pixels = self.to_pixels(h[:, :n])  # [B, N, p*p*3]
-        img = unpatchify(pixels, cfg.patch_size, cfg.image_size // cfg.patch_size)
+        img = unpatchify(pixels, cfg.patch_size, cfg.grid_size)
         return img + self.conv_out(img) if self.conv_out is not None else img
 
 

@@ -34,8 +34,7 @@ class Encoder(nn.Module):
         # token_mixing: latent j also starts from a learned linear pooling of the patch embeddings (config.py)
         self.latent_mixing = None  # [K, N], starts as the K lowest 2D-DCT frequencies of the patch grid (stem.py)
         if cfg.token_mixing:
-            grid = cfg.image_size // cfg.patch_size
-            self.latent_mixing = nn.Parameter(dct_basis(grid, cfg.num_latent_tokens))
+            self.latent_mixing = nn.Parameter(dct_basis(cfg.grid_size, cfg.num_latent_tokens))
         self.transformer = Transformer(width, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio)
         self.to_token = nn.Linear(width, out_dim)
         init_vit_weights(self)
