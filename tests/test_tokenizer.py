@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from tokenizer import OneDTokenizer, TokenizerConfig
 from tokenizer.config import preset_config
 from tokenizer.decoder import unpatchify
 from tokenizer.encoder import causal_latent_mask
-from tokenizer.length import keep_mask, powers_of_two_upto, sample_keep_lengths
+from tokenizer.length import draw_keep_lengths, keep_mask, powers_of_two_upto
 from tokenizer.stem import dct_basis
 
 QUANTIZERS = {
@@ -98,19 +99,23 @@ def test_causal_latents_make_early_tokens_independent_of_later_ones(images):
 
 
 def test_length_sampling():
+    random.seed(0)
     torch.manual_seed(0)
     cfg = TokenizerConfig(num_latent_tokens=16, length_mechanism="tail_token_drop")
-    draws = torch.stack([sample_keep_lengths(cfg, 8, "cpu") for _ in range(400)])
-    assert (draws == draws[:, :1]).all(), "tail token drop draws one k per batch by default"
-    assert draws.min() == 1 and draws.max() == 16 and abs(draws.float().mean() - 8.5) < 0.6
+    draws = [draw_keep_lengths(cfg, 8, "cpu") for _ in range(400)]
+    assert all(d.lengths is None for d in draws), "tail token drop: one k per batch, the decoder gets k tokens"
+    ks = torch.tensor([d.num_tokens for d in draws], dtype=torch.float)
+    assert ks.min() == 1 and ks.max() == 16 and abs(ks.mean() - 8.5) < 0.6
     cfg.per_sample_length = True
-    per_sample = sample_keep_lengths(cfg, 256, "cpu")
-    assert len(per_sample.unique()) > 8
+    per_sample = draw_keep_lengths(cfg, 256, "cpu")
+    assert per_sample.num_tokens == 16 and len(per_sample.lengths.unique()) > 8
     nested = TokenizerConfig(num_latent_tokens=12, length_mechanism="nested_dropout", length_sampling="pow2")
-    values = set(sample_keep_lengths(nested, 2000, "cpu").tolist())
+    values = set(draw_keep_lengths(nested, 2000, "cpu").lengths.tolist())
     assert values == {1, 2, 4, 8, 12} == set(powers_of_two_upto(12))
+    uniform = draw_keep_lengths(TokenizerConfig(num_latent_tokens=12, length_mechanism="nested_dropout"), 2000, "cpu")
+    assert set(uniform.lengths.tolist()) == set(range(1, 13))
     fixed = TokenizerConfig(num_latent_tokens=12, length_mechanism="fixed")
-    assert (sample_keep_lengths(fixed, 5, "cpu") == 12).all()
+    assert draw_keep_lengths(fixed, 5, "cpu") == (12, None)
     assert keep_mask(torch.tensor([1, 3]), 4).tolist() == [[True, False, False, False], [True, True, True, False]]
 
 

@@ -2,9 +2,13 @@
 
 The decoder reads any number k <= K of latent tokens. How the missing K-k are represented depends on the
 length mechanism the model was trained with (see length.py):
-- tail_token_drop / fixed: they are absent. Training hides them with an attention mask, inference simply passes
-  k tokens (fewer tokens, cheaper decode); both compute the same function.
+- tail_token_drop / fixed: they are absent. Inference and one-k-per-batch training simply pass k tokens (fewer
+  tokens, cheaper decode); per-sample training lengths hide the dropped ones with an attention mask instead.
+  Both compute the same function.
 - nested_dropout: they are the learned `latent_mask_token`, in training and at inference alike.
+
+Which path runs is decided by the arguments alone, never by the values in a tensor: a data-dependent branch
+would make the host wait for the device and break a compiled graph.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ class Decoder(nn.Module):
                 nn.init.trunc_normal_(param, std=0.02)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: [B, k, D] quantized vectors (1 <= k <= K); lengths: optional int64 [B], how many leading
-        tokens each sample keeps (training). Returns images [B, 3, H, W], nominally in [-1, 1]."""
+        """tokens: [B, k, D] quantized vectors (1 <= k <= K); lengths: optional int64 [B], how many of those
+        leading tokens each sample keeps (per-sample training lengths). Returns images [B, 3, H, W], nominally
+        in [-1, 1]."""
         cfg = self.cfg
         b, k, _ = tokens.shape
         n, k_max = cfg.num_patches, cfg.num_latent_tokens
@@ -63,8 +68,8 @@ class Decoder(nn.Module):
             if lengths is not None:
                 keep = keep_mask(lengths, k_max)[:, :, None]  # [B, K, 1]
                 latents = torch.where(keep, latents, filler.to(latents.dtype))
-        elif lengths is not None and bool((lengths < k).any()):
-            # tail drop: hide the dropped tokens as keys; patch queries never see them.
+        elif lengths is not None:
+            # per-sample tail drop: hide the dropped tokens as keys; patch queries never see them.
             tail_keep = keep_mask(lengths, k)  # [B, k]
             keys = torch.cat([torch.ones(b, n, dtype=torch.bool, device=tokens.device), tail_keep], 1)
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, N+k]

@@ -1,20 +1,32 @@
 """Variable-length training: how many leading tokens the decoder sees.
 
-Every mechanism keeps tensor shapes static (the decoder always gets K latent slots) and expresses "keep the first
-k tokens" as a boolean mask, so training never recompiles or reallocates for a new k.
-
-- `tail_token_drop` (One-D-Piece): k ~ Uniform{1..K}, one k per batch (or per sample); dropped tokens are hidden
-  from the decoder's attention, which is exactly what decoding a k-token prefix does at inference.
+- `tail_token_drop` (One-D-Piece): k ~ Uniform{1..K}. By default one k per batch: the decoder then simply gets
+  the first k tokens (sliced, no attention mask: fewer tokens, flash attention), which is exactly what decoding a
+  k-token prefix does at inference. Option `per_sample_length`: one k per sample, and dropped tokens are hidden
+  from the decoder's attention with a boolean mask.
 - `nested_dropout` (FlexTok): k per sample, uniform over 1..K or over powers of two; dropped tokens are replaced
   by one learned mask token, so inference pads a k-token prefix with that same mask token.
 - `fixed` (TiTok): always K.
+
+GPU path: nothing here makes the host wait for the device. The one-k-per-batch draw is a plain Python integer (it
+sets a shape), drawn from Python's `random` (seeded by `seed_everything`, like torch), so every DDP rank seeded
+alike draws the same k at the same step and no rank waits for a longer decode on another. Per-sample lengths are
+drawn on the device directly (a CPU tensor copied to the GPU would block the host until the copy is done).
 """
 
 from __future__ import annotations
 
+import random
+from typing import NamedTuple
+
 import torch
 
 from .config import TokenizerConfig
+
+
+class KeepLengths(NamedTuple):
+    num_tokens: int  # leading tokens passed to the decoder (k for one-k-per-batch tail drop, else K)
+    lengths: torch.Tensor | None  # [B] int64 per-sample keep lengths within those; None: every sample keeps all
 
 
 def powers_of_two_upto(k_max: int) -> list[int]:
@@ -23,24 +35,24 @@ def powers_of_two_upto(k_max: int) -> list[int]:
     return values if values[-1] == k_max else values + [k_max]
 
 
-def sample_keep_lengths(
+def draw_keep_lengths(
     cfg: TokenizerConfig, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Number of leading tokens each sample keeps this step. int64 [B] in 1..K."""
+) -> KeepLengths:
+    """This step's keep lengths under the config's length mechanism. `generator` (optional, on `device`) drives the
+    per-sample draws; the one-k-per-batch draw uses Python's `random`."""
     k_max = cfg.num_latent_tokens
-    full = torch.full((batch_size,), k_max, dtype=torch.long, device=device)
     if cfg.length_mechanism == "fixed":
-        return full
-    if cfg.length_mechanism == "tail_token_drop":
-        n = batch_size if cfg.per_sample_length else 1
-        k = torch.randint(1, k_max + 1, (n,), generator=generator, device="cpu").to(device)
-        return k.expand(batch_size).clone()
-    # nested_dropout: always one k per sample
-    if cfg.length_sampling == "pow2":
-        choices = torch.tensor(powers_of_two_upto(k_max), dtype=torch.long)
-        idx = torch.randint(0, len(choices), (batch_size,), generator=generator, device="cpu")
-        return choices[idx].to(device)
-    return torch.randint(1, k_max + 1, (batch_size,), generator=generator, device="cpu").to(device)
+        return KeepLengths(k_max, None)
+    if cfg.length_mechanism == "tail_token_drop" and not cfg.per_sample_length:
+        return KeepLengths(random.randint(1, k_max), None)  # a host integer: no tensor, no sync
+    if cfg.length_mechanism == "nested_dropout" and cfg.length_sampling == "pow2":
+        # choices 1, 2, 4, ..., K: index i < n-1 means 2**i, the last index means K (a power of two or not)
+        n = len(powers_of_two_upto(k_max))
+        idx = torch.randint(0, n, (batch_size,), generator=generator, device=device)  # [B]
+        pow2 = torch.ones_like(idx).bitwise_left_shift(idx)
+        return KeepLengths(k_max, torch.where(idx == n - 1, k_max, pow2))
+    # per-sample tail drop and uniform nested dropout
+    return KeepLengths(k_max, torch.randint(1, k_max + 1, (batch_size,), generator=generator, device=device))
 
 
 def keep_mask(lengths: torch.Tensor, k_max: int) -> torch.Tensor:

@@ -6,7 +6,8 @@
     tok.save_pretrained("out/"); tok = OneDTokenizer.from_pretrained("out/")
 
 `forward` is the training path: it returns the un-clamped reconstruction in [-1, 1] space, the ids, the
-quantizer's aux loss and the keep lengths the length mechanism drew for this batch.
+quantizer's aux loss and the keep lengths the length mechanism drew for this batch. `forward(x, num_tokens=k)`
+decodes the first k tokens, the same function as `decode(encode(x, k))` but without clamping.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from .config import TokenizerConfig, preset_config
 from .decoder import Decoder
 from .encoder import Encoder
-from .length import sample_keep_lengths
+from .length import KeepLengths, draw_keep_lengths
 from .quantizer import Quantizer, QuantizerStats
 
 CONFIG_NAME = "config.json"
@@ -69,18 +70,31 @@ class OneDTokenizer(nn.Module):
         return self.config.image_size
 
     # ---- training path --------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, lengths: torch.Tensor | None = None) -> TokenizerOutput:
-        """images [B, 3, H, W] in [0, 1]. `lengths` [B] overrides the length mechanism (e.g. to evaluate a
-        fixed k); by default it is sampled while training and K in eval mode."""
+    def forward(self, images: torch.Tensor, lengths: torch.Tensor | None = None,
+                num_tokens: int | None = None) -> TokenizerOutput:
+        """images [B, 3, H, W] in [0, 1]. By default the length mechanism draws the keep lengths while training,
+        and all K tokens are decoded in eval mode. `num_tokens=k` decodes the first k tokens of every sample (a
+        slice: the cheap way to evaluate one k); `lengths` [B] gives each sample its own keep length (tail drop
+        masks the rest, nested dropout fills them with the mask token)."""
+        b = images.shape[0]
+        if lengths is not None and num_tokens is not None:
+            raise ValueError("pass either lengths (one per sample) or num_tokens (one for the batch), not both")
+        if num_tokens is not None:
+            keep = KeepLengths(self._check_num_tokens(num_tokens), None)
+        elif lengths is not None:
+            keep = KeepLengths(self.max_tokens, lengths)
+        elif self.training:
+            keep = draw_keep_lengths(self.config, b, images.device)
+        else:
+            keep = KeepLengths(self.max_tokens, None)
         z = self.encoder(images * 2 - 1)  # [B, K, D]
         q = self.quantizer(z)
-        if lengths is None:
-            if self.training:
-                lengths = sample_keep_lengths(self.config, images.shape[0], images.device)
-            else:
-                lengths = torch.full((images.shape[0],), self.max_tokens, dtype=torch.long, device=images.device)
-        recon = self.decoder(q.quantized.to(z.dtype), lengths)
-        return TokenizerOutput(recon, q.ids, q.aux_loss, q.stats, lengths)
+        recon = self.decoder(q.quantized[:, : keep.num_tokens].to(z.dtype), keep.lengths)
+        if keep.lengths is None:  # a fill on the device, not a host-to-device copy
+            out_lengths = torch.full((b,), keep.num_tokens, dtype=torch.long, device=images.device)
+        else:
+            out_lengths = keep.lengths
+        return TokenizerOutput(recon, q.ids, q.aux_loss, q.stats, out_lengths)
 
     # ---- inference API (contract) ---------------------------------------------------------------------------
     @torch.no_grad()
