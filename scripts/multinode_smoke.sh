@@ -16,6 +16,7 @@
 #
 # Environment: PYTHON (default .venv/bin/python), TORCHRUN (default: next to PYTHON), STEPS1 (6), STEPS2 (12),
 # NUM_WORKERS (2, DataLoader workers per rank), PER_PHOTO (12 crops per photo, 14 photos), BREAK_SYNC (0),
+# STRATEGY (ddp, the value of --trainer.strategy),
 # RUN_DIR (kept; default: a new temp dir, deleted on success unless KEEP=1), RANK_TIMEOUT (300 s per fit).
 set -euo pipefail
 
@@ -33,6 +34,8 @@ NUM_WORKERS=${NUM_WORKERS:-2}
 PER_PHOTO=${PER_PHOTO:-12}
 BREAK_SYNC=${BREAK_SYNC:-0}
 RANK_TIMEOUT=${RANK_TIMEOUT:-300}
+# the strategy flag of scripts/slurm_train.sbatch and docs/multinode.md (on CPU Lightning's DDP runs over gloo)
+STRATEGY=${STRATEGY:-ddp}
 KEEP=${KEEP:-0}
 if [[ -n "${RUN_DIR:-}" ]]; then
     # reuse only an empty directory or one of an earlier smoke run (never wipe anything else)
@@ -74,8 +77,7 @@ TRAIN_ARGS=(
     --trainer.accelerator cpu
     --trainer.devices 1
     --trainer.num_nodes 2
-    --trainer.strategy.class_path lightning.pytorch.strategies.DDPStrategy
-    --trainer.strategy.init_args.process_group_backend gloo
+    --trainer.strategy "$STRATEGY"
     --trainer.default_root_dir "$RUN_DIR"
     --trainer.logger.init_args.save_dir "$RUN_DIR"
     "--trainer.callbacks+=tokenizer.training.callbacks.DistributedAudit"
@@ -95,8 +97,8 @@ PY
 fi
 
 # EXTRA_ARGS: more train.py arguments, e.g. the full objective under DDP:
-#   EXTRA_ARGS="--model.init_args.gan_weight 0.1 --model.init_args.gan_start 1 --model.init_args.ema_decay 0.9
-#               --trainer.strategy.init_args.find_unused_parameters true" scripts/multinode_smoke.sh
+#   EXTRA_ARGS="--model.init_args.gan_weight 0.1 --model.init_args.gan_start 1 --model.init_args.ema_decay 0.9"
+#       scripts/multinode_smoke.sh
 if [[ -n "${EXTRA_ARGS:-}" ]]; then
     read -ra extra_args <<<"$EXTRA_ARGS"
     TRAIN_ARGS+=("${extra_args[@]}")

@@ -43,11 +43,9 @@ class LeCamEMA(nn.Module):
                 + F.relu(self.real_ema - fake_logits).pow(2).mean())
 
 
-def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
-                        max_weight: float = 1e4) -> torch.Tensor:
-    """VQGAN (Esser et al. 2021): scale the GAN term so its gradient at the decoder's last layer has the norm
-    of the reconstruction (+ perceptual) gradient there. Detached: a weight, not a loss."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    weight = rec_grad.norm() / (gan_grad.norm() + 1e-4)
+def adaptive_gan_weight(rec_grad: torch.Tensor, gan_grad: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """VQGAN (Esser et al. 2021): the weight that gives the GAN term's gradient at the decoder's last layer the norm
+    of the reconstruction (+ perceptual) gradient there. Takes those two gradients (with respect to the last layer's
+    weight); returns a detached scalar: a weight, not a loss."""
+    weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()

@@ -3,11 +3,27 @@
 Objective (generator side):
     recon_weight * L1|L2(recon, x) + perceptual_weight * LPIPS-VGG(recon, x) + quantizer_weight * aux
     + gan_weight * w_adaptive * hinge_G(D(recon))            (only from `gan_start` on)
-Discriminator (PatchGAN, hinge, optional LeCam): one step after every generator step when gan_weight > 0.
+Discriminator (PatchGAN, hinge, optional LeCam): trained from `gan_start` on, one step after every generator
+step (VQGAN and TiTok start it together with the adversarial loss; before that it would train for nothing).
 
 Steps: manual optimization, and Lightning's `global_step` counts *optimizer* steps. With a discriminator that is
 two per batch, so `trainer.max_steps` counts both; `gan_start` and `warmup_steps` are in *generator* steps
-(batches), which is what `generator_steps` reports.
+(batches), which is what `generator_steps` reports. Before `gan_start` the discriminator's optimizer steps on no
+gradients (a no-op) so that the count stays two per batch from the first step.
+
+GPU path (see tokenizer/training/gpu.py):
+- No host sync in the steady-state step: metrics are logged, and so read, only every `log_every_n_steps`; keep
+  lengths and codebook histograms stay on the device; gradient clipping is ours (sync-free, and it works with the
+  fused AdamW that Lightning's `clip_gradients` refuses under mixed precision).
+- DDP (plain `--trainer.strategy ddp`) reduces each tokenizer gradient once per step and nothing else: the
+  discriminator and every buffer are kept out of DDP (`_ddp_params_and_buffers_to_ignore`). The discriminator
+  averages its own gradients in one flat all-reduce; buffers are kept identical by construction (the codebook
+  all-reduces its statistics, the EMA copies synced weights, LeCam and the codebook counters all-reduce).
+  Every tokenizer parameter takes part in every generator loss, so no `find_unused_parameters` graph walk.
+- The adaptive GAN weight needs the gradients of two losses at the decoder's last layer. They come from one
+  backward of each loss to the reconstruction plus a cheap product with the last layer only (which stays out
+  of torch.compile), and the step's single backward then starts from the combined gradient at the
+  reconstruction: LPIPS, the discriminator and the decoder each run backward once.
 
 An EMA copy of the tokenizer (weights and codebook buffers; never the discriminator nor the LPIPS net) is kept
 when `ema_decay` is set; it is part of the checkpoint, survives resume, and is what validation and export use.
@@ -28,7 +44,8 @@ from ..discriminator import PatchDiscriminator
 from ..losses import LeCamEMA, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from ..model import OneDTokenizer
 from ..quantizer import code_histogram, histogram_stats
-from .optim import make_adamw, param_groups, warmup_cosine
+from .distributed import all_reduce_sum, average_gradients, broadcast_from_rank0
+from .optim import clip_grad_norm, make_adamw, param_groups, warmup_cosine
 
 
 def default_eval_tokens(k_max: int) -> list[int]:
@@ -75,6 +92,7 @@ class TokenizerModule(pl.LightningModule):
         codebook_window: int = 100,
         export_dir: str | None = None,
         compile: bool = False,
+        fused_optimizer: bool | None = None,
     ):
         super().__init__()
         if recon_loss not in ("l1", "l2"):
@@ -96,6 +114,11 @@ class TokenizerModule(pl.LightningModule):
             raise ValueError(f"eval_num_tokens must be within 1..{k_max}, got {self.eval_num_tokens}")
         self.register_buffer("code_counts", torch.zeros(self.tokenizer.codebook_size), persistent=False)
         self._window_steps = 0
+        # Out of DDP: the discriminator (it averages its own gradients) and every buffer (kept identical by
+        # construction; DDP would broadcast them from rank 0 before every forward, and hide any drift).
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, _ in self.named_parameters() if name.startswith("discriminator.")
+        ] + [name for name, _ in self.named_buffers()]
 
     # ---- optimisation ---------------------------------------------------------------------------------------
     @property
@@ -109,10 +132,14 @@ class TokenizerModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile:
-            # in-place compile keeps parameter names (no `_orig_mod.`), so checkpoints stay interchangeable;
-            # the quantizer stays eager (data-dependent codebook updates, fp32).
+            # In-place compile keeps parameter names (no `_orig_mod.`), so checkpoints stay interchangeable.
+            # The decoder's pixel head stays eager: the adaptive GAN weight differentiates through its last layer
+            # only, which inside a compiled graph would rerun the whole compiled backward. The quantizer stays
+            # eager too (data-dependent codebook updates, fp32). The decoder's sequence length N + k changes with
+            # tail drop's k: the first new k makes that dimension dynamic, so any number of k values costs two
+            # compilations, not one per k.
             self.tokenizer.encoder.compile()
-            self.tokenizer.decoder.compile()
+            self.tokenizer.decoder.transformer.compile()
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -120,16 +147,24 @@ class TokenizerModule(pl.LightningModule):
             total_generator_steps = max(1, self.trainer.max_steps // self.optimizers_per_batch)
         else:  # epoch-bound run: with manual optimization this estimate counts batches
             total_generator_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        opt = make_adamw(param_groups(self.tokenizer, hp.weight_decay), hp.lr, hp.betas)
+        fused = hp.fused_optimizer
+        opt = make_adamw(param_groups(self.tokenizer, hp.weight_decay), hp.lr, hp.betas, fused=fused)
         optimizers = [opt]
         schedulers = [{"scheduler": warmup_cosine(opt, hp.warmup_steps, total_generator_steps, hp.min_lr_ratio),
                        "interval": "step"}]
         if self.discriminator is not None:
-            opt_d = make_adamw(param_groups(self.discriminator, hp.weight_decay), hp.disc_lr or hp.lr, hp.betas)
+            opt_d = make_adamw(param_groups(self.discriminator, hp.weight_decay), hp.disc_lr or hp.lr, hp.betas,
+                               fused=fused)
             optimizers.append(opt_d)
             schedulers.append({"scheduler": warmup_cosine(opt_d, hp.warmup_steps, total_generator_steps,
                                                           hp.min_lr_ratio), "interval": "step"})
         return optimizers, schedulers
+
+    def on_fit_start(self) -> None:
+        # DDP broadcasts rank 0's parameters and buffers once when it wraps the model, except what we keep out of
+        # it: broadcast those here (the discriminator's initialisation, the codebook, the EMA weights).
+        ignored = set(self._ddp_params_and_buffers_to_ignore)
+        broadcast_from_rank0(t for name, t in [*self.named_parameters(), *self.named_buffers()] if name in ignored)
 
     @property
     def lpips(self):
@@ -146,6 +181,13 @@ class TokenizerModule(pl.LightningModule):
             return F.l1_loss(recon.float(), target.float())
         return F.mse_loss(recon.float(), target.float())
 
+    def is_logging_step(self) -> bool:
+        """True on the batches whose metrics Lightning writes (every `log_every_n_steps`, as its own logger
+        connector counts them). Only these read metric values, so only these may sync the host. Call it before
+        the batch's optimizer steps."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.generator_steps + 1) % every == 0
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         hp = self.hparams
@@ -153,6 +195,7 @@ class TokenizerModule(pl.LightningModule):
         schedulers = self.lr_schedulers()
         opt_g, sched_g = (optimizers[0], schedulers[0]) if isinstance(optimizers, list) else (optimizers, schedulers)
         adversarial_on = self.discriminator is not None and self.generator_steps >= hp.gan_start
+        log_now = self.is_logging_step()
 
         # ---- generator (tokenizer) step ----
         out = self.tokenizer(images)
@@ -168,49 +211,87 @@ class TokenizerModule(pl.LightningModule):
             rec_total = rec_total + hp.perceptual_weight * perceptual
             logs["train/lpips"] = perceptual
         loss = rec_total + hp.quantizer_weight * out.aux_loss
+        opt_g.zero_grad(set_to_none=True)
         if adversarial_on:
             self.discriminator.requires_grad_(False)  # generator step: no gradients into D
             g_loss = hinge_g_loss(self.discriminator(out.recon))
             self.discriminator.requires_grad_(True)
-            weight = torch.ones((), device=images.device)
-            if hp.adaptive_gan_weight:
-                weight = adaptive_gan_weight(rec_total, g_loss, self.last_decoder_layer())
-            loss = loss + hp.gan_weight * weight * g_loss
+            weight, recon_grad = self.generator_gradient(out.recon, rec_total, g_loss)
+            loss = loss + hp.gan_weight * weight * g_loss.detach()
             logs.update({"train/g_adv": g_loss, "train/g_adv_weight": weight})
-
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        self.clip_gradients(opt_g, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            # one backward through decoder and encoder, from the objective's gradient at the reconstruction
+            surrogate = (out.recon * recon_grad).sum() + hp.quantizer_weight * out.aux_loss
+            self.manual_backward(surrogate)
+        else:
+            self.manual_backward(loss)
+        logs["train/grad_norm"] = clip_grad_norm(list(self.tokenizer.parameters()), hp.grad_clip)
         opt_g.step()
         sched_g.step()
         self.update_ema()
 
-        # ---- discriminator step (every batch once a discriminator exists) ----
+        # ---- discriminator step ----
         if self.discriminator is not None:
             opt_d, sched_d = optimizers[1], schedulers[1]
-            real_logits = self.discriminator(target)
-            fake_logits = self.discriminator(out.recon.detach())
-            d_loss = hinge_d_loss(real_logits, fake_logits)
-            if hp.lecam_weight > 0:
-                lecam = self.lecam(real_logits, fake_logits)
-                d_loss = d_loss + hp.lecam_weight * lecam
-                logs["train/lecam"] = lecam
-            self.lecam.update(real_logits, fake_logits)
             opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            self.clip_gradients(opt_d, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-            opt_d.step()
+            if adversarial_on:
+                logs.update(self.discriminator_backward(target, out.recon.detach()))
+                clip_grad_norm(list(self.discriminator.parameters()), hp.grad_clip)
+            opt_d.step()  # before gan_start: no gradients, a no-op that keeps two optimizer steps per batch
             sched_d.step()
-            logs.update({"train/d_loss": d_loss, "train/d_real": real_logits.mean().detach(),
-                         "train/d_fake": fake_logits.mean().detach()})
 
-        logs.update({"train/loss": loss, "train/keep_tokens": out.lengths.float().mean(),
-                     "train/batch_usage": out.stats.usage, "train/batch_perplexity": out.stats.perplexity,
-                     "lr": sched_g.get_last_lr()[0]})
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=images.shape[0])
-        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
-        self.track_codebook(out.ids)
-        return loss
+        self.track_codebook(out.ids, log_now)
+        if log_now:
+            logs.update({"train/loss": loss, "train/keep_tokens": out.lengths.float().mean(),
+                         "train/batch_usage": out.stats.usage, "train/batch_perplexity": out.stats.perplexity,
+                         "lr": sched_g.get_last_lr()[0]})
+            self.log_dict(logs, on_step=True, on_epoch=False, batch_size=images.shape[0])
+            self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss.detach()
+
+    def generator_gradient(self, recon: torch.Tensor, rec_total: torch.Tensor, g_loss: torch.Tensor):
+        """The objective's gradient with respect to the reconstruction, and the GAN weight it uses.
+
+        rec_total and g_loss depend on the tokenizer only through `recon`, so by the chain rule backpropagating
+        `recon_grad` from `recon` gives exactly the gradient of rec_total + gan_weight * weight * g_loss. The
+        adaptive weight needs each loss's gradient at the decoder's last layer: a product of the gradient at
+        `recon` with that layer alone, not a rerun of the decoder's backward."""
+        hp = self.hparams
+        rec_grad, = torch.autograd.grad(rec_total, recon, retain_graph=True)  # [B, 3, H, W]
+        gan_grad, = torch.autograd.grad(g_loss, recon, retain_graph=True)  # [B, 3, H, W]
+        weight = torch.ones((), device=recon.device)
+        if hp.adaptive_gan_weight:
+            last = self.last_decoder_layer()
+            rec_at_last, = torch.autograd.grad(recon, last, grad_outputs=rec_grad, retain_graph=True)
+            gan_at_last, = torch.autograd.grad(recon, last, grad_outputs=gan_grad, retain_graph=True)
+            weight = adaptive_gan_weight(rec_at_last, gan_at_last)
+        return weight, (rec_grad + hp.gan_weight * weight * gan_grad).detach()
+
+    def discriminator_backward(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Hinge (+ LeCam) loss of the discriminator on real images and detached reconstructions; its gradients,
+        averaged over ranks. Returns what to log."""
+        hp = self.hparams
+        real_logits = self.discriminator(real)
+        fake_logits = self.discriminator(fake)
+        d_loss = hinge_d_loss(real_logits, fake_logits)
+        logs = {"train/d_real": real_logits.detach().mean(), "train/d_fake": fake_logits.detach().mean()}
+        if hp.lecam_weight > 0:
+            lecam = self.lecam(real_logits, fake_logits)
+            d_loss = d_loss + hp.lecam_weight * lecam
+            logs["train/lecam"] = lecam
+        self.lecam.update(real_logits, fake_logits)
+        # not through manual_backward: the discriminator is outside DDP, and Lightning would prepare DDP's
+        # reducer for a backward in which no tokenizer gradient arrives. bf16 and fp32 need no loss scaling;
+        # fp16 is refused in `setup`.
+        d_loss.backward()
+        average_gradients(self.discriminator)
+        logs["train/d_loss"] = d_loss.detach()
+        return logs
+
+    def setup(self, stage: str) -> None:
+        precision = str(getattr(self.trainer, "precision", ""))
+        if precision.startswith("16"):
+            raise ValueError(f"trainer.precision {precision!r} is not supported by the tokenizer stage (fp16 needs "
+                             "loss scaling); use 'bf16-mixed' on GPU or '32-true'")
 
     def last_decoder_layer(self) -> torch.Tensor:
         decoder = self.tokenizer.decoder
@@ -224,10 +305,10 @@ class TokenizerModule(pl.LightningModule):
         # warm-up: early on the EMA follows the weights closely (decay grows toward ema_decay)
         step = self.generator_steps
         decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.ema_tokenizer.parameters(), self.tokenizer.parameters()):
-            ema_p.lerp_(p.detach(), 1 - decay)
-        for ema_b, b in zip(self.ema_tokenizer.buffers(), self.tokenizer.buffers()):
-            ema_b.copy_(b)  # codebook (EMA-updated already), cluster sizes
+        # foreach: a handful of kernels for all tensors instead of two per parameter
+        ema_params, params = list(self.ema_tokenizer.parameters()), [p.detach() for p in self.tokenizer.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        torch._foreach_copy_(list(self.ema_tokenizer.buffers()), list(self.tokenizer.buffers()))  # codebook
 
     @property
     def eval_tokenizer(self) -> OneDTokenizer:
@@ -236,19 +317,19 @@ class TokenizerModule(pl.LightningModule):
 
     # ---- codebook health ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def track_codebook(self, ids: torch.Tensor) -> None:
-        """Usage over a window of `codebook_window` steps: fraction of codes used, perplexity, dead codes."""
-        counts = code_histogram(ids, self.tokenizer.codebook_size)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
-        self.code_counts += counts
+    def track_codebook(self, ids: torch.Tensor, log_now: bool) -> None:
+        """Usage over a window of at least `codebook_window` steps: fraction of codes used, perplexity, dead
+        codes. Counts accumulate on the device; ranks sum them (one all-reduce) when a full window is logged."""
+        self.code_counts += code_histogram(ids, self.tokenizer.codebook_size)
         self._window_steps += 1
-        if self._window_steps >= self.hparams.codebook_window:
-            stats = histogram_stats(self.code_counts)
-            self.log_dict({"codebook/usage": stats.usage, "codebook/perplexity": stats.perplexity,
-                           "codebook/dead_codes": (self.code_counts == 0).sum().float()}, rank_zero_only=True)
-            self.code_counts.zero_()
-            self._window_steps = 0
+        if not (log_now and self._window_steps >= self.hparams.codebook_window):
+            return
+        all_reduce_sum(self.code_counts)
+        stats = histogram_stats(self.code_counts)
+        self.log_dict({"codebook/usage": stats.usage, "codebook/perplexity": stats.perplexity,
+                       "codebook/dead_codes": (self.code_counts == 0).sum().float()}, rank_zero_only=True)
+        self.code_counts.zero_()
+        self._window_steps = 0
 
     # ---- validation: PSNR at every evaluated k --------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -257,7 +338,7 @@ class TokenizerModule(pl.LightningModule):
         b = images.shape[0]
         recons = []
         for k in self.eval_num_tokens:
-            out = model(images, lengths=torch.full((b,), k, dtype=torch.long, device=images.device))
+            out = model(images, num_tokens=k)
             recon = ((out.recon + 1) / 2).clamp(0, 1)
             self.log(f"val/psnr@{k}", psnr(recon, images).mean(), batch_size=b, sync_dist=True)
             if k == model.max_tokens:
@@ -283,9 +364,11 @@ class TokenizerModule(pl.LightningModule):
         # rank 0 waits in the broadcast while the others exit.
         log_dir = self.trainer.log_dir
         if self.trainer.is_global_zero:
-            # without a logger there is no run directory: fall back to <root>/checkpoints/tokenizer, never to
-            # <root>/tokenizer, which from the repository root is this package's own source directory.
-            base = Path(log_dir) if log_dir else Path(self.trainer.default_root_dir) / "checkpoints"
+            # without a logger there is no run directory (and log_dir is default_root_dir itself): fall back to
+            # <root>/checkpoints/tokenizer, never to <root>/tokenizer, which from the repository root is this
+            # package's own source directory.
+            has_run_dir = self.trainer.loggers and log_dir
+            base = Path(log_dir) if has_run_dir else Path(self.trainer.default_root_dir) / "checkpoints"
             self.eval_tokenizer.save_pretrained(self.hparams.export_dir or base / "tokenizer")
 
 

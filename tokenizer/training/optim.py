@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and the warmup + cosine learning-rate schedule."""
+"""Optimizer parameter groups, AdamW (fused on GPU), gradient clipping and the warmup + cosine schedule."""
 
 from __future__ import annotations
 
@@ -29,11 +29,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW, fused when every parameter is on CUDA (one kernel for the whole update)."""
+def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float], fused: bool | None = None
+               ) -> torch.optim.AdamW:
+    """AdamW. `fused=None` fuses it (one kernel for the whole update, no per-parameter launches) when every
+    parameter is on CUDA; `fused=True` forces it, which torch also supports on CPU: that is how the tests run
+    the exact optimizer of a GPU run."""
     params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=bool(fused))
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of `params` so that their global L2 norm is at most `max_norm`; returns the norm
+    before clipping (a device tensor: reading it would sync the host, so only the logging steps do).
+
+    Why not Lightning's `clip_gradients`: it refuses fused optimizers under mixed precision, because with fp16 they
+    unscale internally. bf16 has no loss scale, and for fp16 the caller unscales first (see TokenizerModule)."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad or max_norm <= 0:
+        return torch.zeros(())
+    # foreach: a few kernels for all tensors; no error_if_nonfinite, which would read the norm on the host
+    return torch.nn.utils.clip_grad_norm_(with_grad, max_norm, foreach=True)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

@@ -1,0 +1,102 @@
+"""GPU-path helpers: the fast-math switches, the device peak table, and host-sync detection.
+
+    enable_fast_math()                      # TF32 matmuls/convolutions and cuDNN autotuning (CUDA only)
+    peak_bf16_tflops("cuda")                # 989.0 on an H100/H200 SXM, None where unknown (CPU)
+    with no_host_sync("cuda"):              # raises on the first op that makes the host wait for the device
+        training_step(...)
+
+A host sync (`.item()`, `bool(t)`, `nonzero`, a copy of fresh host data to the GPU, ...) stalls the CPU until
+the GPU has drained its queue, so the next kernels are launched late and the GPU idles. On CUDA, `no_host_sync`
+turns on torch's own detector (`torch.cuda.set_sync_debug_mode("error")`). On any device, including the CPU of
+CI, it also runs the ops under `HostSyncDetector`, which flags the operators that would sync on CUDA: the same
+code path can then be proven sync-free without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Dense bf16 peak (TFLOP/s, no sparsity) by device-name fragment; the first match wins (PCIe before SXM names).
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+)
+
+# aten operators that make the host wait for a CUDA device: reading a value (`_local_scalar_dense` is what
+# .item(), bool(), int() and float() dispatch to), outputs whose size depends on the data, sampling that reads
+# the result, and `lift_fresh` (a tensor built from Python data: on GPU that is a blocking host-to-device copy).
+SYNCING_OPS = frozenset({
+    "_local_scalar_dense", "nonzero", "bincount", "masked_select", "_unique2", "unique_dim",
+    "unique_consecutive", "multinomial", "lift_fresh", "_assert_async", "argwhere",
+})  # fmt: skip
+
+
+def enable_fast_math() -> None:
+    """TF32 for fp32 matmuls and convolutions (bf16-mixed runs keep a few in fp32) and cuDNN autotuning for the
+    fixed input shapes of training. No effect on CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+def peak_bf16_tflops(device: torch.device | str) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s from `PEAK_BF16_TFLOPS`, or None (CPU, unknown GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for fragment, tflops in PEAK_BF16_TFLOPS if fragment in name), None)
+
+
+class HostSyncDetector(TorchDispatchMode):
+    """Records every operator of `SYNCING_OPS` (and indexing with a boolean mask) that runs while active.
+    `found` counts them by name. Ops inside a torch.compile'd region are not seen: run it eager."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNCING_OPS:
+            self.found[name] += 1
+        elif name in ("index", "index_put", "index_put_") and _has_bool_index(args):
+            self.found[f"{name} (boolean mask)"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _has_bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ()))
+
+
+@contextlib.contextmanager
+def no_host_sync(device: torch.device | str):
+    """Raise `RuntimeError` if the enclosed code syncs the host: on CUDA at the offending call (torch's sync
+    debug mode), on any device at exit (HostSyncDetector, naming each operator and how often it ran)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    previous = torch.cuda.get_sync_debug_mode() if cuda else 0
+    detector = HostSyncDetector()
+    if cuda:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with detector:
+            yield detector
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(previous)
+    if detector.found:
+        raise RuntimeError(f"host syncs inside a no_host_sync block: {dict(detector.found)}")
+
+
+__all__ = ["enable_fast_math", "peak_bf16_tflops", "HostSyncDetector", "no_host_sync", "SYNCING_OPS",
+           "PEAK_BF16_TFLOPS"]
