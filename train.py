@@ -34,6 +34,9 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
+    from tokenizer.training.gpu import enable_fast_math
+
+    enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
     return LightningCLI(
         save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same resolved config
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},

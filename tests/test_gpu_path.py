@@ -252,3 +252,24 @@ def test_compile_tail_drop_many_k_bounded_recompiles():
     graphs = counters["stats"]["unique_graphs"]
     assert graphs <= 3, f"{graphs} graphs compiled for {len(seen_k)} values of k (encoder 1, decoder 2)"
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+
+
+TOKENIZER_CONFIGS = sorted(p for p in (ROOT / "configs" / "tokenizer").glob("*.yaml") if "tiny" not in p.stem)
+
+
+@pytest.mark.parametrize("path", TOKENIZER_CONFIGS, ids=[p.stem for p in TOKENIZER_CONFIGS])
+def test_every_parameter_takes_part_in_every_loss(path):
+    """What lets DDP run without find_unused_parameters: in every paper config, the extreme keep lengths (one token
+    of tail drop, a nested-dropout batch with nothing dropped) still give every tokenizer parameter a gradient."""
+    overrides = yaml.safe_load(path.read_text())["model"]["init_args"].get("overrides") or {}
+    keep = {k: v for k, v in overrides.items() if k not in ("num_latent_tokens",)}
+    torch.manual_seed(0)
+    model = OneDTokenizer.from_preset("tiny", **{**SMALL, **keep}).train()
+    k_max = model.max_tokens
+    images = torch.rand(2, 3, 32, 32)
+    for kwargs in ({"num_tokens": 1}, {"lengths": torch.full((2,), k_max)}, {"lengths": torch.tensor([1, k_max])}):
+        model.zero_grad(set_to_none=True)
+        out = model(images, **kwargs)
+        (out.recon.square().mean() + out.aux_loss).backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"{path.name} {kwargs}: no gradient for {missing}"

@@ -1,0 +1,221 @@
+"""Throughput of the real tokenizer training step of a config, on synthetic images, after warm-up.
+
+    python scripts/bench_train.py --config configs/tokenizer/tiny.yaml --device cpu
+    python scripts/bench_train.py --config configs/tokenizer/onedpiece-B-256.yaml --device cpu --batch-size 2
+    python scripts/bench_train.py --config configs/tokenizer/onedpiece-B-256.yaml --device cuda --compile \\
+        --tokenizer-only --check-syncs
+
+The step is `TokenizerModule.training_step` driven by a Lightning Trainer, exactly as `train.py` runs it (manual
+optimization, the config's precision, EMA, LPIPS, GAN + LeCam), with the GAN on from the first step (the paper
+configs start it at step 20k). `--tokenizer-only` drops LPIPS and the GAN: encoder, quantizer, decoder forward and
+backward, optimizer and EMA. Nothing is logged during the timed steps.
+
+FLOPs per image are counted by `torch.utils.flop_counter.FlopCounterMode` over one eager step (forward, the
+adaptive-weight products and backward), not by a formula. MFU is against the device's dense bf16 peak
+(tokenizer/training/gpu.py), null where unknown (CPU). `--check-syncs` runs every timed step under
+`no_host_sync` (on CUDA: torch.cuda.set_sync_debug_mode("error")) and fails on the first host sync.
+(With `--check-syncs` the AdamW is fused on CPU too, as CUDA builds it.)
+`--random-lpips` uses a randomly initialised LPIPS backbone (same FLOPs) where the weight files are missing.
+
+The last line printed is one JSON object: img_per_s, tflop_per_img, achieved_tflops, mfu, peak_mem_gb, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from tokenizer.training import TokenizerModule  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*(eval mode|LeafSpec|ModelCheckpoint|does not have many workers).*")
+
+
+class SameBatch(IterableDataset):
+    """`n` copies of one fixed random batch: the loader costs nothing, the host-to-device copy stays real."""
+
+    def __init__(self, batch: torch.Tensor, n: int):
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield self.batch, torch.zeros(self.batch.shape[0], dtype=torch.long)
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the start of batch `warmup` to the end of the last batch, device synced at both ends; with
+    `check_syncs`, every timed batch runs under no_host_sync."""
+
+    def __init__(self, warmup: int, device: torch.device, check_syncs: bool):
+        self.warmup, self.device, self.check_syncs = warmup, device, check_syncs
+        self.start = self.end = None
+        self.timed = 0
+        self._guard = None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self._sync()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = time.perf_counter()
+        if batch_idx >= self.warmup and self.check_syncs:
+            from tokenizer.training.gpu import no_host_sync
+
+            self._guard = no_host_sync(self.device)
+            self._guard.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self._guard is not None:
+            guard, self._guard = self._guard, None
+            guard.__exit__(None, None, None)
+        if batch_idx >= self.warmup:
+            self.timed += 1
+            self._sync()
+            self.end = time.perf_counter()
+
+
+def module_args(config: dict, tokenizer_only: bool, compile_: bool | None) -> dict:
+    args = dict(config["model"]["init_args"])
+    if tokenizer_only:
+        args.update(perceptual_weight=0.0, gan_weight=0.0)
+    elif args.get("gan_weight", 0) > 0:
+        args["gan_start"] = 0  # the full objective: adversarial terms on from the first step
+    if compile_ is not None:
+        args["compile"] = compile_
+    args["eval_num_tokens"] = None
+    known = inspect.signature(TokenizerModule.__init__).parameters
+    return {k: v for k, v in args.items() if k in known}
+
+
+def build(args: dict, random_lpips: bool) -> tuple[TokenizerModule, str]:
+    module = TokenizerModule(**args)
+    backbone = "none"
+    if module.hparams.perceptual_weight > 0:
+        from tokenizer.perceptual import LPIPS
+
+        try:
+            lpips = LPIPS(random_backbone_for_tests=random_lpips)
+        except FileNotFoundError as err:
+            raise SystemExit(f"{err}\n(pass --random-lpips to benchmark with a random LPIPS backbone)") from err
+        object.__setattr__(module, "_lpips", lpips)  # moved to the device in on_fit_start below
+        backbone = "random" if random_lpips else "pretrained"
+    return module, backbone
+
+
+class LpipsToDevice(pl.Callback):
+    def on_fit_start(self, trainer, module):
+        if module._lpips is not None:
+            object.__setattr__(module, "_lpips", module._lpips.to(module.device))
+
+
+def fit(module, loader, device, precision, steps_per_batch, batches, callbacks):
+    trainer = pl.Trainer(
+        accelerator=device.type if device.type == "cpu" else "gpu", devices=1, precision=precision,
+        max_steps=steps_per_batch * batches, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10**9,
+        callbacks=[LpipsToDevice(), *callbacks],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def count_flops(args: dict, random_lpips: bool, batch: torch.Tensor, device, precision) -> float:
+    """FLOPs of one eager training step (compile off: FlopCounterMode sees eager operators only)."""
+    module, _ = build({**args, "compile": False}, random_lpips)
+    counter = FlopCounterMode(display=False)
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, trainer, m, b, i):
+            counter.__enter__()
+
+        def on_train_batch_end(self, trainer, m, outputs, b, i):
+            counter.__exit__(None, None, None)
+
+    loader = DataLoader(SameBatch(batch, 1), batch_size=None)
+    fit(module, loader, device, precision, module.optimizers_per_batch, 1, [Count()])
+    return float(counter.get_total_flops())
+
+
+def peak_memory_gb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "cpu_max_rss"  # ru_maxrss is in KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="per device (default: the config's)")
+    p.add_argument("--steps", type=int, default=10, help="timed batches")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (compilation, cuDNN autotuning)")
+    p.add_argument("--tokenizer-only", action="store_true")
+    p.add_argument("--compile", dest="compile_", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the config's model.init_args.compile")
+    p.add_argument("--precision", default=None, help="override the config's trainer.precision")
+    p.add_argument("--random-lpips", action="store_true")
+    p.add_argument("--check-syncs", action="store_true")
+    a = p.parse_args(argv)
+
+    with open(a.config) as f:
+        config = yaml.safe_load(f)
+    device = torch.device(a.device)
+    precision = a.precision or config.get("trainer", {}).get("precision", "32-true")
+    batch_size = a.batch_size or config["data"]["init_args"]["batch_size"]
+    if device.type == "cuda":
+        from tokenizer.training.gpu import enable_fast_math
+
+        enable_fast_math()
+    args = module_args(config, a.tokenizer_only, a.compile_)
+    if a.check_syncs:
+        # the optimizer a CUDA run builds (fused); on CPU the default foreach AdamW reads its step counters
+        args["fused_optimizer"] = True
+    pl.seed_everything(0, verbose=False)
+    module, backbone = build(args, a.random_lpips)
+    size = module.tokenizer.image_size
+    batch = torch.rand(batch_size, 3, size, size)
+    batch = batch.pin_memory() if device.type == "cuda" else batch
+    timer = StepTimer(a.warmup, device, a.check_syncs)
+    loader = DataLoader(SameBatch(batch, a.warmup + a.steps), batch_size=None)
+    fit(module, loader, device, precision, module.optimizers_per_batch, a.warmup + a.steps, [timer])
+    elapsed = timer.end - timer.start
+    img_per_s = batch_size * timer.timed / elapsed
+    mem, mem_kind = peak_memory_gb(device)
+
+    flops = count_flops(args, a.random_lpips, batch, device, precision) / batch_size
+    from tokenizer.training.gpu import peak_bf16_tflops
+
+    achieved = flops * img_per_s / 1e12
+    peak = peak_bf16_tflops(device)
+    result = {
+        "config": a.config, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision, "compile": bool(module.hparams.compile), "batch_size": batch_size,
+        "tokenizer_only": a.tokenizer_only, "lpips_backbone": backbone, "timed_steps": timer.timed,
+        "step_s": elapsed / timer.timed, "img_per_s": img_per_s, "tflop_per_img": flops / 1e12,
+        "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
+        "peak_mem_gb": mem, "peak_mem_kind": mem_kind, "syncs_checked": a.check_syncs,
+    }  # fmt: skip
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
