@@ -6,7 +6,9 @@ python scripts/multinode_check.py shards RUN_DIR [--per-photo N] [--size S] [--n
 python scripts/multinode_check.py check RUN_DIR --world-size 2 --steps 6 12
     (a) ranks consumed disjoint samples (per epoch) and the same number of batches,
     (b) all parameters and buffers (VQ codebook included) are identical on every rank after each fit,
-    (c) the resumed fit continued the global step, and the final checkpoint holds the last step.
+    (c) the resumed fit continued the global step, and the final checkpoint holds the last step,
+    (d) DDP all-reduced each tokenizer gradient exactly once per batch, and nothing else (the discriminator
+        reduces its own gradients outside DDP).
     Prints one line per check; exits 1 naming the failed checks.
 """
 
@@ -121,6 +123,16 @@ def check(run_dir: str, world: int, steps: list[int]) -> int:
         )
         ok, detail = compare_states([r["state_path"] for r in recs])
         c(f"(b) identical parameters and buffers [{tag}]", ok, detail)
+        # (d) what DDP reduced: each batch, once the tokenizer's gradients
+        ddp = [r.get("ddp") for r in recs]
+        if all(ddp):
+            bad = [(r, i, n) for r, d in enumerate(ddp) for i, n in enumerate(d["reduced_per_batch"])
+                   if n != d["tokenizer_elements"]]
+            c(f"(d) DDP reduces each tokenizer gradient once per batch [{tag}]",
+              not bad and all(d["managed_elements"] == d["tokenizer_elements"] for d in ddp),
+              f"{ddp[0]['tokenizer_elements']} tokenizer gradient elements; DDP manages "
+              f"{[d['managed_elements'] for d in ddp]}, reduced per batch {ddp[0]['reduced_per_batch']}"
+              + (f"; mismatches (rank, batch, elements) {bad[:4]}" if bad else ""))
     # (a) over all fits: a resumed fit re-enters its epoch, so merge the fits' batches by epoch
     complete = [recs for recs in records.values() if all(recs)]
     by_epoch: dict[int, list[set]] = {}

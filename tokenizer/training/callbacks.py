@@ -3,15 +3,18 @@
 ``DistributedAudit`` records, on every rank, which samples it consumed (the ``__key__`` list of each batch
 when the DataModule has ``return_keys=True``) and dumps the rank's full model state (all parameters AND
 buffers, including non-persistent ones and the VQ codebook EMA statistics) when training ends, so that a
-separate checker can prove that ranks read disjoint data and ended with identical weights:
+separate checker can prove that ranks read disjoint data and ended with identical weights. It also counts, through
+a DDP communication hook, how many gradient elements DDP all-reduces in each batch, so the checker can prove that
+each tokenizer gradient is reduced exactly once per step (and nothing else goes through DDP):
 
     --trainer.callbacks+=tokenizer.training.callbacks.DistributedAudit
     --trainer.callbacks.init_args.out_dir RUN_DIR/audit
 
 Files, one set per rank and per ``fit`` call (a resumed run adds a new set, tagged by its first step):
 ``rank{R}-from{S}-keys.json`` ({"rank", "world_size", "start_step", "end_step", "batches": [[epoch, step,
-[keys...]], ...]}) and ``rank{R}-from{S}-state.pt`` ({name: tensor} of ``named_parameters`` +
-``named_buffers`` on CPU, plus ``"__global_step__"``).
+[keys...]], ...], "ddp": {"managed_elements", "tokenizer_elements", "reduced_per_batch"}}) and
+``rank{R}-from{S}-state.pt`` ({name: tensor} of ``named_parameters`` + ``named_buffers`` on CPU, plus
+``"__global_step__"``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,23 @@ class DistributedAudit(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batches = []
         self._start_step = int(trainer.global_step)
+        self._ddp = None
+        model = trainer.strategy.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
+            managed = [p for n, p in pl_module.named_parameters() if p.requires_grad and n not in ignored]
+            tokenizer = getattr(pl_module, "tokenizer", pl_module)
+            self._ddp = {"managed_elements": sum(p.numel() for p in managed),
+                         "tokenizer_elements": sum(p.numel() for p in tokenizer.parameters() if p.requires_grad),
+                         "reduced_per_batch": []}
+            self._reduced = 0
+            model.register_comm_hook(None, self._counting_allreduce)
+
+    def _counting_allreduce(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self._reduced += bucket.buffer().numel()  # host-side count of elements this bucket all-reduces
+        return allreduce_hook(state, bucket)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         keys = batch[2] if isinstance(batch, (tuple, list)) and len(batch) > 2 else None
@@ -60,6 +80,11 @@ class DistributedAudit(pl.Callback):
                 "DistributedAudit needs batches (images, labels, keys): set data return_keys=True"
             )
         self._batches.append([int(trainer.current_epoch), int(trainer.global_step), [str(k) for k in keys]])
+        self._reduced = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._ddp is not None:
+            self._ddp["reduced_per_batch"].append(self._reduced)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
@@ -75,6 +100,7 @@ class DistributedAudit(pl.Callback):
             "end_step": int(trainer.global_step),
             "state_sha256": state_hash(tensors),
             "batches": self._batches,
+            "ddp": self._ddp,
         }
         with open(prefix + "-keys.json", "w") as f:
             json.dump(record, f)

@@ -112,7 +112,9 @@ class TokenizerModule(pl.LightningModule):
         self.eval_num_tokens = sorted(set(eval_num_tokens or default_eval_tokens(k_max)))
         if not all(1 <= k <= k_max for k in self.eval_num_tokens):
             raise ValueError(f"eval_num_tokens must be within 1..{k_max}, got {self.eval_num_tokens}")
-        self.register_buffer("code_counts", torch.zeros(self.tokenizer.codebook_size), persistent=False)
+        # codebook-usage counts of the current window: a metric accumulator, not model state (each rank counts
+        # its own ids until the window is logged), so a plain tensor rather than a buffer; made on first use
+        self._code_counts: torch.Tensor | None = None
         self._window_steps = 0
         # Out of DDP: the discriminator (it averages its own gradients) and every buffer (kept identical by
         # construction; DDP would broadcast them from rank 0 before every forward, and hide any drift).
@@ -320,15 +322,16 @@ class TokenizerModule(pl.LightningModule):
     def track_codebook(self, ids: torch.Tensor, log_now: bool) -> None:
         """Usage over a window of at least `codebook_window` steps: fraction of codes used, perplexity, dead
         codes. Counts accumulate on the device; ranks sum them (one all-reduce) when a full window is logged."""
-        self.code_counts += code_histogram(ids, self.tokenizer.codebook_size)
+        counts = code_histogram(ids, self.tokenizer.codebook_size)
+        self._code_counts = counts if self._code_counts is None else self._code_counts + counts
         self._window_steps += 1
         if not (log_now and self._window_steps >= self.hparams.codebook_window):
             return
-        all_reduce_sum(self.code_counts)
-        stats = histogram_stats(self.code_counts)
+        all_reduce_sum(self._code_counts)
+        stats = histogram_stats(self._code_counts)
         self.log_dict({"codebook/usage": stats.usage, "codebook/perplexity": stats.perplexity,
-                       "codebook/dead_codes": (self.code_counts == 0).sum().float()}, rank_zero_only=True)
-        self.code_counts.zero_()
+                       "codebook/dead_codes": (self._code_counts == 0).sum().float()}, rank_zero_only=True)
+        self._code_counts = None
         self._window_steps = 0
 
     # ---- validation: PSNR at every evaluated k --------------------------------------------------------------
