@@ -10,6 +10,9 @@ tensors ``[0, 3, H, W]`` / ``[0]``.
 Class indices follow sorted class-folder names (same rule as ``data.convert_shards`` and torchvision's
 ImageFolder), so a folder tree and the shards made from it give the same labels. Under DDP Lightning adds a
 ``DistributedSampler`` (equal number of batches per rank, padded with repeats like any map-style dataset).
+
+The loaders yield uint8 images from persistent workers; ``on_after_batch_transfer`` converts them to float32 in
+[0, 1] on the device (``data/loading.py``), so LightningModules receive ``(images float32, labels int64)``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs
 from data.transforms import IMAGE_EXTENSIONS, eval_transform, read_image, train_transform
 
 log = logging.getLogger(__name__)
@@ -91,23 +95,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 class SkipCorruptCollate:
-    """Collate that drops ``None`` items; returns ``(images float32 [B,3,H,W], labels int64 [B])``."""
+    """Collate that drops ``None`` items; returns ``(images [B,3,H,W], labels int64 [B])``, images in the
+    transform's dtype (``dtype``: the one of the empty batch when every item was unreadable)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, dtype: torch.dtype = torch.uint8):
         self.image_size = image_size
+        self.dtype = dtype
 
     def __call__(self, batch):
         batch = [b for b in batch if b is not None]
         if not batch:
             s = self.image_size
-            return torch.empty(0, 3, s, s), torch.empty(0, dtype=torch.long)
+            return torch.empty(0, 3, s, s, dtype=self.dtype), torch.empty(0, dtype=torch.long)
         images = torch.stack([b[0] for b in batch])
         labels = torch.as_tensor([int(b[1]) for b in batch], dtype=torch.long)
         return images, labels
 
 
 class FolderDataModule(LightningDataModule):
-    """ImageFolder-style train/val directories -> ``(images, labels)`` batches.
+    """ImageFolder-style train/val directories -> ``(images, labels)`` batches (uint8 out of the loaders, float32
+    in [0, 1] after ``on_after_batch_transfer``).
 
     Args:
         train_dir: root of the training tree (``train_dir/<class>/<image>``).
@@ -116,7 +123,8 @@ class FolderDataModule(LightningDataModule):
         batch_size: per-device batch size.
         num_workers: DataLoader workers.
         drop_last: drop the last incomplete training batch.
-        pin_memory: DataLoader pin_memory.
+        pin_memory: pin batches when they go to a CUDA device (the Trainer's, else when CUDA is available).
+        prefetch_factor: batches in flight per worker.
     """
 
     def __init__(
@@ -128,6 +136,7 @@ class FolderDataModule(LightningDataModule):
         num_workers: int = 4,
         drop_last: bool = True,
         pin_memory: bool = True,
+        prefetch_factor: int = PREFETCH_FACTOR,
     ):
         super().__init__()
         self.train_dir = train_dir
@@ -137,6 +146,7 @@ class FolderDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.drop_last = drop_last
         self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
         self._skipped = None  # multiprocessing.Value, created lazily (keeps the module picklable/copyable)
         self.train_set: ImageFolderDataset | None = None
         self.val_set: ImageFolderDataset | None = None
@@ -157,10 +167,12 @@ class FolderDataModule(LightningDataModule):
             self._skipped = mp.Value("l", 0)
         if self.train_set is None:
             self.train_set = ImageFolderDataset(
-                self.train_dir, train_transform(self.image_size), self._skipped
+                self.train_dir, train_transform(self.image_size, uint8=True), self._skipped
             )
         if self.val_dir is not None and self.val_set is None:
-            self.val_set = ImageFolderDataset(self.val_dir, eval_transform(self.image_size), self._skipped)
+            self.val_set = ImageFolderDataset(
+                self.val_dir, eval_transform(self.image_size, uint8=True), self._skipped
+            )
             if self.val_set.classes != self.train_set.classes:
                 log.warning("val classes differ from train classes; labels follow each tree's sorted folders")
 
@@ -169,11 +181,14 @@ class FolderDataModule(LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
             collate_fn=SkipCorruptCollate(self.image_size),
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=drop_last,
-            persistent_workers=self.num_workers > 0,
+            **loader_kwargs(
+                self.num_workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor,
+                trainer=getattr(self, "trainer", None),  # None without Lightning
+            ),
         )
 
     def train_dataloader(self):
@@ -185,6 +200,9 @@ class FolderDataModule(LightningDataModule):
         if self.val_set is None:
             return []
         return self._loader(self.val_set, shuffle=False, drop_last=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return float_image_batch(batch)  # uint8 -> float32 [0, 1], on the device the batch was moved to
 
     def teardown(self, stage: str | None = None) -> None:
         if self.num_skipped:

@@ -7,7 +7,9 @@ Train and validation come from *different* photographs, so validation measures g
 `stereo_motorcycle` is a near-identical left/right pair: both halves are in train, never split across sets.
 
 Batches follow the project's contract: (images float32 [B, 3, S, S] in [0, 1], labels int64 [B]); the label is
-the index of the source photograph in ALL_IMAGES (usable as a class for the generator demo).
+the index of the source photograph in ALL_IMAGES (usable as a class for the generator demo). The loaders themselves
+yield uint8 images (the crops are made in float and rounded once, at the end) and the DataModule's
+`on_after_batch_transfer` makes them float on the device (see data/loading.py); `val_batch()` returns float.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from data.loading import float_image_batch, loader_kwargs
+from data.transforms import to_float_images, to_uint8_images
 
 TRAIN_IMAGES = (
     "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -56,14 +61,19 @@ class RandomCrops(Dataset):
     color_jitter s > 0: each crop's channels get an independent gain in [1-s, 1+s] and offset in [-s/2, s/2]
     (then clipped to [0, 1]). Half the photos are grayscale and the held-out ones are colour; without it a small
     model sees too few colours to reconstruct unseen ones.
+
+    Items are (crop float32 [3, S, S] in [0, 1], label), or with uint8=True (crop uint8 [3, S, S], label): the
+    same float crop (pyramid resized in float, jitter in float) rounded once at the end, so the two differ by at
+    most 0.5/255 for the same random draws.
     """
 
     def __init__(self, photos: list[torch.Tensor], labels: list[int], image_size: int, length: int,
-                 scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0), color_jitter: float = 0.0):
+                 scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0), color_jitter: float = 0.0,
+                 uint8: bool = False):
         if not 0.0 <= color_jitter < 1.0:
             raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
         self.image_size, self.length, self.labels = image_size, length, labels
-        self.color_jitter = color_jitter
+        self.color_jitter, self.uint8 = color_jitter, uint8
         # pyramid[i][j]: photo i with its shorter side at scales[j] * image_size (never upsampled past source)
         self.pyramid = [
             [resize_shorter_side(p, min(int(s * image_size), min(p.shape[-2:]))) for s in scales] for p in photos
@@ -87,7 +97,7 @@ class RandomCrops(Dataset):
             gain = 1 + s * (2 * torch.rand(3, 1, 1) - 1)  # [3, 1, 1]
             offset = s * (torch.rand(3, 1, 1) - 0.5)
             crop = (crop * gain + offset).clamp(0, 1)
-        return crop.contiguous(), self.labels[photo]
+        return (to_uint8_images(crop) if self.uint8 else crop.contiguous()), self.labels[photo]
 
 
 def fixed_crops(photo: torch.Tensor, image_size: int, per_scale: int, scales=(1.0, 2.0, 3.0)) -> list[torch.Tensor]:
@@ -108,6 +118,8 @@ def fixed_crops(photo: torch.Tensor, image_size: int, per_scale: int, scales=(1.
 
 
 class FixedCrops(Dataset):
+    """Precomputed (crop, label) pairs, returned as given (the DataModule stores uint8 crops)."""
+
     def __init__(self, crops: list[torch.Tensor], labels: list[int]):
         self.crops, self.labels = crops, labels
 
@@ -119,12 +131,18 @@ class FixedCrops(Dataset):
 
 
 class SampleImagesDataModule(pl.LightningDataModule):
-    """Random training crops and fixed held-out crops of scikit-image's bundled photographs."""
+    """Random training crops and fixed held-out crops of scikit-image's bundled photographs.
+
+    Both loaders yield (images uint8 [B, 3, S, S], labels int64 [B]); `on_after_batch_transfer` hands the model
+    float32 in [0, 1]. pin_memory: pin batches when they go to a CUDA device (see data/loading.py).
+    """
 
     def __init__(self, image_size: int = 64, batch_size: int = 32, num_workers: int = 0,
-                 train_samples_per_epoch: int = 4096, val_crops_per_scale: int = 4, color_jitter: float = 0.0):
+                 train_samples_per_epoch: int = 4096, val_crops_per_scale: int = 4, color_jitter: float = 0.0,
+                 pin_memory: bool = True):
         super().__init__()
         self.color_jitter = color_jitter
+        self.pin_memory = pin_memory
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -137,24 +155,32 @@ class SampleImagesDataModule(pl.LightningDataModule):
         if self.train_set is None:
             photos = [load_photo(n) for n in TRAIN_IMAGES]
             self.train_set = RandomCrops(photos, list(range(len(TRAIN_IMAGES))), self.image_size,
-                                         self.train_samples_per_epoch, color_jitter=self.color_jitter)
+                                         self.train_samples_per_epoch, color_jitter=self.color_jitter, uint8=True)
         if self.val_set is None:
             crops, labels = [], []
             for i, name in enumerate(VAL_IMAGES):
+                # rounded to uint8 like the training crops (and like the JPEG pixels of the real datasets)
                 c = fixed_crops(load_photo(name), self.image_size, self.val_crops_per_scale)
+                c = [to_uint8_images(x) for x in c]
                 crops += c
                 labels += [len(TRAIN_IMAGES) + i] * len(c)
             self.val_set = FixedCrops(crops, labels)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          **loader_kwargs(self.num_workers, pin_memory=self.pin_memory, trainer=self.trainer))
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=0)
+        # in-memory crops: workers would only add IPC
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
+                          **loader_kwargs(0, pin_memory=self.pin_memory, trainer=self.trainer))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return float_image_batch(batch)  # uint8 -> float32 [0, 1], on the device the batch was moved to
 
     def val_batch(self, max_images: int | None = None) -> torch.Tensor:
-        """All (or the first `max_images`) held-out crops as one tensor [N, 3, S, S]."""
+        """All (or the first `max_images`) held-out crops as one float32 tensor [N, 3, S, S] in [0, 1] (exactly
+        what validation steps receive)."""
         self.setup()
         n = len(self.val_set) if max_images is None else min(max_images, len(self.val_set))
-        return torch.stack([self.val_set[i][0] for i in range(n)])
+        return to_float_images(torch.stack([self.val_set[i][0] for i in range(n)]))

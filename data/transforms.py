@@ -17,6 +17,9 @@ Mode conversion (``to_rgb``):
 - anything else (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``...): ``Image.convert("RGB")``.
   PIL handles Adobe (inverted) CMYK JPEGs in its decoder; no colour management / ICC transform is done,
   and EXIF orientation is not applied (as in torchvision's ImageFolder).
+
+Transforms return float32 [3, S, S] in [0, 1] by default, or uint8 with ``uint8=True`` (what the training
+DataModules' workers send; ``to_float_images`` converts on the device, see ``data/loading.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import struct
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image
 
 # Exceptions PIL raises for unreadable data: UnidentifiedImageError and "image file is truncated" are
@@ -115,10 +119,31 @@ def image_format(data: bytes) -> str | None:
         return None
 
 
-def train_transform(image_size: int = 256):
+def to_float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] in [0, 255] -> float32 in [0, 1], on the images' device.
+
+    The one uint8 -> float conversion of the input pipeline: loader workers send uint8 (a quarter of the bytes of
+    float32 through worker IPC, pinned memory and the host -> device copy) and every DataModule calls this in
+    ``on_after_batch_transfer``, i.e. on the GPU. ``div(255)`` rather than ``mul(1 / 255)``: it is what
+    ``ToTensor`` computes, so the result is bit-identical to the float pipeline on the same uint8 pixels.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images (0..255), got dtype {images.dtype} with shape {tuple(images.shape)}")
+    return images.to(torch.float32).div_(255)
+
+
+def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
+    """float images in [0, 1] (clipped) -> uint8, rounded to the nearest of the 256 levels (error <= 0.5/255)."""
+    return images.clamp(0, 1).mul(255).round_().to(torch.uint8)
+
+
+def train_transform(image_size: int = 256, *, uint8: bool = False):
     """Resize the shorter side to ``image_size`` (bicubic, antialiased), random crop, random h-flip.
 
-    Returns a callable PIL RGB image -> float32 tensor [3, image_size, image_size] in [0, 1].
+    Returns a callable PIL RGB image -> tensor [3, image_size, image_size]: float32 in [0, 1], or with
+    ``uint8=True`` uint8 in [0, 255] (what the training DataModules' workers send). Both go through the same PIL
+    resize, which on an 8-bit RGB image resamples to 8 bit in either case, so ``uint8=True`` followed by
+    ``to_float_images`` equals the float output exactly: producing uint8 costs no resize quality.
     """
     from torchvision import transforms as T
 
@@ -127,19 +152,20 @@ def train_transform(image_size: int = 256):
             T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
             T.RandomCrop(image_size),
             T.RandomHorizontalFlip(),
-            T.ToTensor(),
+            T.PILToTensor() if uint8 else T.ToTensor(),
         ]
     )
 
 
-def eval_transform(image_size: int = 256):
-    """Resize the shorter side to ``image_size`` and center crop; float32 [3, H, W] in [0, 1]."""
+def eval_transform(image_size: int = 256, *, uint8: bool = False):
+    """Resize the shorter side to ``image_size`` and center crop; float32 [3, H, W] in [0, 1], or uint8 with
+    ``uint8=True`` (same pixels, see ``train_transform``)."""
     from torchvision import transforms as T
 
     return T.Compose(
         [
             T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
             T.CenterCrop(image_size),
-            T.ToTensor(),
+            T.PILToTensor() if uint8 else T.ToTensor(),
         ]
     )

@@ -8,10 +8,11 @@ RGB). Corrupt/truncated images and unreadable tar members are skipped, counted
 
 Training: equal number of batches on every rank
 -----------------------------------------------
-Every (rank, worker) pair reads an *infinite* stream and the DataLoader stops after exactly
+Every (rank, worker) pair reads an *endless* stream and the DataLoader stops after exactly
 ``batches_per_rank = max(1, epoch_length // (world_size * batch_size))`` batches (what
 ``wds.with_epoch``/``with_length`` do, applied on the loader so it is exact whatever the number of
-workers). All ranks therefore yield the same number of batches per epoch, even with uneven shard sizes or
+workers; each worker also stops after its round-robin share of them, so that none decodes batches past the
+end of the epoch). All ranks therefore yield the same number of batches per epoch, even with uneven shard sizes or
 skipped images, and DDP never waits on a rank that ran out of data. ``epoch_length`` is the number of
 training samples per epoch over all ranks; by default the sample count of the listed shards read from the
 converter's ``{split}-meta.json`` next to them (tar headers are scanned if there is none). Two ways of
@@ -44,8 +45,17 @@ Which keys a rank consumed: with ``return_keys=True`` batches are ``(images, lab
 the plain ``(images, labels)`` contract. ``rank``/``world_size`` may be forced (tests, debugging);
 normally they come from the attached Trainer, else ``torch.distributed``, else 0/1.
 
-Epochs: the stream seed depends on the epoch (``trainer.current_epoch`` when attached, otherwise a
-counter of ``iter()`` calls); with ``persistent_workers`` each worker counts its own epochs.
+Epochs: the shard permutation and the stream seeds depend on the epoch (``trainer.current_epoch`` when
+attached, otherwise a counter of the loader's ``iter()`` calls). The main process writes it into a
+shared-memory counter of the ``ShardStream`` before each epoch starts; workers read it whenever their stream
+(re)starts. Workers are persistent by default, i.e. started once with a copy of the dataset taken at the first
+epoch, so an attribute set on the main process's copy would never reach them: the shared counter does, when the
+loader resumes them for the next epoch (the epoch a worker reads is always the one the main process chose, also
+after a resume from a checkpoint or when an epoch is skipped).
+
+Batches leave the workers as uint8 images ``[B, 3, S, S]`` (a quarter of the bytes of float32 through worker IPC
+and the host -> device copy); ``on_after_batch_transfer`` converts them to float32 in [0, 1] on the device
+(``data/loading.py``), so LightningModules receive the float contract above.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs
 from data.transforms import decode_image, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -200,8 +211,10 @@ def _shuffle_buffer(src: Iterator[dict], size: int, rng: random.Random) -> Itera
 class ShardStream(IterableDataset):
     """Iterable over decoded, transformed, collated batches for one rank (see module docstring).
 
-    ``train=True``: infinite stream of full batches (the loader limits the epoch).
+    ``train=True``: stream of full batches, infinite unless ``batches_per_epoch`` is set (``EpochLoader`` sets
+    it): then worker ``w`` of ``nw`` yields its round-robin share ``len(range(w, batches_per_epoch, nw))``.
     ``train=False``: finite, deterministic, this rank's samples only (last batch per worker may be short).
+    Images are whatever ``transform`` returns (the DataModule's: uint8 [3, S, S]), stacked to [B, 3, S, S].
     """
 
     def __init__(
@@ -219,6 +232,7 @@ class ShardStream(IterableDataset):
         return_keys: bool = False,
         offsets: list[int] | None = None,
         skipped_counter=None,
+        batches_per_epoch: int | None = None,
     ):
         super().__init__()
         if sampling not in ("split", "resampled"):
@@ -235,8 +249,21 @@ class ShardStream(IterableDataset):
         self.return_keys = return_keys
         self.offsets = offsets
         self.skips = _Skips(skipped_counter)
-        self.epoch = 0  # set by the loader in the main process before workers are started
-        self._local_iters = 0  # counts iter() calls inside a (persistent) worker
+        self.batches_per_epoch = batches_per_epoch
+        # Shared memory, not a plain attribute: persistent workers hold a copy of this object made when they
+        # started, and read the epoch the main process set here each time their stream restarts (module docstring).
+        self._epoch = mp.RawValue("q", 0)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next ``iter()`` (in this process or any worker) permutes shards and seeds streams with."""
+        return int(self._epoch.value)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"epoch must be >= 0, got {value}")
+        self._epoch.value = int(value)
 
     # raw samples ----------------------------------------------------------------------------------
     def _train_raw(self, epoch: int, wid: int, nw: int) -> Iterator[dict]:
@@ -288,23 +315,30 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch + self._local_iters
-        self._local_iters += 1
+        epoch = self.epoch  # read when the stream (re)starts: at worker start-up and at each resumed epoch
         if self.train:
             rng = random.Random(_seed("buffer", self.seed, epoch, self.rank, wid))
             raw = _shuffle_buffer(self._train_raw(epoch, wid, nw), self.shuffle_buffer, rng)
         else:
             raw = self._val_raw(wid, nw)
         items = self._decode(raw)
-        while True:
+        # Only this worker's share of the epoch (shares add up to batches_per_epoch; round-robin as the DataLoader
+        # asks its workers in turn): a worker of an endless stream would keep decoding the batches prefetched past
+        # the end of the epoch, and a persistent one must finish all of them before it can start the next epoch.
+        share = self.batches_per_epoch if self.train else None
+        remaining = math.inf if share is None else len(range(wid, share, nw))
+        while remaining > 0:
             chunk = list(itertools.islice(items, self.batch_size))
             if not chunk or (self.train and len(chunk) < self.batch_size):
                 return
+            remaining -= 1
             yield self._collate(chunk)
 
 
 class EpochLoader(DataLoader):
-    """DataLoader over an infinite ``ShardStream`` that stops after exactly ``num_batches`` batches."""
+    """DataLoader over a training ``ShardStream`` that yields exactly ``num_batches`` batches per ``iter()``: the
+    stream's workers produce their shares of them (``batches_per_epoch``), and this loader stops after
+    ``num_batches`` whatever the workers do (and fails loudly if they yield fewer)."""
 
     def __init__(
         self,
@@ -314,6 +348,7 @@ class EpochLoader(DataLoader):
         **kwargs,
     ):
         super().__init__(dataset, batch_size=None, **kwargs)
+        dataset.batches_per_epoch = num_batches
         self.num_batches = num_batches
         self.epoch_fn = epoch_fn
         self._iters = 0
@@ -323,6 +358,8 @@ class EpochLoader(DataLoader):
 
     def __iter__(self):
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        # before super().__iter__(): that call starts the workers (first epoch) or tells the persistent ones to
+        # restart their streams, which then read this shared value
         self.dataset.epoch = self._iters if epoch is None else epoch
         self._iters += 1
         return self._limited(super().__iter__())
@@ -402,8 +439,9 @@ class WebDatasetDataModule(LightningDataModule):
         seed: base seed of the shard/sample shuffles.
         return_keys: batches are ``(images, labels, keys)`` instead of ``(images, labels)``.
         val_pad: pad validation so every rank has the same number of samples/batches (keep True for DDP).
-        pin_memory: pin host memory when CUDA is available.
-        persistent_workers: keep workers alive between epochs.
+        pin_memory: pin batches when they go to a CUDA device (the Trainer's, else when CUDA is available).
+        persistent_workers: keep workers alive between epochs (the epoch reaches them through shared memory).
+        prefetch_factor: batches in flight per worker.
         rank: force this rank (default: from the Trainer / torch.distributed).
         world_size: force the world size (default: from the Trainer / torch.distributed).
     """
@@ -422,7 +460,8 @@ class WebDatasetDataModule(LightningDataModule):
         return_keys: bool = False,
         val_pad: bool = True,
         pin_memory: bool = True,
-        persistent_workers: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int = PREFETCH_FACTOR,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -442,6 +481,7 @@ class WebDatasetDataModule(LightningDataModule):
         self.val_pad = val_pad
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
         self.rank = rank
         self.world_size = world_size
         self._skipped = None  # multiprocessing.Value, created lazily (keeps the module picklable)
@@ -492,10 +532,12 @@ class WebDatasetDataModule(LightningDataModule):
         return "resampled"
 
     def _loader_kwargs(self) -> dict:
-        return dict(
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        return loader_kwargs(
+            self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            prefetch_factor=self.prefetch_factor,
+            trainer=self.trainer,
         )
 
     # loaders --------------------------------------------------------------------------------------
@@ -512,7 +554,7 @@ class WebDatasetDataModule(LightningDataModule):
         dataset = ShardStream(
             shards,
             train=True,
-            transform=train_transform(self.image_size),
+            transform=train_transform(self.image_size, uint8=True),
             batch_size=self.batch_size,
             rank=rank,
             world_size=world,
@@ -544,7 +586,7 @@ class WebDatasetDataModule(LightningDataModule):
         dataset = ShardStream(
             shards,
             train=False,
-            transform=eval_transform(self.image_size),
+            transform=eval_transform(self.image_size, uint8=True),
             batch_size=self.batch_size,
             rank=rank,
             world_size=world,
@@ -555,6 +597,9 @@ class WebDatasetDataModule(LightningDataModule):
         )
         num_samples = math.ceil(total / world) if self.val_pad else mine
         return EvenLoader(dataset, num_samples, self.batch_size, **self._loader_kwargs())
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return float_image_batch(batch)  # uint8 -> float32 [0, 1], on the device the batch was moved to
 
     def teardown(self, stage: str | None = None) -> None:
         if self.num_skipped:

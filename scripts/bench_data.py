@@ -1,8 +1,11 @@
 """Data pipeline throughput (images/s decoded + augmented) per DataLoader worker count.
 
 Builds a temporary ImageFolder tree of JPEGs cut from the scikit-image photographs, converts it to
-webdataset shards, then times the training loaders of ``WebDatasetDataModule`` and ``FolderDataModule``
-at ``--image-size`` for each worker count and prints a table.
+webdataset shards, then runs two epochs of the training loaders of ``WebDatasetDataModule`` and
+``FolderDataModule`` at ``--image-size`` for each worker count and prints a table: images/s over epoch 1 (first
+batch excluded), the dtype and bytes of one image batch as the loader yields it (with workers: what crossed the
+worker -> main process boundary), and the seconds from ``iter()`` to the first batch of epoch 2 (worker
+restart cost; near zero with persistent workers).
 
     PYTHONPATH=. python scripts/bench_data.py --workers 0 1 2 --images 512
 """
@@ -59,16 +62,18 @@ def make_tree(root: str, n_images: int, seed: int = 0) -> None:
         crop.save(os.path.join(root, name, f"{name}_{i:05d}.jpg"), quality=90)
 
 
-def time_loader(loader, max_images: int) -> tuple[float, int]:
-    n, t0, first = 0, time.perf_counter(), None
-    for images, _labels in loader:
-        if first is None:  # exclude worker start-up and the first batch from the rate
-            first, t0 = time.perf_counter(), time.perf_counter()
+def time_epoch(loader) -> dict:
+    """One full epoch: rate (images/s, first batch excluded), images counted, first-batch latency, batch layout."""
+    n, start, t0, info = 0, time.perf_counter(), None, {}
+    for batch in loader:
+        images = batch[0]
+        if t0 is None:  # exclude worker start-up and the first batch from the rate
+            t0 = time.perf_counter()
+            info = {"first_s": t0 - start, "dtype": str(images.dtype).replace("torch.", ""),
+                    "bytes": images.element_size() * images.nelement(), "shape": tuple(images.shape)}
             continue
         n += len(images)
-        if n >= max_images:
-            break
-    return n / max(time.perf_counter() - t0, 1e-9), n
+    return {**info, "rate": n / max(time.perf_counter() - t0, 1e-9), "n": n}
 
 
 def main(argv=None) -> None:
@@ -78,7 +83,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--shard-size", type=int, default=64)
-    p.add_argument("--measure", type=int, default=None, help="images to time per run (default: --images)")
+    p.add_argument("--measure", type=int, default=None, help="images per webdataset epoch (default: --images)")
     p.add_argument("--keep", default=None, help="build the tree/shards here and keep them")
     a = p.parse_args(argv)
 
@@ -109,9 +114,10 @@ def main(argv=None) -> None:
             image_size=a.image_size,
             batch_size=a.batch_size,
             num_workers=nw,
-            epoch_length=10**9,
+            epoch_length=measure,
             shuffle_buffer=100,
             shard_mode="resampled",
+            pin_memory=False,  # no GPU is fed here: measure the workers and the process boundary only
         )
         folder_dm = FolderDataModule(
             src, image_size=a.image_size, batch_size=a.batch_size, num_workers=nw, pin_memory=False
@@ -119,15 +125,23 @@ def main(argv=None) -> None:
         folder_dm.setup("fit")
         loaders = {"webdataset": wds_dm.train_dataloader(), "folder": folder_dm.train_dataloader()}
         for kind, loader in loaders.items():
-            rate, n = time_loader(loader, measure)
-            rows.append((kind, nw, rate, n))
-            print(f"  {kind:<10} workers={nw}: {rate:7.1f} img/s ({n} images)", flush=True)
+            first, second = time_epoch(loader), time_epoch(loader)
+            rows.append((kind, nw, first, second))
+            print(
+                f"  {kind:<10} workers={nw}: {first['rate']:7.1f} img/s ({first['n']} images), "
+                f"{first['dtype']} {first['shape']} = {first['bytes']} bytes/batch, "
+                f"epoch 2 first batch after {second['first_s']:.3f}s",
+                flush=True,
+            )
             del loader
     print()
-    print("| pipeline   | workers | images/s |")
-    print("|------------|--------:|---------:|")
-    for kind, nw, rate, _n in rows:
-        print(f"| {kind:<10} | {nw:>7} | {rate:8.1f} |")
+    print("| pipeline   | workers | images/s | batch dtype | bytes/batch | epoch-2 first batch (s) |")
+    print("|------------|--------:|---------:|-------------|------------:|------------------------:|")
+    for kind, nw, first, second in rows:
+        print(
+            f"| {kind:<10} | {nw:>7} | {first['rate']:8.1f} | {first['dtype']:<11} | {first['bytes']:>11} "
+            f"| {second['first_s']:>23.3f} |"
+        )
     if tmp is not None:
         tmp.cleanup()
 

@@ -11,7 +11,7 @@ import torch
 from _data_helpers import make_awkward_tree
 
 from data.convert_shards import convert
-from data.transforms import decode_image, eval_transform
+from data.transforms import decode_image, eval_transform, to_float_images, to_uint8_images, train_transform
 from data.webdataset import ShardStream, expand_shards
 
 
@@ -92,6 +92,26 @@ def test_samples_decode_to_rgb_float(converted):
     with open(os.path.join(src, special["rgba"]), "rb") as f:  # alpha 128 composited on white
         img = decode_image(f.read())
     assert img.mode == "RGB" and min(img.getextrema(), key=lambda e: e[0])[0] >= 127
+
+
+def test_uint8_transforms_are_the_float_ones_before_division(converted):
+    """The DataModules' uint8 transforms give exactly the float pixels once divided by 255 (no resize quality lost):
+    PIL resamples the decoded 8-bit image to 8 bit either way; checked on every odd mode of the awkward tree."""
+    src, out, special, meta = converted
+    for rel in ("cat/rgb0.jpg", "dog/rgb1.JPEG", special["gray"], special["cmyk"], special["rgba"]):
+        with open(os.path.join(src, rel), "rb") as f:
+            img = decode_image(f.read())
+        for make in (eval_transform, train_transform):
+            torch.manual_seed(5)
+            as_uint8 = make(24, uint8=True)(img)  # [3, 24, 24]
+            torch.manual_seed(5)  # same random crop and flip
+            as_float = make(24)(img)
+            assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, 24, 24)
+            assert torch.equal(to_float_images(as_uint8), as_float), (rel, make.__name__)
+    levels = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8_images(to_float_images(levels)), levels)  # lossless round trip of the 256 levels
+    x = torch.tensor([-0.1, 0.0, 0.3 / 255, 0.7 / 255, 0.5, 1.0, 1.2])
+    assert to_uint8_images(x).tolist() == [0, 0, 0, 1, 128, 255, 255]  # nearest level, clipped
 
 
 def test_resume_rewrites_only_missing_shard(converted):

@@ -83,8 +83,8 @@ def test_discriminator_loss_responds_to_real_vs_reconstructed():
         return torch.nn.functional.avg_pool2d(x, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
 
     losses = []
-    for real, _ in dm.train_dataloader():
-        real = real * 2 - 1
+    for batch in dm.train_dataloader():
+        real = dm.on_after_batch_transfer(batch, 0)[0] * 2 - 1  # the loader's uint8 -> float, as Lightning does
         loss = hinge_d_loss(disc(real), disc(blurred(real)))
         opt.zero_grad()
         loss.backward()

@@ -22,7 +22,7 @@ def test_sample_data_holds_out_whole_photographs():
     assert {"motorcycle_left", "motorcycle_right"} <= set(TRAIN_IMAGES)
     dm = SampleImagesDataModule(image_size=32, batch_size=8, train_samples_per_epoch=16, val_crops_per_scale=2)
     dm.setup()
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)  # uint8 from the loader -> float
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert y.dtype == torch.int64 and y.max() < len(TRAIN_IMAGES)
     val = dm.val_batch()
@@ -35,7 +35,7 @@ def test_color_jitter_recolours_training_crops_within_range():
         torch.manual_seed(0)
         dm = SampleImagesDataModule(image_size=32, batch_size=64, train_samples_per_epoch=64, color_jitter=jitter)
         dm.setup()
-        return next(iter(dm.train_dataloader()))[0]
+        return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)[0]
 
     plain, jittered = first_batch(0.0), first_batch(0.4)
     assert 0 <= jittered.min() and jittered.max() <= 1

@@ -1,0 +1,58 @@
+"""How image batches travel from DataLoader workers to the model, shared by the image DataModules.
+
+- Workers build **uint8** batches ``[B, 3, H, W]``: a quarter of the bytes of float32 through the worker ->
+  main process queue (shared memory), the pinned staging buffer and the host -> device copy.
+- The DataModule's ``on_after_batch_transfer`` (Lightning calls it after moving the batch to the device and
+  before the LightningModule sees it) turns them into float32 in [0, 1] with ``float_image_batch``, so the
+  LightningModules keep their float contract and the conversion runs on the GPU. Note that Lightning uses the
+  DataModule's ``on_after_batch_transfer`` *instead of* a LightningModule's own one when both define it.
+- Workers are **persistent** (no fork + dataset copy + warm-up every epoch; per-epoch state must therefore reach
+  them through shared memory, see ``data.webdataset``), memory is **pinned** when the batches go to a CUDA
+  device, and each worker keeps ``prefetch_factor`` batches in flight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data.transforms import to_float_images
+
+# Batches in flight per worker. The PyTorch default (2) leaves a GPU step waiting whenever one slow JPEG batch
+# lands on a worker; 4 absorbs that jitter, and in uint8 costs 4 x 6.3 MB per worker at B=32, 256 px.
+PREFETCH_FACTOR = 4
+
+
+def wants_pinned_memory(trainer=None) -> bool:
+    """Pin host memory when batches will be copied to a CUDA device: the attached Trainer's device when there
+    is one (a CPU run on a GPU machine pins nothing), else whether CUDA is available."""
+    if trainer is not None:
+        return trainer.strategy.root_device.type == "cuda"
+    return torch.cuda.is_available()
+
+
+def loader_kwargs(
+    num_workers: int,
+    *,
+    pin_memory: bool = True,
+    persistent_workers: bool = True,
+    prefetch_factor: int = PREFETCH_FACTOR,
+    trainer=None,
+) -> dict:
+    """DataLoader keyword arguments: ``num_workers``, ``pin_memory`` (if asked for and useful, see
+    ``wants_pinned_memory``), and with workers ``persistent_workers`` and ``prefetch_factor``."""
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if prefetch_factor < 1:
+        raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
+    kwargs = dict(num_workers=num_workers, pin_memory=pin_memory and wants_pinned_memory(trainer))
+    if num_workers > 0:  # DataLoader rejects both options without workers
+        kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+    return kwargs
+
+
+def float_image_batch(batch):
+    """``(images uint8 [B, 3, H, W], labels, ...)`` -> the same batch with images float32 [B, 3, H, W] in [0, 1]
+    (labels, keys and the tuple/list type untouched): the DataModules' ``on_after_batch_transfer``."""
+    if not isinstance(batch, (tuple, list)) or not batch:
+        raise TypeError(f"expected a batch (images, labels, ...), got {type(batch).__name__}")
+    return type(batch)([to_float_images(batch[0]), *batch[1:]])
