@@ -21,6 +21,12 @@ center crop; no random augmentation except the optional stored flip):
 
 ``--flip`` stores two views per image, [N, 2, K]: the image and its horizontal flip (``data/tokens.py``).
 
+``--precision fp32|bf16`` (default bf16 on CUDA, fp32 on CPU; recorded in meta.json): the encoder runs under
+that autocast (``tokenizer.precision``); the quantizer's nearest-code search stays fp32 inside. bf16 moves
+the encoder output slightly, so an id near a tie between two codes can differ from an fp32 extraction (85%
+of the ids agree for the briefly trained tiny tokenizer of ``tests/test_extract_tokens.py``, 1024 codes);
+a resumed extraction should keep the precision it started with.
+
 Exactly once, resumable
 -----------------------
 Every process first reads the keys of all finished shards in ``--out`` (whatever process wrote them), then
@@ -57,6 +63,7 @@ from data.tokens import (  # noqa: E402
     read_meta,
     shard_paths,
 )
+from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
 log = logging.getLogger("extract_tokens")
 
@@ -275,11 +282,14 @@ class Source:
 
 # ---- encoding --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_batch(tokenizer, images: torch.Tensor, num_tokens: int, flip: bool) -> torch.Tensor:
-    """images [B, 3, S, S] -> ids [B, k], or [B, 2, k] (image, horizontal flip) with flip."""
-    if not flip:
-        return tokenizer.encode(images, num_tokens=num_tokens)
-    both = tokenizer.encode(torch.cat([images, images.flip(-1)]), num_tokens=num_tokens)  # [2B, k]
+def encode_batch(tokenizer, images: torch.Tensor, num_tokens: int, flip: bool,
+                 precision: str | None = None) -> torch.Tensor:  # fmt: skip
+    """images [B, 3, S, S] -> ids [B, k], or [B, 2, k] (image, horizontal flip) with flip. The encoder runs
+    under `precision` autocast (None: bf16 on CUDA, fp32 on CPU)."""
+    with autocast(precision, images.device):
+        if not flip:
+            return tokenizer.encode(images, num_tokens=num_tokens)
+        both = tokenizer.encode(torch.cat([images, images.flip(-1)]), num_tokens=num_tokens)  # [2B, k]
     b = len(images)
     return torch.stack([both[:b], both[b:]], dim=1)  # [B, 2, k]
 
@@ -315,6 +325,7 @@ def extract(args: argparse.Namespace) -> dict | None:
     k = args.num_tokens or tokenizer.max_tokens
     if not 1 <= k <= tokenizer.max_tokens:
         raise SystemExit(f"--num-tokens must be in 1..{tokenizer.max_tokens}, got {k}")
+    precision = resolve_precision(args.precision, device)
 
     # every process validates a pre-existing meta.json (same K / codebook / views / flip) and reads the keys
     # already written; nothing is written before the barrier, so all processes see the same finished set.
@@ -334,7 +345,8 @@ def extract(args: argparse.Namespace) -> dict | None:
     source = Source(args, tokenizer.image_size, state, done)
     state.wait_for_everyone()
     if state.is_main_process:
-        meta = dict(writer.meta, num_classes=source.num_classes, num_processes=n, **source.extra)
+        meta = dict(writer.meta, num_classes=source.num_classes, num_processes=n, precision=precision,
+                    **source.extra)  # fmt: skip
         if os.path.exists(os.path.join(args.out, "meta.json")):
             meta["resumed_from_records"] = len(done)
         _write_json_atomic(os.path.join(args.out, "meta.json"), meta)
@@ -360,7 +372,7 @@ def extract(args: argparse.Namespace) -> dict | None:
         dynamic_ncols=True,
     )
     for images, labels, keys in source.batches():
-        ids = encode_batch(tokenizer, images.to(device, non_blocking=True), k, args.flip)
+        ids = encode_batch(tokenizer, images.to(device, non_blocking=True), k, args.flip, precision)
         count += writer.write(ids, labels, keys)
         bar.update(len(keys))
     bar.close()
@@ -403,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (sample/folder sources)")
     p.add_argument("--shard-size", type=int, default=10000, help="records per shard file")
     p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is visible")
+    add_precision_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -20,8 +20,9 @@ Reference (exactly one):
 
 Features: ``tokenizer.inception`` (torch-fidelity's TF-FID InceptionV3 with the converted weights; images
 resized to 299 inside; create the weights with ``make weights`` / ``python -m tokenizer.weights``). Frechet
-distance in float64. Features are computed on the main process; sampling is distributed (see
-``eval.sample_generator``). Results: ``gfid.json`` and ``gfid.md`` in ``--out`` and a table on stdout.
+distance in float64. Features are computed on the main process, in fp32; sampling is distributed (see
+``eval.sample_generator``; ``--precision fp32|bf16`` is its autocast for the GPT and the decoder, default bf16
+on CUDA). Results: ``gfid.json`` and ``gfid.md`` in ``--out`` and a table on stdout.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenizer.inception import feature_statistics, frechet_distance  # noqa: E402
+from tokenizer.precision import resolve_precision  # noqa: E402
 
 # uint8 images [B, 3, H, W] -> features [B, D]
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
     generating = bool(args.checkpoint or args.gpt)
     if generating and args.samples:
         raise SystemExit("give either --samples or a generator (--checkpoint/--gpt), not both")
-    image_size, samples, state = args.image_size, {}, None
+    image_size, samples, state, precision = args.image_size, {}, None, None
     if generating:
         from eval.sample_generator import sample_eval_sets, sampling_kwargs, setup
 
@@ -218,8 +220,10 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
         state, gpt, tok, ks = setup(args)
         image_size = image_size or tok.image_size
         sampling = sampling_kwargs(args)
+        precision = resolve_precision(args.precision, state.device)  # GPT + decoder; Inception stays fp32
         samples = sample_eval_sets(gpt, tok, ks, args.num_samples, Path(args.out), state, args.batch_size,
-                                   args.seed, ("npz",), not args.no_progress, **sampling)  # fmt: skip
+                                   args.seed, ("npz",), not args.no_progress, precision,
+                                   **sampling)  # fmt: skip
         if not state.is_main_process:
             return {}
         del gpt, tok
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
         extractor = inception_extractor(device)
     ref_mu, ref_sigma, reference = reference_stats(args, extractor, image_size)
     result: dict = {"reference": reference, "rows": {}}
+    if precision is not None:
+        result["sampling_precision"] = precision
     if samples:
         rows = gfid(samples, ref_mu, ref_sigma, extractor)
         result["rows"] = rows

@@ -37,6 +37,12 @@ rFID protocol: reconstructions of the N crops vs those same N crops (uint8); TF-
 FID is biased upwards at small N (a few dozen images give large values even for good reconstructions): compare
 numbers only at the same N. ``--no-fid`` skips it.
 
+Precision (``--precision fp32|bf16``, default bf16 on CUDA, fp32 on CPU): the tokenizer's encoder and
+decoder run under that autocast (``tokenizer.precision``; the quantizer stays fp32 inside); every metric is
+computed in fp32/fp64 outside it, on the uint8 images. For the briefly trained tiny tokenizer of
+``tests/test_eval.py`` bf16 moves mean PSNR by 0.02 dB (some ids change: encoder outputs near a tie between
+two codes); compare reports at equal precision.
+
 Distributed: process r of W evaluates the images with global index i % W == r (no padding, no repeats);
 per-image metric rows, token ids and FID feature rows are gathered with their indices (padded with index -1
 for the collective, trimmed, sorted), or, above 2048 images, FID sums are all-reduced; so every metric is over
@@ -64,6 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval.metrics import PSNR_CAP_DB, FeatureSet, LPIPSReference, psnr, ssim, to_uint8  # noqa: E402
 from tokenizer import OneDTokenizer  # noqa: E402
+from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 from tokenizer.training.module import default_eval_tokens, make_grid, tokenizer_from_checkpoint  # noqa: E402
 
 PER_IMAGE_FIELDS = ("psnr", "ssim", "lpips", "bits", "quality")
@@ -153,9 +160,39 @@ def _merge_features(accelerator, fs: FeatureSet, total: int) -> FeatureSet:
 
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
+def reconstruct(tokenizer: OneDTokenizer, refs: torch.Tensor, num_tokens: list[int],
+                precision: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """uint8 refs [b, 3, S, S] -> (ids int64 [b, K], uint8 reconstructions [b, 3, S, S] per k).
+
+    Encoder and decoder run under `precision` autocast; each decoded image is quantised to uint8 in fp32
+    right away (so only one float batch is alive at a time).
+    """
+    device = refs.device
+    with autocast(precision, device):
+        ids = tokenizer.encode(refs.float() / 255)  # [b, K]
+    recs = []
+    for k in num_tokens:
+        with autocast(precision, device):
+            images = tokenizer.decode(ids[:, :k])  # [b, 3, S, S] in [0, 1]
+        recs.append(to_uint8(images.float()))
+    return ids, recs
+
+
+@torch.no_grad()
+def image_metrics(rec: torch.Tensor, refs: torch.Tensor, lpips_ref: LPIPSReference) -> torch.Tensor:
+    """PSNR, SSIM, LPIPS of uint8 rec vs refs [b, 3, S, S] -> float64 [b, 3] on the CPU, always in fp32 (an
+    outer autocast region is switched off)."""
+    with autocast("fp32", rec.device):
+        return torch.stack([psnr(rec, refs).double(), ssim(rec, refs).double(), lpips_ref(rec).double()],
+                           dim=1).cpu()  # fmt: skip
+
+
+@torch.no_grad()
 def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_tokens: list[int],
-             codecs: list[str], fid: bool = True, grid_images: int = 8):
+             codecs: list[str], fid: bool = True, grid_images: int = 8, precision: str | None = None):
     """On every process; Returns (rows, grid, per_image) on the main process, (None, None, None) elsewhere.
+
+    precision: autocast of the tokenizer ("fp32" | "bf16"; None: bf16 on CUDA, fp32 on CPU).
 
     grid: {"reference": uint8 [n, 3, S, S], "tokenizer@k" / "<codec>@k": uint8 [n, 3, S, S]}, first n indices.
     per_image: {"index": [N], "settings": [...], "metrics": [N, S, 5] (PER_IMAGE_FIELDS), "ids": [N, K]}.
@@ -184,30 +221,29 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
             continue
         b = len(index)
         refs_dev = refs.to(device)
-        ids = tokenizer.encode(refs_dev.float() / 255)  # [b, K]
+        ids, recs = reconstruct(tokenizer, refs_dev, num_tokens, precision)  # [b, K], uint8 per k
         lpips_ref = LPIPSReference(refs_dev)
         small = [j for j in range(b) if int(index[j]) < grid_images]
         for j in small:
             grid[int(index[j])] = {"reference": refs[j].cpu()}
         if fid:
-            feats["reference"].add(inception_features(refs_dev, inception), index)
-        candidates = []  # (reconstruction uint8 [b, 3, S, S], bits [b], quality [b] | None), settings order
-        for k in num_tokens:
-            candidates.append((to_uint8(tokenizer.decode(ids[:, :k])), torch.full((b,), bits[k]), None))
+            with autocast("fp32", device):
+                feats["reference"].add(inception_features(refs_dev, inception), index)
+        # (reconstruction uint8 [b, 3, S, S], bits [b], quality [b] | None), settings order
+        candidates = [(rec, torch.full((b,), bits[k]), None) for k, rec in zip(num_tokens, recs)]
         for codec in codecs:
             out = compress_batch(refs.cpu(), codec, [bits[k] for k in num_tokens])
             candidates += [out[bits[k]] for k in num_tokens]
         row = torch.full((b, len(settings), len(PER_IMAGE_FIELDS)), float("nan"), dtype=torch.float64)
         for s, (rec, rec_bits, quality) in enumerate(candidates):
             rec = rec.to(device)
-            row[:, s, 0] = psnr(rec, refs_dev).double().cpu()
-            row[:, s, 1] = ssim(rec, refs_dev).double().cpu()
-            row[:, s, 2] = lpips_ref(rec).double().cpu()
+            row[:, s, :3] = image_metrics(rec, refs_dev, lpips_ref)  # psnr, ssim, lpips
             row[:, s, 3] = rec_bits.double()
             if quality is not None:
                 row[:, s, 4] = quality.double()
             if fid:
-                feats[names[s]].add(inception_features(rec, inception), index)
+                with autocast("fp32", device):
+                    feats[names[s]].add(inception_features(rec, inception), index)
             for j in small:
                 grid[int(index[j])][names[s]] = rec[j].cpu()
         indices.append(index.long())
@@ -367,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-image", action="store_true", help="also write per_image.npz")
     p.add_argument("--val-crops-per-scale", type=int, default=4, help="--source sample: crops per scale")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
+    add_precision_arg(p)
     return p
 
 
@@ -387,8 +424,9 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
         world_size=accelerator.num_processes, batch_size=args.batch_size, max_images=args.max_images,
         num_workers=args.num_workers, root=args.root, shards=args.shards,
         val_crops_per_scale=args.val_crops_per_scale)
+    precision = resolve_precision(args.precision, accelerator.device)
     rows, grid, per_image = evaluate(accelerator, tokenizer, loader, total, ks, list(args.codecs or []),
-                                     fid=args.fid, grid_images=args.grid_images)
+                                     fid=args.fid, grid_images=args.grid_images, precision=precision)
     if accelerator.is_main_process:
         cfg = tokenizer.config
         n = rows[0].num_images if rows else 0
@@ -400,6 +438,7 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
             "reference_set": f"the same N={n} center crops as uint8 (reconstruction FID, not generation FID)",
             "num_processes": accelerator.num_processes,
             "device": str(accelerator.device),
+            "precision": precision,
             "num_tokens": ks,
             "codecs": list(args.codecs or []),
             "protocol": PROTOCOL if args.fid else {k: v for k, v in PROTOCOL.items() if k != "rfid"},

@@ -22,6 +22,11 @@ c % num_processes with a generator seeded by (seed, k, c), so the images do not 
 processes. Each process writes its PNGs (`k{k:03d}/{i:06d}.png`) and an npz part; after
 `wait_for_everyone()` the main process merges the parts into `samples_k{k:03d}.npz` (arr_0 uint8
 [N, H, W, 3], arr_1 int64 [N] labels, ordered by i) and checks that it holds exactly N samples.
+
+Precision (`--precision fp32|bf16`, default bf16 on CUDA, fp32 on CPU): the GPT's forward passes and the
+tokenizer's decoder run under that autocast (`tokenizer.precision`); the sampler itself, the quantizer's code
+lookup and the conversion to uint8 (clamp to [0, 1], round) are fp32. bf16 changes the sampled ids (a logit
+difference of a few 1e-3 flips a draw now and then), so compare sample sets at equal precision.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenizer.generator import GPT, generate, preset_config  # noqa: E402
+from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
@@ -76,8 +82,17 @@ def check_pair(gpt: GPT, tok) -> None:
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] (round to nearest, like eval.reconstruction)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] (round to nearest, like eval.reconstruction; in fp32:
+    bf16 values of x * 255 are too coarse to round to the nearest level)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def decode(tok, ids: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+    """ids [B, k] -> float32 images [B, 3, H, W] in [0, 1]; the decoder runs under `precision` autocast."""
+    with autocast(precision, ids.device):
+        images = tok.decode(ids)
+    return images.float().clamp(0, 1)
 
 
 def _seed(*parts) -> int:
@@ -111,6 +126,7 @@ def sample_grid(
     num_rows: int = 8,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    precision: str | None = None,
     **sampling,
 ) -> tuple[torch.Tensor, list[int | None]]:
     """Images float [R, C, 3, H, W]: row r = one sample (of class classes[r // rows_per_class]), column j =
@@ -121,11 +137,12 @@ def sample_grid(
         batch = num_rows
     else:
         row_labels = [c for c in classes for _ in range(rows_per_class)]
-        labels = torch.tensor(row_labels, dtype=torch.long, device=device)
+        labels = torch.tensor(row_labels, dtype=torch.long)  # on the CPU: generate checks, then moves them
         batch = len(row_labels)
     gen = torch.Generator(device=device).manual_seed(_seed("grid", seed))
-    ids = generate(gpt, labels, num_tokens=k_max, generator=gen, batch_size=batch, **sampling)  # [R, k_max]
-    cols = [tok.decode(ids[:, :k]).float().cpu() for k in sorted(ks)]  # each [R, 3, H, W]
+    ids = generate(gpt, labels, num_tokens=k_max, generator=gen, batch_size=batch, precision=precision,
+                   **sampling)  # [R, k_max]  # fmt: skip
+    cols = [decode(tok, ids[:, :k], precision).cpu() for k in sorted(ks)]  # each [R, 3, H, W]
     return torch.stack(cols, dim=1), row_labels
 
 
@@ -165,6 +182,7 @@ def sample_eval_sets(
     seed: int = 0,
     formats: tuple[str, ...] = ("npz",),
     show_progress: bool = True,
+    precision: str | None = None,
     **sampling,
 ) -> dict[int, Path]:
     """Write num_samples images per k (see the module docstring). Returns {k: merged npz path} (main process;
@@ -192,9 +210,10 @@ def sample_eval_sets(
             idx = np.arange(c * batch_size, min((c + 1) * batch_size, num_samples))
             labels = sample_labels(gpt, idx)
             gen = torch.Generator(device=device).manual_seed(_seed("eval", seed, k, c))
-            ids = generate(gpt, None if labels is None else labels.to(device), num_tokens=k, generator=gen,
-                           batch_size=len(idx), **sampling)  # fmt: skip
-            images = to_uint8_hwc(tok.decode(ids))  # [b, H, W, 3]
+            # labels stay on the CPU: generate range-checks them there (no host sync), then moves them
+            ids = generate(gpt, labels, num_tokens=k, generator=gen, batch_size=len(idx), precision=precision,
+                           **sampling)  # fmt: skip
+            images = to_uint8_hwc(decode(tok, ids, precision))  # [b, H, W, 3]
             if "png" in formats:
                 from PIL import Image
 
@@ -278,6 +297,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpt", help="GPT.save_pretrained directory")
     p.add_argument("--tokenizer", help="tokenizer save_pretrained directory (default: the checkpoint's)")
     p.add_argument("--cpu", action="store_true", help="force CPU")
+    add_precision_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,18 +341,19 @@ def main(argv: list[str] | None = None) -> dict:
     state, gpt, tok, ks = setup(args)
     out = Path(args.out)
     sampling = sampling_kwargs(args)
-    written: dict = {"num_tokens": ks, **sampling, "seed": args.seed}
+    precision = resolve_precision(args.precision, state.device)
+    written: dict = {"num_tokens": ks, **sampling, "seed": args.seed, "precision": precision}
     if not args.no_grid and state.is_main_process:
         classes = grid_classes(gpt, args.grid_classes)
         rows, row_labels = sample_grid(gpt, tok, ks, classes, args.grid_rows_per_class, args.grid_rows,
-                                       args.seed, state.device, **sampling)  # fmt: skip
+                                       args.seed, state.device, precision, **sampling)  # fmt: skip
         written["grid"] = str(save_grid_png(rows, out / "grid.png"))
         written["grid_rows"] = row_labels
         print(f"grid ({len(row_labels)} rows = classes {row_labels}, columns = k {ks}) -> {written['grid']}")
     if args.num_samples > 0:
         formats = ("npz", "png") if args.format == "both" else (args.format,)
         sets = sample_eval_sets(gpt, tok, ks, args.num_samples, out, state, args.batch_size, args.seed,
-                                formats, not args.no_progress, **sampling)  # fmt: skip
+                                formats, not args.no_progress, precision, **sampling)  # fmt: skip
         written["samples"] = {k: str(p) for k, p in sets.items()}
         written["num_samples"] = args.num_samples
         if state.is_main_process:

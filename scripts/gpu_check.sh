@@ -58,7 +58,7 @@ run tokenizer_only "$PYTHON" scripts/bench_train.py --config "$CFG" --device cud
 run full_objective "$PYTHON" scripts/bench_train.py --config "$CFG" --device cuda --batch-size "$BATCH" \
     --steps "$STEPS" --compile --random-lpips --check-syncs
 run generator_sampling "$PYTHON" scripts/bench_sampling.py --preset B --device cuda --batch-sizes 64 \
-    --num-tokens 32 256 --cfg-scale 2.0 --dtype bfloat16
+    --num-tokens 32 256 --cfg-scale 2.0 --dtype bfloat16 --no-cache-max-tokens 32
 run reconstruction_eval "$PYTHON" scripts/bench_eval.py --preset B --device cuda --precision bf16 \
     --batch-size 64 --num-tokens 32 256
 

@@ -349,3 +349,27 @@ def test_lightning_module_rejects_mismatched_data(tmp_path):
     )
     with pytest.raises(ValueError, match="vocab_size"):
         trainer.fit(module, datamodule=TokenDataModule(str(tmp_path / "tokens"), batch_size=8))
+
+
+def test_lightning_checks_token_values_once_at_setup(tmp_path):
+    """GPT.forward range-checks CPU tensors only (on a GPU every batch would sync the host), so the module
+    checks the loaded token arrays once, at setup, with the same error: here labels -1 (a data set without
+    classes) for a class-conditional model."""
+    import lightning.pytorch as pl
+
+    from data.tokens import TokenDataModule, TokenShardWriter
+    from tokenizer.generator.lightning import GeneratorModule
+
+    root = str(tmp_path / "tokens")
+    with TokenShardWriter(root, num_tokens=16, codebook_size=16, shard_size=100) as w:
+        w.write(np.zeros((20, 16), np.int64), np.full(20, -1), [f"s{i}" for i in range(20)])
+    module = GeneratorModule(overrides=dict(vocab_size=16, block_size=16, num_classes=4, dim=64, depth=1, heads=4))
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\].*got \[-1, -1\]") as err:
+        trainer.fit(module, datamodule=TokenDataModule(root, batch_size=8))
+    assert any(entry.name == "setup" for entry in err.traceback)  # raised at setup, not in a step
+    m = small_gpt()
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 64\), got \[0, 64\]"):
+        m.check_ids(torch.tensor([[0, 64]]))
+    m.check_labels(torch.tensor([0, 4]))  # 4 = the null class is a valid label

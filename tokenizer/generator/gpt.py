@@ -99,7 +99,12 @@ def preset_config(name: str, **overrides) -> GPTConfig:
 
 
 def _check_values(t: torch.Tensor) -> bool:
-    """Range-check ids/labels on CPU only: on an accelerator the check would sync the host every step."""
+    """Range-check ids/labels on CPU only: on an accelerator the check would sync the host every step.
+
+    Values bound for an accelerator are checked while still on the CPU instead (`GPT.check_ids` /
+    `GPT.check_labels`): `condition_labels` checks labels before moving them, and the Lightning module checks
+    the whole token data set once at setup.
+    """
     return t.numel() > 0 and t.device.type == "cpu"
 
 
@@ -260,6 +265,25 @@ class GPT(nn.Module):
                 (decay if isinstance(module, nn.Linear) and p.ndim >= 2 else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    # ---- value checks (they read the values: call them on CPU tensors, a GPU tensor would sync the host) ----
+    def check_ids(self, ids: torch.Tensor) -> None:
+        """ValueError unless every id is in [0, vocab_size)."""
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise ValueError(
+                f"ids must be in [0, {self.cfg.vocab_size}), got [{ids.min().item()}, {ids.max().item()}]"
+            )
+
+    def check_labels(self, labels: torch.Tensor) -> None:
+        """ValueError unless every label is in [0, null_class] (an unconditional model ignores labels)."""
+        null = self.cfg.null_class
+        if self.cfg.is_unconditional or not labels.numel():
+            return
+        if labels.min() < 0 or labels.max() > null:
+            raise ValueError(
+                f"labels must be in [0, {null}] ({null} = null class), got "
+                f"[{labels.min().item()}, {labels.max().item()}]"
+            )
+
     # ---- conditioning -------------------------------------------------------------------------------------
     def condition_labels(
         self, labels: torch.Tensor | None, batch_size: int, device, drop: bool | None = None
@@ -268,14 +292,11 @@ class GPT(nn.Module):
         null = self.cfg.null_class
         if labels is None or self.cfg.is_unconditional:
             return torch.full((batch_size,), null, dtype=torch.long, device=device)
-        labels = labels.to(device=device, dtype=torch.long)
         if labels.shape != (batch_size,):
             raise ValueError(f"labels must have shape [{batch_size}], got {tuple(labels.shape)}")
-        if _check_values(labels) and (labels.min() < 0 or labels.max() > null):
-            raise ValueError(
-                f"labels must be in [0, {null}] ({null} = null class), got "
-                f"[{labels.min().item()}, {labels.max().item()}]"
-            )
+        if _check_values(labels):  # before the transfer: CPU labels bound for a GPU are checked too
+            self.check_labels(labels)
+        labels = labels.to(device=device, dtype=torch.long)
         drop = self.training if drop is None else drop
         if drop and self.cfg.class_dropout_prob > 0:
             dropped = torch.rand(batch_size, device=device) < self.cfg.class_dropout_prob  # [B]
@@ -326,10 +347,8 @@ class GPT(nn.Module):
         B, T = ids.shape
         if not 1 <= T <= self.cfg.block_size:
             raise ValueError(f"sequence length {T} must be in 1..block_size={self.cfg.block_size}")
-        if _check_values(ids) and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
-            raise ValueError(
-                f"ids must be in [0, {self.cfg.vocab_size}), got [{ids.min().item()}, {ids.max().item()}]"
-            )
+        if _check_values(ids):
+            self.check_ids(ids)
         ids = ids.long()
         cond = self.condition_labels(labels, B, ids.device, drop=drop_labels)  # [B]
         logits = self.transformer(self.embed(cond, ids[:, :-1]))  # [B, T, V]

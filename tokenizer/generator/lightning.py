@@ -85,6 +85,15 @@ class GeneratorModule(pl.LightningModule):
         nc = meta.get("num_classes")
         if nc and not cfg.is_unconditional and nc > cfg.num_classes:
             raise ValueError(f"token shards have {nc} classes > model num_classes {cfg.num_classes}")
+        # Range-check every id and label once, here, on the CPU arrays: `GPT.forward` checks CPU tensors only
+        # (on a GPU, .min()/.max() of each batch would sync the host every step), so without this a bad
+        # value would surface as an opaque device-side assert in the embedding.
+        for name in ("train_set", "val_set"):
+            ds = getattr(dm, name, None)
+            if getattr(ds, "ids", None) is not None:
+                self.gpt.check_ids(torch.as_tensor(ds.ids))
+            if getattr(ds, "labels", None) is not None:
+                self.gpt.check_labels(torch.as_tensor(ds.labels))
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -7,12 +7,20 @@
 CFG runs the conditional and the null-class batch together (batch 2B) and mixes the logits,
 `uncond + scale * (cond - uncond)`; at scale 1 the null-class half is skipped, so the logits are exactly the
 conditional ones. `use_kv_cache=False` recomputes the whole prefix at every step (slow; a test reference).
+
+No host sync per token: the sampler is Gumbel-max, argmax(logits / temperature + Gumbel noise), which draws
+from softmax(logits / temperature) exactly, with top-k/top-p as -inf masks built from topk/sort/cumsum
+(fixed shapes, no `.item()`, no boolean indexing). `torch.multinomial` would wait for the GPU at every token.
+Everything that reads values on the host (label checks) happens once, before the loop.
+`precision` ("fp32" | "bf16", default bf16 on CUDA, fp32 on CPU) is an autocast region around the model
+calls (`tokenizer.precision`); the KV cache is kept in the compute dtype and the sampler works in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..precision import autocast, autocast_dtype, resolve_precision
 from .gpt import GPT
 
 
@@ -71,8 +79,8 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     probs = sorted_logits.float().softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better-ranked tokens
     keep_sorted = mass_before < p  # [..., V]; a prefix of the sorted order
-    keep_sorted[..., 0] = True
-    num_keep = keep_sorted.sum(dim=-1, keepdim=True)  # [..., 1]
+    # at least the top token; a clamp, not `keep_sorted[..., 0] = True` (a tensor made from Python data)
+    num_keep = keep_sorted.sum(dim=-1, keepdim=True).clamp_(min=1)  # [..., 1]
     threshold = sorted_logits.gather(-1, num_keep - 1)  # the least likely kept logit, [..., 1]
     return logits.masked_fill(logits < threshold, float("-inf"))
 
@@ -85,15 +93,33 @@ def sample_from_logits(
     greedy: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """logits [B, V] -> ids [B] (int64). temperature 0 or greedy=True: argmax (first index on ties)."""
+    """logits [B, V] -> ids [B] (int64). temperature 0 or greedy=True: argmax (first index on ties).
+
+    Otherwise a draw from softmax(filtered logits / temperature) by the Gumbel-max trick (see
+    `gumbel_noise`): no host sync, so a GPU keeps running ahead of the Python loop. A token masked by
+    top-k/top-p has logit -inf and noise < +inf, so it is never drawn (at least one token is always kept).
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-    probs = logits.softmax(dim=-1)  # [B, V]
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = logits.float() / temperature  # fp32: bf16 logits would coarsen the distribution
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)  # [B, V], filtered entries -inf
+    return (logits + gumbel_noise(logits, generator)).argmax(dim=-1)
+
+
+def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)), u ~ U(0, 1), shaped like `like` (fp32) on its device.
+
+    argmax_i(l_i + g_i) with i.i.d. Gumbel g_i is distributed as softmax(l). u is clamped into the open
+    interval so the noise is always finite: +inf noise on a -inf (filtered) logit would be NaN, which argmax
+    would pick. The clamp truncates the Gumbel tail at about 16.6 (probability ~6e-8 per draw, far below
+    what any test or sample set can see).
+    """
+    u = torch.rand(like.shape, device=like.device, dtype=torch.float32, generator=generator)  # [0, 1)
+    f32 = torch.finfo(torch.float32)
+    u = u.clamp_(min=f32.tiny, max=1.0 - f32.eps / 2)  # (0, 1): -log(u) is finite and > 0
+    return -torch.log(-torch.log(u))
 
 
 def cfg_mix(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -110,19 +136,23 @@ def next_token_logits(
     """Logits [B, V] for the token after ids [B, t] (t >= 0) given class labels [B] (null class allowed).
 
     With CFG (scale != 1) the model runs on [labels; null] (2B rows) and the cache must hold 2B rows.
-    With a cache, only the newest position is computed (the cache must hold positions 0..t-1).
+    With a cache, only the newest position is computed (the cache must hold positions 0..t-1); then the labels
+    are not read at all.
     """
     B, t = ids.shape
     use_cfg = cfg_scale != 1.0
-    if use_cfg:
-        labels = torch.cat([labels, torch.full_like(labels, model.cfg.null_class)])  # [2B]
-        ids = torch.cat([ids, ids])  # [2B, t]
-    if cache is None:
-        logits = model.transformer(model.embed(labels, ids))[:, -1]  # full prefix -> [B', V]
-    elif t == 0:
-        logits = model.transformer(model.embed(labels, None), 0, cache)[:, -1]  # class token at position 0
+    if cache is not None and t > 0:
+        last = ids[:, -1:]  # [B, 1]
+        x = model.embed(None, torch.cat([last, last]) if use_cfg else last)  # id_{t-1} at position t
+        logits = model.transformer(x, t, cache)[:, -1]  # [B', V]
     else:
-        logits = model.transformer(model.embed(None, ids[:, -1:]), t, cache)[:, -1]  # id_{t-1} at position t
+        if use_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, model.cfg.null_class)])  # [2B]
+            ids = torch.cat([ids, ids])  # [2B, t]
+        if cache is None:
+            logits = model.transformer(model.embed(labels, ids))[:, -1]  # full prefix -> [B', V]
+        else:
+            logits = model.transformer(model.embed(labels, None), 0, cache)[:, -1]  # class token at position 0
     return cfg_mix(logits, cfg_scale) if use_cfg else logits
 
 
@@ -139,17 +169,24 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """Sample ids [B, k] (int64), k = num_tokens (default: block_size K).
 
     class_labels [B] int64, or None for unconditional sampling (null class; then `batch_size` gives B and
-    cfg_scale is ignored). The model is switched to eval mode for the call and restored afterwards.
+    cfg_scale is ignored). Labels may live on the CPU: they are range-checked there, then moved to the model's
+    device. precision: "fp32" | "bf16" autocast around the model calls (None: bf16 on CUDA, fp32 on CPU).
+    The model is switched to eval mode for the call and restored afterwards.
     """
     cfg = model.cfg
     k = cfg.block_size if num_tokens is None else int(num_tokens)
     if not 1 <= k <= cfg.block_size:
         raise ValueError(f"num_tokens must be in 1..{cfg.block_size}, got {k}")
-    device = next(model.parameters()).device
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    param = next(model.parameters())
+    device = param.device
+    precision = resolve_precision(precision, device)
     if class_labels is None or cfg.is_unconditional:
         B = batch_size if class_labels is None else len(class_labels)
         if B is None:
@@ -160,14 +197,21 @@ def generate(
         labels = model.condition_labels(class_labels, len(class_labels), device, drop=False)  # validates
         B = len(labels)
     rows = 2 * B if cfg_scale != 1.0 else B
+    # the cache holds what attention computes in: autocast turns fp32 projections into bf16 (half the memory);
+    # autocast leaves other parameter dtypes (an fp64 test model, bf16 weights) as they are
+    amp_dtype = autocast_dtype(precision)
+    cache_dtype = amp_dtype if amp_dtype is not None and param.dtype == torch.float32 else param.dtype
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model, rows, max_len=k) if use_kv_cache else None
-        ids = torch.empty(B, k, dtype=torch.long, device=device)  # [B, k], filled left to right
-        for t in range(k):
-            logits = next_token_logits(model, labels, ids[:, :t], cfg_scale, cache)  # [B, V]
-            ids[:, t] = sample_from_logits(logits, temperature, top_k, top_p, greedy, generator)  # [B]
+        with autocast(precision, device):
+            cache = KVCache(model, rows, max_len=k, dtype=cache_dtype) if use_kv_cache else None
+            ids = torch.empty(B, k, dtype=torch.long, device=device)  # [B, k], filled left to right
+            # the loop only launches device work: no .item(), no tensors from Python data, no data-dependent
+            # shapes (tests/test_sampling.py counts such ops and checks the count does not grow with k)
+            for t in range(k):
+                logits = next_token_logits(model, labels, ids[:, :t], cfg_scale, cache)  # [B, V] fp32
+                ids[:, t] = sample_from_logits(logits, temperature, top_k, top_p, greedy, generator)  # [B]
     finally:
         model.train(was_training)
     return ids
