@@ -10,8 +10,9 @@ optimization, the config's precision, EMA, LPIPS, GAN + LeCam), with the GAN on 
 configs start it at step 20k). `--tokenizer-only` drops LPIPS and the GAN: encoder, quantizer, decoder forward and
 backward, optimizer and EMA. Nothing is logged during the timed steps.
 
-FLOPs per image are counted by `torch.utils.flop_counter.FlopCounterMode` over one eager step (forward, the
-adaptive-weight products and backward), not by a formula. MFU is against the device's dense bf16 peak
+FLOPs per image are counted by `torch.utils.flop_counter.FlopCounterMode` (forward, the adaptive-weight
+products and backward), not by a formula, in an eager rerun of the timed steps with the same seed (so the same
+tail-drop k at each step: k sets the decoder's cost). MFU is against the device's dense bf16 peak
 (tokenizer/training/gpu.py), null where unknown (CPU). `--check-syncs` runs every timed step under
 `no_host_sync` (on CUDA: torch.cuda.set_sync_debug_mode("error")) and fails on the first host sync.
 (With `--check-syncs` the AdamW is fused on CPU too, as CUDA builds it.)
@@ -136,21 +137,28 @@ def fit(module, loader, device, precision, steps_per_batch, batches, callbacks):
     return trainer
 
 
-def count_flops(args: dict, random_lpips: bool, batch: torch.Tensor, device, precision) -> float:
-    """FLOPs of one eager training step (compile off: FlopCounterMode sees eager operators only)."""
+def count_flops(args: dict, random_lpips: bool, batch: torch.Tensor, device, precision, warmup: int,
+                steps: int) -> float:
+    """Mean FLOPs of the timed training steps, each counted in an eager rerun of the same batches (compile off:
+    FlopCounterMode sees eager operators only). The same seed draws the same tail-drop k at every step as the
+    timed run, and k sets the decoder's cost."""
+    pl.seed_everything(0, verbose=False)
     module, _ = build({**args, "compile": False}, random_lpips)
-    counter = FlopCounterMode(display=False)
+    per_step: list[float] = []
 
     class Count(pl.Callback):
         def on_train_batch_start(self, trainer, m, b, i):
-            counter.__enter__()
+            self.counter = FlopCounterMode(display=False)
+            self.counter.__enter__()
 
         def on_train_batch_end(self, trainer, m, outputs, b, i):
-            counter.__exit__(None, None, None)
+            self.counter.__exit__(None, None, None)
+            per_step.append(float(self.counter.get_total_flops()))
 
-    loader = DataLoader(SameBatch(batch, 1), batch_size=None)
-    fit(module, loader, device, precision, module.optimizers_per_batch, 1, [Count()])
-    return float(counter.get_total_flops())
+    loader = DataLoader(SameBatch(batch, warmup + steps), batch_size=None)
+    fit(module, loader, device, precision, module.optimizers_per_batch, warmup + steps, [Count()])
+    timed = per_step[warmup:]
+    return sum(timed) / len(timed)
 
 
 def peak_memory_gb(device: torch.device) -> tuple[float, str]:
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     img_per_s = batch_size * timer.timed / elapsed
     mem, mem_kind = peak_memory_gb(device)
 
-    flops = count_flops(args, a.random_lpips, batch, device, precision) / batch_size
+    flops = count_flops(args, a.random_lpips, batch, device, precision, a.warmup, a.steps) / batch_size
     from tokenizer.training.gpu import peak_bf16_tflops
 
     achieved = flops * img_per_s / 1e12

@@ -5,15 +5,14 @@ with the documented strategy is tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from _small_training import SMALL, data, fresh_start, trainer
 
-from data.sample import SampleImagesDataModule
 from tokenizer import OneDTokenizer
 from tokenizer.losses import hinge_g_loss
 from tokenizer.training import TokenizerModule
@@ -21,8 +20,6 @@ from tokenizer.training.gpu import HostSyncDetector, no_host_sync
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "tokenizer" / "onedpiece-B-256.yaml"
-SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
-             dec_width=32, dec_depth=1, dec_heads=2, codebook_size=64)
 
 
 def paper_module(**changes) -> tuple[TokenizerModule, str]:
@@ -34,29 +31,6 @@ def paper_module(**changes) -> tuple[TokenizerModule, str]:
                 fused_optimizer=True, warmup_steps=2, codebook_window=2)
     args.update(changes)
     return TokenizerModule(**args), cfg["trainer"]["precision"]
-
-
-def trainer(steps: int, precision: str, callbacks=(), log_every: int = 4) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, accelerator="cpu", precision=precision, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, log_every_n_steps=log_every, callbacks=list(callbacks))
-
-
-def fresh_start(model: OneDTokenizer):
-    """A function that puts the codebook (EMA-updated by every training forward) and the random draws back where
-    they are now, so that two training passes compute the same function."""
-    state = {k: v.clone() for k, v in model.quantizer.state_dict().items()}
-
-    def restart():
-        model.quantizer.load_state_dict(state)
-        random.seed(0)
-        torch.manual_seed(0)
-
-    return restart
-
-
-def data(batch_size: int = 4) -> SampleImagesDataModule:
-    return SampleImagesDataModule(image_size=32, batch_size=batch_size, train_samples_per_epoch=1000)
 
 
 @pytest.fixture(scope="module")

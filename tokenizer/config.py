@@ -50,6 +50,9 @@ class TokenizerConfig:
     length_sampling: str = "uniform"  # nested_dropout: uniform over 1..K or over powers of two
     per_sample_length: bool = False  # tail_token_drop: one k per batch (One-D-Piece) or one per sample
     causal_latents: bool = False  # encoder: latent i sees all patches and latents <= i (FlexTok)
+    # cross-length joint training (NesTok): every training step decodes all K tokens AND one prefix drawn by the
+    # length mechanism, from the same encoder pass, so that the loss always reaches every position (length.py)
+    cross_length_joint: bool = False
 
     decoder_conv: bool = True  # a 3x3 conv after unpatchify smooths patch seams
 
@@ -75,6 +78,9 @@ class TokenizerConfig:
             raise ValueError(f"length_mechanism must be one of {LENGTH_MECHANISMS}, got {self.length_mechanism!r}")
         if self.length_sampling not in LENGTH_SAMPLING:
             raise ValueError(f"length_sampling must be one of {LENGTH_SAMPLING}, got {self.length_sampling!r}")
+        if self.cross_length_joint and self.length_mechanism == "fixed":
+            raise ValueError("cross_length_joint decodes a random prefix beside all K tokens: it needs "
+                             "length_mechanism 'tail_token_drop' or 'nested_dropout', got 'fixed'")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for name in ("enc", "dec"):

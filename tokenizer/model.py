@@ -38,6 +38,16 @@ class TokenizerOutput(NamedTuple):
     aux_loss: torch.Tensor  # scalar quantizer loss
     stats: QuantizerStats
     lengths: torch.Tensor  # [B] int64: leading tokens the decoder saw
+    # cross-length joint training only (else None): the second decode, of the prefix the length mechanism drew
+    prefix_recon: torch.Tensor | None = None  # [B, 3, H, W]
+    prefix_lengths: torch.Tensor | None = None  # [B] int64
+
+
+def _as_lengths(keep: KeepLengths, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The keep length of every sample, [B] int64 (a fill on the device, not a host-to-device copy)."""
+    if keep.lengths is not None:
+        return keep.lengths
+    return torch.full((batch_size,), keep.num_tokens, dtype=torch.long, device=device)
 
 
 class OneDTokenizer(nn.Module):
@@ -75,8 +85,12 @@ class OneDTokenizer(nn.Module):
         """images [B, 3, H, W] in [0, 1]. By default the length mechanism draws the keep lengths while training,
         and all K tokens are decoded in eval mode. `num_tokens=k` decodes the first k tokens of every sample (a
         slice: the cheap way to evaluate one k); `lengths` [B] gives each sample its own keep length (tail drop
-        masks the rest, nested dropout fills them with the mask token)."""
+        masks the rest, nested dropout fills them with the mask token). With `cross_length_joint`, a training
+        forward that draws its lengths decodes twice from one encoding: all K tokens (`recon`) and the drawn
+        prefix (`prefix_recon`, `prefix_lengths`); with one-k-per-batch tail drop that second pass costs k/K of
+        the latent tokens."""
         b = images.shape[0]
+        joint = self.training and self.config.cross_length_joint and lengths is None and num_tokens is None
         if lengths is not None and num_tokens is not None:
             raise ValueError("pass either lengths (one per sample) or num_tokens (one for the batch), not both")
         if num_tokens is not None:
@@ -89,12 +103,14 @@ class OneDTokenizer(nn.Module):
             keep = KeepLengths(self.max_tokens, None)
         z = self.encoder(images * 2 - 1)  # [B, K, D]
         q = self.quantizer(z)
-        recon = self.decoder(q.quantized[:, : keep.num_tokens].to(z.dtype), keep.lengths)
-        if keep.lengths is None:  # a fill on the device, not a host-to-device copy
-            out_lengths = torch.full((b,), keep.num_tokens, dtype=torch.long, device=images.device)
-        else:
-            out_lengths = keep.lengths
-        return TokenizerOutput(recon, q.ids, q.aux_loss, q.stats, out_lengths)
+        tokens = q.quantized.to(z.dtype)  # [B, K, D]
+        recon = self.decoder(tokens[:, : keep.num_tokens], keep.lengths)  # [B, 3, H, W]
+        out_lengths = _as_lengths(keep, b, images.device)
+        if not joint:
+            return TokenizerOutput(recon, q.ids, q.aux_loss, q.stats, out_lengths)
+        full = self.decoder(tokens)  # [B, 3, H, W] all K tokens
+        k_all = torch.full((b,), self.max_tokens, dtype=torch.long, device=images.device)
+        return TokenizerOutput(full, q.ids, q.aux_loss, q.stats, k_all, prefix_recon=recon, prefix_lengths=out_lengths)
 
     # ---- inference API (contract) ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -73,6 +73,21 @@ def code_histogram(ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat, torch.ones_like(flat)).float()
 
 
+def position_histogram(ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Counts of each code at each token position: ids [B, K] (int64 in [0, codebook_size)) -> [K, V] float32.
+    One scatter-add into a fixed-size buffer, like code_histogram (no host sync)."""
+    b, k = ids.shape
+    flat = (torch.arange(k, device=ids.device) * codebook_size + ids).reshape(-1)  # [B*K] position-major index
+    counts = torch.zeros(k * codebook_size, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(k, codebook_size).float()
+
+
+def usage_per_position(counts: torch.Tensor) -> torch.Tensor:
+    """[K, V] per-position code counts -> [K]: the fraction of the codebook used at each position. A position
+    the encoder always fills with the same few codes carries almost no information, whatever its index."""
+    return (counts > 0).float().mean(dim=1)
+
+
 def histogram_stats(counts: torch.Tensor) -> QuantizerStats:
     total = counts.sum().clamp_min(1.0)
     p = counts / total

@@ -3,6 +3,10 @@
 Objective (generator side):
     recon_weight * L1|L2(recon, x) + perceptual_weight * LPIPS-VGG(recon, x) + quantizer_weight * aux
     + gan_weight * w_adaptive * hinge_G(D(recon))            (only from `gan_start` on)
+With cross-length joint training (config `cross_length_joint`) each reconstruction term is summed over the two
+decodes of one encoding, all K tokens and the drawn prefix, weighted `joint_full_weight` and
+`joint_prefix_weight`; the adversarial term too (D judges both decodes, and sees both as fakes in its own step:
+the prefix decodes are what users get at small k, and leaving them out of the GAN would leave them blurry).
 Discriminator (PatchGAN, hinge, optional LeCam): trained from `gan_start` on, one step after every generator
 step (VQGAN and TiTok start it together with the adversarial loss; before that it would train for nothing).
 
@@ -43,8 +47,8 @@ import torch.nn.functional as F
 from ..discriminator import PatchDiscriminator
 from ..losses import LeCamEMA, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from ..model import OneDTokenizer
-from ..quantizer import code_histogram, histogram_stats
-from .distributed import all_reduce_sum, average_gradients, broadcast_from_rank0
+from .codebook import CodebookMonitor, usage_curve_figure
+from .distributed import average_gradients, broadcast_from_rank0
 from .optim import clip_grad_norm, make_adamw, param_groups, warmup_cosine
 
 
@@ -93,6 +97,8 @@ class TokenizerModule(pl.LightningModule):
         export_dir: str | None = None,
         compile: bool = False,
         fused_optimizer: bool | None = None,
+        joint_full_weight: float = 1.0,
+        joint_prefix_weight: float = 1.0,
     ):
         super().__init__()
         if recon_loss not in ("l1", "l2"):
@@ -112,10 +118,7 @@ class TokenizerModule(pl.LightningModule):
         self.eval_num_tokens = sorted(set(eval_num_tokens or default_eval_tokens(k_max)))
         if not all(1 <= k <= k_max for k in self.eval_num_tokens):
             raise ValueError(f"eval_num_tokens must be within 1..{k_max}, got {self.eval_num_tokens}")
-        # codebook-usage counts of the current window: a metric accumulator, not model state (each rank counts
-        # its own ids until the window is logged), so a plain tensor rather than a buffer; made on first use
-        self._code_counts: torch.Tensor | None = None
-        self._window_steps = 0
+        self.codebook_monitor = CodebookMonitor(self.tokenizer.codebook_size, codebook_window)
         # Out of DDP: the discriminator (it averages its own gradients) and every buffer (kept identical by
         # construction; DDP would broadcast them from rank 0 before every forward, and hide any drift).
         self._ddp_params_and_buffers_to_ignore = [
@@ -202,27 +205,38 @@ class TokenizerModule(pl.LightningModule):
         # ---- generator (tokenizer) step ----
         out = self.tokenizer(images)
         target = images * 2 - 1
-        rec = self.reconstruction_loss(out.recon, target)
+        # the decodes this step trains: all K tokens (or the drawn prefix), plus the prefix under joint training
+        recon, passes = out.recon, [(slice(None), 1.0)]  # passes: (rows of `recon`, loss weight)
+        if out.prefix_recon is not None:
+            b = images.shape[0]
+            recon = torch.cat([out.recon, out.prefix_recon])  # [2B, 3, H, W]: all K tokens, then the prefix
+            passes = [(slice(0, b), hp.joint_full_weight), (slice(b, 2 * b), hp.joint_prefix_weight)]
+
+        def over_passes(loss_fn) -> torch.Tensor:
+            return sum(weight * loss_fn(recon[rows]) for rows, weight in passes)
+
+        rec = over_passes(lambda r: self.reconstruction_loss(r, target))
         logs = {"train/recon": rec, "train/quantizer": out.aux_loss}
         rec_total = hp.recon_weight * rec
         if hp.perceptual_weight > 0:
             # LPIPS-VGG costs more than the tokenizer itself at small sizes; `perceptual_subsample` applies it to
             # the first n images of the (shuffled) batch only: an unbiased estimate at a fraction of the cost.
             n = hp.perceptual_subsample or images.shape[0]
-            perceptual = self.lpips(out.recon[:n].float(), target[:n].float()).mean()
+            perceptual = over_passes(lambda r: self.lpips(r[:n].float(), target[:n].float()).mean())
             rec_total = rec_total + hp.perceptual_weight * perceptual
             logs["train/lpips"] = perceptual
         loss = rec_total + hp.quantizer_weight * out.aux_loss
         opt_g.zero_grad(set_to_none=True)
         if adversarial_on:
             self.discriminator.requires_grad_(False)  # generator step: no gradients into D
-            g_loss = hinge_g_loss(self.discriminator(out.recon))
+            logits = self.discriminator(recon)  # one pass over both decodes under joint training
+            g_loss = sum(w * hinge_g_loss(logits[rows]) for rows, w in passes)
             self.discriminator.requires_grad_(True)
-            weight, recon_grad = self.generator_gradient(out.recon, rec_total, g_loss)
+            weight, recon_grad = self.generator_gradient(recon, rec_total, g_loss)
             loss = loss + hp.gan_weight * weight * g_loss.detach()
             logs.update({"train/g_adv": g_loss, "train/g_adv_weight": weight})
             # one backward through decoder and encoder, from the objective's gradient at the reconstruction
-            surrogate = (out.recon * recon_grad).sum() + hp.quantizer_weight * out.aux_loss
+            surrogate = (recon * recon_grad).sum() + hp.quantizer_weight * out.aux_loss
             self.manual_backward(surrogate)
         else:
             self.manual_backward(loss)
@@ -236,14 +250,18 @@ class TokenizerModule(pl.LightningModule):
             opt_d, sched_d = optimizers[1], schedulers[1]
             opt_d.zero_grad(set_to_none=True)
             if adversarial_on:
-                logs.update(self.discriminator_backward(target, out.recon.detach()))
+                logs.update(self.discriminator_backward(target, recon.detach()))  # every decode is a fake
                 clip_grad_norm(list(self.discriminator.parameters()), hp.grad_clip)
             opt_d.step()  # before gan_start: no gradients, a no-op that keeps two optimizer steps per batch
             sched_d.step()
 
-        self.track_codebook(out.ids, log_now)
+        self.codebook_monitor.add(out.ids)
+        window = self.codebook_monitor.flush_if_due(log_now)
+        if window is not None:
+            self.log_codebook(window)
         if log_now:
-            logs.update({"train/loss": loss, "train/keep_tokens": out.lengths.float().mean(),
+            lengths = out.lengths if out.prefix_lengths is None else out.prefix_lengths
+            logs.update({"train/loss": loss, "train/keep_tokens": lengths.float().mean(),
                          "train/batch_usage": out.stats.usage, "train/batch_perplexity": out.stats.perplexity,
                          "lr": sched_g.get_last_lr()[0]})
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=images.shape[0])
@@ -318,21 +336,15 @@ class TokenizerModule(pl.LightningModule):
         return self.ema_tokenizer if self.ema_tokenizer is not None else self.tokenizer
 
     # ---- codebook health ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def track_codebook(self, ids: torch.Tensor, log_now: bool) -> None:
-        """Usage over a window of at least `codebook_window` steps: fraction of codes used, perplexity, dead
-        codes. Counts accumulate on the device; ranks sum them (one all-reduce) when a full window is logged."""
-        counts = code_histogram(ids, self.tokenizer.codebook_size)
-        self._code_counts = counts if self._code_counts is None else self._code_counts + counts
-        self._window_steps += 1
-        if not (log_now and self._window_steps >= self.hparams.codebook_window):
-            return
-        all_reduce_sum(self._code_counts)
-        stats = histogram_stats(self._code_counts)
-        self.log_dict({"codebook/usage": stats.usage, "codebook/perplexity": stats.perplexity,
-                       "codebook/dead_codes": (self._code_counts == 0).sum().float()}, rank_zero_only=True)
-        self._code_counts = None
-        self._window_steps = 0
+    def log_codebook(self, window) -> None:
+        """Log a flushed CodebookWindow: scalars, and the usage-per-position curve as a TensorBoard figure."""
+        self.log_dict({"codebook/usage": window.usage, "codebook/perplexity": window.perplexity,
+                       "codebook/dead_codes": window.dead_codes,
+                       "codebook/usage_per_position_mean": window.usage_per_position.mean()}, rank_zero_only=True)
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_figure"):
+            experiment.add_figure("codebook/usage_per_position", usage_curve_figure(window.usage_per_position),
+                                  self.global_step)
 
     # ---- validation: PSNR at every evaluated k --------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -1,0 +1,37 @@
+"""A small tokenizer and its training harness, shared by the training-path tests."""
+
+from __future__ import annotations
+
+import random
+
+import lightning.pytorch as pl
+import torch
+
+from data.sample import SampleImagesDataModule
+from tokenizer import OneDTokenizer
+
+SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
+             dec_width=32, dec_depth=1, dec_heads=2, codebook_size=64)
+
+
+def trainer(steps: int, precision: str, callbacks=(), log_every: int = 4) -> pl.Trainer:
+    return pl.Trainer(max_steps=steps, accelerator="cpu", precision=precision, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, log_every_n_steps=log_every, callbacks=list(callbacks))
+
+
+def fresh_start(model: OneDTokenizer):
+    """A function that puts the codebook (EMA-updated by every training forward) and the random draws back where
+    they are now, so that two training passes compute the same function."""
+    state = {k: v.clone() for k, v in model.quantizer.state_dict().items()}
+
+    def restart():
+        model.quantizer.load_state_dict(state)
+        random.seed(0)
+        torch.manual_seed(0)
+
+    return restart
+
+
+def data(batch_size: int = 4) -> SampleImagesDataModule:
+    return SampleImagesDataModule(image_size=32, batch_size=batch_size, train_samples_per_epoch=1000)
