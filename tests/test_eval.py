@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -178,6 +179,94 @@ def test_report_files_and_columns(tmp_path):
     assert "N = 6" in md and "uint8" in md
     assert per["metrics"].shape == (6, 6, len(rec.PER_IMAGE_FIELDS))
     assert per["index"].tolist() == list(range(6))
+
+
+def test_position_usage_counts_distinct_codes_per_position():
+    ids = torch.tensor([[5, 0, 1], [5, 1, 1], [5, 2, 3], [5, 3, 3]])  # [N=4, K=3], V=8
+    usage = rec.position_usage(ids, 8)
+    assert usage["values"] == [1 / 8, 4 / 8, 2 / 8]  # one code, four codes, two codes
+    assert usage["mean"] == pytest.approx(7 / 24) and (usage["min"], usage["max"]) == (1 / 8, 4 / 8)
+    assert usage["bound"] == 4 / 8 and usage["num_images"] == 4 and usage["codebook_size"] == 8
+    line = rec.usage_line(usage)
+    assert "min 0.1250 (position 1)" in line and "max 0.5000 (position 2)" in line and "N/V) = 0.5000" in line
+    assert rec.position_usage(ids % 2, 2)["bound"] == 1.0  # more images than codes: the ceiling is the codebook
+    with pytest.raises(ValueError, match=r"\[N, K\].*\(4,\)"):
+        rec.position_usage(ids[:, 0], 8)
+    with pytest.raises(ValueError, match=r"within 0\.\.3, got 0\.\.5"):
+        rec.position_usage(ids, 4)
+
+
+@needs_lpips
+def test_report_thumbnail_rows_and_position_usage(tmp_path):
+    """V = 1024 (10 bits per token): no thumbnail at k = 2, 1x1 at k = 3, 2x2 at k = 10 and 16; the empty row
+    is null / "—" everywhere; the per-position usage in the JSON is recomputed from the saved ids."""
+    from tokenizer.quantizer import position_histogram, usage_per_position
+
+    tok = _tiny_tokenizer()
+    refs = _images(6, size=64, seed=6)
+    loader = [(torch.arange(0, 4), refs[:4]), (torch.arange(4, 6), refs[4:])]
+    ks = [2, 3, 10, 16]
+    rows, grid, per = rec.evaluate(_OneProcess(), tok, loader, 6, ks, ["thumbnail"], fid=False)
+    usage = rec.position_usage(per["ids"], tok.codebook_size)
+    meta = {"description": "tiny", "num_images": 6, "source": "test", "num_processes": 1,
+            "protocol": rec.PROTOCOL}
+    rec.write_report(rows, grid, tmp_path, meta, per, usage)
+    for name in ("usage_per_position.png", "reconstructions_thumbnail.png", "metrics_vs_tokens.png",
+                 "metrics_vs_bits.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "thumbnail@2" not in grid and grid["thumbnail@3"].shape == (6, 3, 64, 64)
+
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    thumb = {r["num_tokens"]: r for r in data["rows"] if r["method"] == "thumbnail"}
+    assert sorted(thumb) == ks
+    for key in ("bits_per_image", "psnr", "ssim", "lpips", "quality"):
+        assert thumb[2][key] is None, key  # no thumbnail fits 20 bits: no number at all (strict JSON: null)
+    assert [(thumb[k]["quality"], thumb[k]["bits_per_image"]) for k in (3, 10, 16)] == [(1, 24), (2, 96), (2, 96)]
+    mean_colour = refs.double().mean(dim=(2, 3)).round().to(torch.uint8)[:, :, None, None].expand_as(refs)
+    assert thumb[3]["psnr"] == pytest.approx(metrics.psnr(mean_colour, refs).mean().item())  # 1x1 = mean colour
+    assert thumb[10]["psnr"] > thumb[3]["psnr"] and thumb[3]["codebook_usage"] is None
+
+    saved = np.load(tmp_path / "per_image.npz")
+    expected = usage_per_position(position_histogram(torch.from_numpy(saved["ids"]), 1024))  # [32]
+    got = data["usage_per_position"]
+    assert got["values"] == pytest.approx(expected.tolist()) and len(got["values"]) == 32
+    assert got["mean"] == pytest.approx(expected.mean().item()) and got["bound"] == 6 / 1024
+    assert 0 < got["min"] <= got["max"] <= got["bound"]  # 6 images show at most 6 of the 1024 codes
+
+    md = (tmp_path / "metrics.md").read_text()
+    assert "| 2 | thumbnail | 20 | — | — | — | — | — | — | — |" in md
+    assert "| 3 | thumbnail | 30 | 24 | — |" in md and "| 10 | thumbnail | 100 | 96 | — |" in md
+    assert "not even a 1x1 thumbnail (24 bits) fits the budget at k = 2 (20 bits)" in md
+    assert f"mean {got['mean']:.4f}" in md and "Codebook usage per position (all K = 32 tokens, N = 6" in md
+    assert "**thumbnail**" in md and "**usage_per_position**" in md and "min(1, N/V)" in md
+
+
+@needs_lpips
+@needs_inception
+@pytest.mark.slow
+def test_cli_default_codecs_include_thumbnail_and_report_position_usage(tmp_path):
+    """The command line end to end (default codecs, rFID on): a thumbnail row without output gets a null rFID
+    instead of an FID over zero images, and metrics.json carries the per-position usage of the saved ids."""
+    from tokenizer.quantizer import position_histogram, usage_per_position
+
+    tok_dir = _tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "eval.reconstruction", "--tokenizer", str(tok_dir),
+                           "--max-images", "4", "--num-tokens", "2", "3", "--per-image", "--num-workers", "0",
+                           "--cpu", "--out", str(tmp_path / "r")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "r"
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["meta"]["codecs"] == ["jpeg", "webp", "thumbnail"]
+    thumb = {r["num_tokens"]: r for r in data["rows"] if r["method"] == "thumbnail"}
+    assert thumb[2]["rfid"] is None and math.isfinite(thumb[3]["rfid"]) and thumb[3]["quality"] == 1
+    ids = torch.from_numpy(np.load(out / "per_image.npz")["ids"])  # [4, 32]
+    assert data["usage_per_position"]["values"] == pytest.approx(
+        usage_per_position(position_histogram(ids, 1024)).tolist())
+    for name in ("usage_per_position.png", "reconstructions_thumbnail.png", "reconstructions_jpeg.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| 2 | thumbnail | 20 | — |" in (out / "metrics.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------- precision
