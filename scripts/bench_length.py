@@ -10,9 +10,11 @@ joint training, NesTok: every step decodes all K tokens and one drawn prefix). T
 schedule are those of `--config` (default: the `make demo` config), with the steps set by `--steps`.
 
 Evaluation, on the held-out crops of the embedded photographs: for every k (1, 2, 4, ..., K), PSNR and LPIPS of
-the uint8-quantised k-token reconstructions (eval.reconstruction, as in the report), and usage per position: the
-fraction of the codebook each token position uses over the held-out crops (bounded by N / V for N crops).
-Writes DIR/length_ablation.json and DIR/length_ablation.md (one row per mechanism and k, with the train time).
+the uint8-quantised k-token reconstructions (eval.reconstruction, as in the report). Usage per position, the
+fraction of the codebook each token position uses, is measured by encoding `USAGE_CROPS` random training crops
+(a fixed seed) with the trained tokenizer: over the few held-out crops it could not exceed N / V.
+Writes DIR/length_ablation.json and DIR/length_ablation.md (one row per mechanism and k, with the train time),
+and each trained tokenizer to DIR/<mechanism>/ (save_pretrained).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tokenizer.quantizer import position_histogram, usage_per_position  # noqa: 
 from tokenizer.training import TokenizerModule  # noqa: E402
 from tokenizer.training.module import default_eval_tokens  # noqa: E402
 
+USAGE_CROPS = 4096  # training crops (fixed seed, no jitter) over which usage per position is measured
 MECHANISMS = ("fixed", "tail_token_drop", "nested_dropout", "tail_token_drop+joint", "nested_dropout+joint")
 
 
@@ -62,12 +65,24 @@ def train(config: dict, mechanism: str, steps: int, seed: int) -> tuple[Tokenize
     return module, time.perf_counter() - start
 
 
+def usage_crops(image_size: int, n: int = USAGE_CROPS) -> torch.Tensor:
+    """n random training crops (a fixed seed, no colour jitter), uint8 [n, 3, S, S]."""
+    from data.sample import TRAIN_IMAGES, RandomCrops, load_photo
+
+    crops = RandomCrops([load_photo(name) for name in TRAIN_IMAGES], list(range(len(TRAIN_IMAGES))), image_size, n,
+                        uint8=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        return torch.stack([crops[i][0] for i in range(n)])
+
+
 @torch.no_grad()
-def evaluate(module: TokenizerModule, refs: torch.Tensor) -> tuple[list[dict], list[float]]:
+def evaluate(module: TokenizerModule, refs: torch.Tensor, crops: torch.Tensor) -> tuple[list[dict], list[float]]:
     tokenizer = module.eval_tokenizer.eval()
     ks = default_eval_tokens(tokenizer.max_tokens)
     ids, recs = reconstruct(tokenizer, refs, ks, precision="fp32")
-    usage = usage_per_position(position_histogram(ids, tokenizer.codebook_size))  # [K]
+    crop_ids = torch.cat([tokenizer.encode(c.float() / 255) for c in crops.split(256)])  # [n, K]
+    usage = usage_per_position(position_histogram(crop_ids, tokenizer.codebook_size))  # [K]
     lpips_ref = LPIPSReference(refs)
     rows = []
     for k, rec in zip(ks, recs):
@@ -83,18 +98,19 @@ def markdown(results: list[dict], meta: dict) -> str:
         "# Length-mechanism ablation",
         "",
         f"Config `{meta['config']}`, {meta['steps']} steps each, seed {meta['seed']}, held-out crops: "
-        f"{meta['num_images']} ({meta['image_size']} px), codebook {meta['codebook_size']}. PSNR/LPIPS on uint8 "
-        "reconstructions of the first k tokens; usage = fraction of the codebook each position uses over the "
-        f"held-out crops (at most {meta['num_images']}/{meta['codebook_size']} = "
-        f"{meta['num_images'] / meta['codebook_size']:.3f}), mean over all K positions.",
+        f"{meta['num_images']} ({meta['image_size']} px), codebook {meta['codebook_size']}. PSNR/LPIPS/SSIM on uint8 "
+        "reconstructions of the first k tokens; usage = fraction of the codebook each token position uses over "
+        f"{meta['usage_images']} random training crops (fixed seed) encoded by the trained tokenizer; `mean` over "
+        "all K positions, `first k` over positions 1..k.",
         "",
-        "| mechanism | k | PSNR (dB) | LPIPS | SSIM | usage/position (mean over K) | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| mechanism | k | PSNR (dB) | LPIPS | SSIM | usage/position, mean | usage, first k | train time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for row in r["rows"]:
             lines.append(f"| {r['mechanism']} | {row['num_tokens']} | {row['psnr']:.2f} | {row['lpips']:.4f} | "
-                         f"{row['ssim']:.3f} | {row['usage_per_position_mean']:.3f} | {r['train_seconds']:.0f} |")
+                         f"{row['ssim']:.3f} | {row['usage_per_position_mean']:.3f} | "
+                         f"{row['usage_per_position_first_k']:.3f} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,14 +131,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    crops = usage_crops(refs.shape[-1])
     for mechanism in a.mechanisms:
         module, seconds = train(config, mechanism, a.steps, a.seed)
-        rows, usage = evaluate(module, refs)
+        rows, usage = evaluate(module, refs, crops)
+        module.eval_tokenizer.save_pretrained(out / mechanism)
         results.append({"mechanism": mechanism, "train_seconds": seconds, "rows": rows, "usage_per_position": usage})
         print(f"{mechanism}: {seconds:.0f} s, PSNR " + " ".join(f"k={r['num_tokens']}:{r['psnr']:.2f}" for r in rows)
               + f", usage/position {rows[0]['usage_per_position_mean']:.3f}", flush=True)
     tok = module.eval_tokenizer
     meta = {"config": a.config, "steps": a.steps, "seed": a.seed, "num_images": int(refs.shape[0]),
+            "usage_images": int(crops.shape[0]),
             "image_size": tok.image_size, "codebook_size": tok.codebook_size, "max_tokens": tok.max_tokens}
     report = {"meta": meta, "results": results}
     for name, text in (("length_ablation.json", json.dumps(report, indent=2)), ("length_ablation.md",

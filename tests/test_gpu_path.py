@@ -247,3 +247,17 @@ def test_every_parameter_takes_part_in_every_loss(path):
         (out.recon.square().mean() + out.aux_loss).backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, f"{path.name} {kwargs}: no gradient for {missing}"
+
+
+def test_bench_train_prints_the_json_line_and_checks_syncs():
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/bench_train.py", "--config", "configs/tokenizer/tiny.yaml",
+                           "--device", "cpu", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--check-syncs"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["timed_steps"] == 2 and result["img_per_s"] > 0 and result["syncs_checked"]
+    assert 0 < result["tflop_per_img"] < 0.01 and result["mfu"] is None and result["peak_mem_gb"] > 0

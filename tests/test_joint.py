@@ -77,3 +77,24 @@ def test_joint_training_with_the_full_objective(tmp_path):
     for key in ("train/recon", "train/lpips", "train/g_adv", "train/d_loss", "codebook/usage_per_position_mean"):
         assert torch.isfinite(metrics[key]), key
     assert 0 < metrics["codebook/usage_per_position_mean"] <= 1
+
+
+def test_bench_length_writes_a_row_per_mechanism_and_k(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "scripts/bench_length.py", "--steps", "3", "--out", str(tmp_path),
+                           "--mechanisms", "fixed", "nested_dropout+joint"], cwd=root, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "length_ablation.json").read_text())
+    assert [r["mechanism"] for r in report["results"]] == ["fixed", "nested_dropout+joint"]
+    ks = [row["num_tokens"] for row in report["results"][0]["rows"]]
+    assert ks == [1, 2, 4, 8, 16]
+    assert report["meta"]["usage_images"] == 4096
+    table = (tmp_path / "length_ablation.md").read_text()
+    assert table.count("| nested_dropout+joint |") == len(ks)
+    assert (tmp_path / "fixed" / "model.safetensors").is_file()
