@@ -60,16 +60,22 @@ def best_seconds(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
+def weights_choice(choice: str, resolve) -> str:
+    """"real" | "random": with "auto", real when `resolve()` finds the weight file."""
+    if choice != "auto":
+        return choice
+    try:
+        resolve()
+        return "real"
+    except FileNotFoundError:
+        return "random"
+
+
 def lpips_network(choice: str, device: torch.device):
     """(LPIPS module, "real" | "random"): the real VGG trunk when its weights resolve, unless told random."""
     from tokenizer.perceptual import LPIPS
 
-    if choice == "auto":
-        try:
-            weights.resolve_vgg16_weights()
-            choice = "real"
-        except FileNotFoundError:
-            choice = "random"
+    choice = weights_choice(choice, weights.resolve_vgg16_weights)
     return LPIPS(random_backbone_for_tests=choice == "random").to(device), choice
 
 
@@ -77,15 +83,10 @@ def inception_network(choice: str, device: torch.device):
     """(FID Inception, "real" | "random"); random = torch-fidelity's architecture with its random init."""
     from tokenizer.inception import load_fid_inception
 
-    if choice == "auto":
-        try:
-            weights.resolve_inception_weights()
-            choice = "real"
-        except FileNotFoundError:
-            choice = "random"
+    choice = weights_choice(choice, weights.resolve_inception_weights)
     if choice == "real":
         return load_fid_inception(device), choice
-    net = weights._inception_skeleton()  # the key/shape skeleton: same modules, nothing loaded
+    net = weights.inception_skeleton()  # the same modules, nothing loaded
     return net.to(device).eval().requires_grad_(False), choice
 
 

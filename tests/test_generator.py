@@ -21,14 +21,7 @@ from tokenizer.generator import (
 from tokenizer.generator.gpt import preset_config
 from tokenizer.generator.sampling import KVCache, cfg_mix
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread than on two contended ones (shared 2-core CI machines)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(vocab_size=64, block_size=16, num_classes=4, dim=64, depth=2, heads=4)

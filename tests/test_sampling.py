@@ -31,12 +31,7 @@ aten = torch.ops.aten
 N_DRAWS = 200_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- reference distribution --------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def load_vgg16_features_state_dict() -> dict[str, torch.Tensor]:
 def inception_skeleton_shapes() -> dict[str, tuple[int, ...]]:
     """Key -> shape of torch-fidelity's ``FeatureExtractorInceptionV3`` state dict, ``fc.*`` excluded."""
     return {
-        k: tuple(v.shape) for k, v in _inception_skeleton().state_dict().items() if not k.startswith("fc.")
+        k: tuple(v.shape) for k, v in inception_skeleton().state_dict().items() if not k.startswith("fc.")
     }
 
 
@@ -197,8 +197,9 @@ def _check_shapes(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ..
         )
 
 
-def _inception_skeleton() -> torch.nn.Module:
-    """torch-fidelity's InceptionV3 module with random init (used only to know keys/shapes; no download)."""
+def inception_skeleton() -> torch.nn.Module:
+    """torch-fidelity's InceptionV3 module with random init, nothing downloaded: the keys and shapes the converted
+    weights must have, and the same-FLOPs network of benchmarks run without the weight files."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class _Skeleton(FeatureExtractorInceptionV3):
@@ -335,7 +336,7 @@ def convert_fid_helper_inception(model_bytes: bytes) -> dict[str, torch.Tensor]:
         ts = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu")
     src = ts.state_dict()
     layers = [k[: -len(".weight")] for k in src if k.endswith(".weight")]  # in module order
-    skel = _inception_skeleton()
+    skel = inception_skeleton()
     dst_layers = [n for n, m in skel.named_modules() if isinstance(m, torch.nn.Conv2d)]
     if len(layers) != 94 or len(dst_layers) != 94:
         raise ValueError(f"expected 94 conv layers, got {len(layers)} (TorchScript) and {len(dst_layers)}")
