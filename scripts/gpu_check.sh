@@ -12,14 +12,14 @@
 #
 # Dependencies: the GPU machine is offline. Wheels made here by `scripts/gpu_wheels.sh` (into .whl/) are installed
 # first when the packages are missing. Each JSON line is printed again at the end; exit status non-zero on any
-# failure. Knobs: PYTHON (python3), BATCH (32, per GPU), STEPS (10 timed batches), TIMEOUT (150 s per bench).
+# failure. Knobs: PYTHON (python3), BATCH (32, per GPU), STEPS (10 timed batches), TIMEOUT (180 s per bench).
 # From a session with the device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=480).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 BATCH=${BATCH:-32}
 STEPS=${STEPS:-10}
-TIMEOUT=${TIMEOUT:-150}
+TIMEOUT=${TIMEOUT:-180}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 t0=$SECONDS
 say() { echo "[gpu_check +$((SECONDS - t0))s] $*"; }
