@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    from tokenizer.training.gpu import enable_fast_math
+    from tokenizer.gpu import enable_fast_math
 
     enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
     return LightningCLI(

@@ -13,7 +13,7 @@ backward, optimizer and EMA. Nothing is logged during the timed steps.
 FLOPs per image are counted by `torch.utils.flop_counter.FlopCounterMode` (forward, the adaptive-weight
 products and backward), not by a formula, in an eager rerun of the timed steps with the same seed (so the same
 tail-drop k at each step: k sets the decoder's cost). MFU is against the device's dense bf16 peak
-(tokenizer/training/gpu.py), null where unknown (CPU). `--check-syncs` runs every timed step under
+(tokenizer/gpu.py), null where unknown (CPU). `--check-syncs` runs every timed step under
 `no_host_sync` (on CUDA: torch.cuda.set_sync_debug_mode("error")) and fails on the first host sync.
 (With `--check-syncs` the AdamW is fused on CPU too, as CUDA builds it.)
 `--random-lpips` uses a randomly initialised LPIPS backbone (same FLOPs) where the weight files are missing.
@@ -77,7 +77,7 @@ class StepTimer(pl.Callback):
                 torch.cuda.reset_peak_memory_stats(self.device)
             self.start = time.perf_counter()
         if batch_idx >= self.warmup and self.check_syncs:
-            from tokenizer.training.gpu import no_host_sync
+            from tokenizer.gpu import no_host_sync
 
             self._guard = no_host_sync(self.device)
             self._guard.__enter__()
@@ -115,15 +115,9 @@ def build(args: dict, random_lpips: bool) -> tuple[TokenizerModule, str]:
             lpips = LPIPS(random_backbone_for_tests=random_lpips)
         except FileNotFoundError as err:
             raise SystemExit(f"{err}\n(pass --random-lpips to benchmark with a random LPIPS backbone)") from err
-        object.__setattr__(module, "_lpips", lpips)  # moved to the device in on_fit_start below
+        module.use_lpips(lpips)  # moved to the training device on first use
         backbone = "random" if random_lpips else "pretrained"
     return module, backbone
-
-
-class LpipsToDevice(pl.Callback):
-    def on_fit_start(self, trainer, module):
-        if module._lpips is not None:
-            object.__setattr__(module, "_lpips", module._lpips.to(module.device))
 
 
 def fit(module, loader, device, precision, steps_per_batch, batches, callbacks):
@@ -131,7 +125,7 @@ def fit(module, loader, device, precision, steps_per_batch, batches, callbacks):
         accelerator=device.type if device.type == "cpu" else "gpu", devices=1, precision=precision,
         max_steps=steps_per_batch * batches, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10**9,
-        callbacks=[LpipsToDevice(), *callbacks],
+        callbacks=list(callbacks),
     )
     trainer.fit(module, train_dataloaders=loader)
     return trainer
@@ -188,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     precision = a.precision or config.get("trainer", {}).get("precision", "32-true")
     batch_size = a.batch_size or config["data"]["init_args"]["batch_size"]
     if device.type == "cuda":
-        from tokenizer.training.gpu import enable_fast_math
+        from tokenizer.gpu import enable_fast_math
 
         enable_fast_math()
     args = module_args(config, a.tokenizer_only, a.compile_)
@@ -208,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     mem, mem_kind = peak_memory_gb(device)
 
     flops = count_flops(args, a.random_lpips, batch, device, precision, a.warmup, a.steps) / batch_size
-    from tokenizer.training.gpu import peak_bf16_tflops
+    from tokenizer.gpu import peak_bf16_tflops
 
     achieved = flops * img_per_s / 1e12
     peak = peak_bf16_tflops(device)

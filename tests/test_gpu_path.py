@@ -14,9 +14,9 @@ import yaml
 from _small_training import SMALL, data, fresh_start, trainer
 
 from tokenizer import OneDTokenizer
+from tokenizer.gpu import HostSyncDetector, no_host_sync
 from tokenizer.losses import hinge_g_loss
 from tokenizer.training import TokenizerModule
-from tokenizer.training.gpu import HostSyncDetector, no_host_sync
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "tokenizer" / "onedpiece-B-256.yaml"

@@ -7,7 +7,6 @@ import copy
 import subprocess
 import sys
 import textwrap
-import traceback
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from vector_quantize_pytorch import VectorQuantize
 
 import tokenizer.quantizer as quantizer_module
 from tokenizer.config import TokenizerConfig
+from tokenizer.gpu import HostSyncDetector
 from tokenizer.quantizer import Quantizer, code_histogram, lfq_entropy, reseed_dead_codes_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,34 +40,7 @@ def rows_in(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     return (rows[:, None, :] == pool[None, :, :]).all(dim=-1).any(dim=-1)
 
 
-# ---- host-sync detector ---------------------------------------------------------------------------------------
-class HostSyncDetector(TorchDispatchMode):
-    """Records every aten call that, on CUDA, makes the host wait for the device or copies host data to it."""
-
-    # by overload packet name, so that every overload counts (_assert_async.msg, index_put_.default, ...)
-    SYNCING = {
-        "_local_scalar_dense",  # .item(), bool(t), float(t), `if t:`
-        "nonzero", "argwhere", "bincount", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
-        "multinomial", "_assert_async",
-        "lift_fresh",  # torch.tensor(python data): a host-to-device copy on GPU
-    }  # fmt: skip
-    # indexing (reads and writes) with a bool mask runs nonzero() inside the kernel, below the dispatcher
-    BOOL_INDEXED = {"index", "index_put", "index_put_", "_index_put_impl_"}
-
-    def __init__(self):
-        super().__init__()
-        self.hits: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        syncing = name in self.SYNCING or (
-            name in self.BOOL_INDEXED and any(i is not None and i.dtype == torch.bool for i in args[1]))
-        if syncing:
-            caller = [f for f in traceback.extract_stack()[:-1] if "/site-packages/torch/" not in f.filename][-1]
-            self.hits.append(f"{func} at {Path(caller.filename).name}:{caller.lineno}: {caller.line}")
-        return func(*args, **(kwargs or {}))
-
-
+# ---- host-sync detector (tokenizer/gpu.py) -------------------------------------------------------------------
 @pytest.fixture
 def host_syncs():
     return HostSyncDetector

@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chi2
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenizer.generator import GPT, generate, next_token_logits, sample_from_logits
 from tokenizer.generator.sampling import KVCache, gumbel_noise
+from tokenizer.gpu import HostSyncDetector
 from tokenizer.precision import autocast, resolve_precision
 
-aten = torch.ops.aten
 N_DRAWS = 200_000
 
 
@@ -124,49 +123,18 @@ def test_sampler_edge_cases():
 
 
 # ---- no host sync in the token loop ------------------------------------------------------------------------
-SYNC_OPS = {
-    aten._local_scalar_dense,  # .item(), bool(t), int(t), float(t): the host reads a device value
-    aten.nonzero,  # data-dependent output shape
-    aten.masked_select,
-    aten.multinomial,  # fine on CPU, but the CUDA kernel is followed by a host sync in torch's sampler
-    aten.unique_consecutive,
-    aten._unique2,
-    aten.repeat_interleave,
-    aten.equal,  # returns a Python bool
-    aten.lift_fresh,  # torch.tensor(python data): a host-to-device copy per call
-}
-
-
-class SyncRecorder(TorchDispatchMode):
-    """Counts the aten calls that would sync the host with a CUDA device (or upload Python data)."""
-
-    def __init__(self):
-        super().__init__()
-        self.events: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.overloadpacket in SYNC_OPS:
-            self.events[str(func)] += 1
-        elif func.overloadpacket in (aten.index, aten.index_put, aten.index_put_):
-            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-            if any(i is not None and i.dtype == torch.bool for i in indices):
-                self.events[f"{func} (boolean mask)"] += 1
-        return func(*args, **kwargs)
-
-
 def _small_gpt() -> GPT:
     torch.manual_seed(0)
     return GPT.from_preset("tiny", vocab_size=64, block_size=16, num_classes=4, dim=32, depth=2, heads=2)
 
 
 def _record(fn) -> Counter:
-    with SyncRecorder() as rec:
+    with HostSyncDetector() as rec:
         fn()
-    return rec.events
+    return rec.found
 
 
-def test_sync_recorder_sees_what_the_old_sampler_did():
+def test_sync_detector_sees_what_the_old_sampler_did():
     """The detector works: the multinomial sampler and a per-token .item() are counted once per token."""
     probs = torch.softmax(torch.randn(3, 10), -1)
 

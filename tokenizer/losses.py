@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .distributed import all_reduce_sum, world_size
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -31,10 +32,9 @@ class LeCamEMA(nn.Module):
     @torch.no_grad()
     def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
         means = torch.stack([real_logits.float().mean(), fake_logits.float().mean()])
-        if dist.is_available() and dist.is_initialized():
-            # every rank must hold the same EMA (they are buffers of one model): average over ranks
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
+        # every rank must hold the same EMA (they are buffers of one model): average over ranks
+        all_reduce_sum(means)
+        means /= world_size()
         self.real_ema.lerp_(means[0], 1 - self.decay)
         self.fake_ema.lerp_(means[1], 1 - self.decay)
 

@@ -109,7 +109,7 @@ class OneDTokenizer(nn.Module):
         if not joint:
             return TokenizerOutput(recon, q.ids, q.aux_loss, q.stats, out_lengths)
         full = self.decoder(tokens)  # [B, 3, H, W] all K tokens
-        k_all = torch.full((b,), self.max_tokens, dtype=torch.long, device=images.device)
+        k_all = _as_lengths(KeepLengths(self.max_tokens, None), b, images.device)
         return TokenizerOutput(full, q.ids, q.aux_loss, q.stats, k_all, prefix_recon=recon, prefix_lengths=out_lengths)
 
     # ---- inference API (contract) ---------------------------------------------------------------------------

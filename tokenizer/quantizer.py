@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from .config import TokenizerConfig
+from .distributed import all_reduce_sum, world_size
 
 # LFQ's softmax temperature: the library's forward() default, which this wrapper always used.
 LFQ_INV_TEMPERATURE = 100.0
@@ -52,15 +53,6 @@ class QuantizerOutput(NamedTuple):
     ids: torch.Tensor  # [B, K] int64
     aux_loss: torch.Tensor  # scalar
     stats: QuantizerStats
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_when_distributed(tensor: torch.Tensor, *args, **kwargs):
-    if _distributed():
-        dist.all_reduce(tensor, *args, **kwargs)
 
 
 def code_histogram(ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
@@ -136,7 +128,7 @@ def reseed_dead_codes_(codebook: nn.Module, samples: torch.Tensor, threshold: fl
     device = embed.device
     samples = samples.reshape(-1, dim).to(embed.dtype)  # [N, D]
     num_samples = samples.shape[0]
-    world = dist.get_world_size() if sync and _distributed() else 1
+    world = world_size() if sync else 1
     per_rank = -(-num_codes // world)  # R: rows each rank offers; world * R >= C
 
     # this rank's offer: its vectors in random order (distinct while N >= R), cycled to R rows
@@ -236,8 +228,8 @@ def lfq_entropy(x: torch.Tensor, codebook: torch.Tensor, inv_temperature: float 
         entropy_sum, prob_sum = entropy_sum + h, prob_sum + p
     per_sample = entropy_sum / num_tokens
     avg_prob = prob_sum / num_tokens  # [V]
-    if _distributed():  # the batch distribution is the mean over all ranks' tokens (see _AllReduceSum)
-        avg_prob = _AllReduceSum.apply(avg_prob) / dist.get_world_size()
+    if world_size() > 1:  # the batch distribution is the mean over all ranks' tokens (see _AllReduceSum)
+        avg_prob = _AllReduceSum.apply(avg_prob) / world_size()
     codebook_entropy = (-avg_prob * avg_prob.clamp(min=_LFQ_LOG_EPS).log()).sum()
     return per_sample, codebook_entropy
 
@@ -276,7 +268,7 @@ class Quantizer(nn.Module):
             if cfg.vq_sync_codebook:
                 # The EMA statistics are the only collective left: k-means init and the library's replace() are
                 # off, so its sample_fn / kmeans_all_reduce_fn hooks are never called.
-                codebook.all_reduce_fn = _all_reduce_when_distributed
+                codebook.all_reduce_fn = all_reduce_sum
             codebook.init_embed_ = _codebook_already_initialised
             codebook.gumbel_sample = _nearest_code
             return cls("vq", impl, cfg.token_dim, cfg.codebook_size,

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..distributed import all_reduce_sum
 from ..quantizer import histogram_stats, position_histogram, usage_per_position
-from .distributed import all_reduce_sum
 
 
 class CodebookWindow(NamedTuple):

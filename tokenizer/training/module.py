@@ -15,7 +15,7 @@ two per batch, so `trainer.max_steps` counts both; `gan_start` and `warmup_steps
 (batches), which is what `generator_steps` reports. Before `gan_start` the discriminator's optimizer steps on no
 gradients (a no-op) so that the count stays two per batch from the first step.
 
-GPU path (see tokenizer/training/gpu.py):
+GPU path (see tokenizer/gpu.py):
 - No host sync in the steady-state step: metrics are logged, and so read, only every `log_every_n_steps`; keep
   lengths and codebook histograms stay on the device; gradient clipping is ours (sync-free, and it works with the
   fused AdamW that Lightning's `clip_gradients` refuses under mixed precision).
@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 
 from ..discriminator import PatchDiscriminator
+from ..distributed import average_gradients, broadcast_from_rank0
 from ..losses import LeCamEMA, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from ..model import OneDTokenizer
 from .codebook import CodebookMonitor, usage_curve_figure
-from .distributed import average_gradients, broadcast_from_rank0
 from .optim import clip_grad_norm, make_adamw, param_groups, warmup_cosine
 
 
@@ -173,13 +173,21 @@ class TokenizerModule(pl.LightningModule):
 
     @property
     def lpips(self):
+        """The frozen LPIPS network, on the device training runs on (built on first use, or the one given to
+        `use_lpips`)."""
         if self._lpips is None:
             from ..perceptual import LPIPS
 
-            # object.__setattr__: an nn.Module attribute would otherwise become a submodule (checkpointed,
-            # DDP-wrapped, moved by .to()). Built lazily, on the device training runs on.
-            object.__setattr__(self, "_lpips", LPIPS().to(self.device))
+            self.use_lpips(LPIPS())
+        if next(self._lpips.parameters()).device != self.device:
+            self.use_lpips(self._lpips.to(self.device))
         return self._lpips
+
+    def use_lpips(self, network: torch.nn.Module) -> None:
+        """Use `network` as the perceptual loss (e.g. an explicitly random-backbone LPIPS where the weight files
+        are missing: same FLOPs, for benchmarks). object.__setattr__: an nn.Module attribute would otherwise
+        become a submodule (checkpointed, DDP-wrapped, moved by .to())."""
+        object.__setattr__(self, "_lpips", network)
 
     def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.hparams.recon_loss == "l1":

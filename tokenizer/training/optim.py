@@ -45,7 +45,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     before clipping (a device tensor: reading it would sync the host, so only the logging steps do).
 
     Why not Lightning's `clip_gradients`: it refuses fused optimizers under mixed precision, because with fp16 they
-    unscale internally. bf16 has no loss scale, and for fp16 the caller unscales first (see TokenizerModule)."""
+    unscale internally. bf16 has no loss scale (TokenizerModule refuses fp16, whose scaled gradients this would
+    clip wrongly)."""
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad or max_norm <= 0:
         return torch.zeros(())

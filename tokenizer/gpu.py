@@ -15,6 +15,8 @@ code path can then be proven sync-free without a GPU.
 from __future__ import annotations
 
 import contextlib
+import os
+import traceback
 from collections import Counter
 
 import torch
@@ -30,13 +32,16 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("A800", 312.0),
 )
 
-# aten operators that make the host wait for a CUDA device: reading a value (`_local_scalar_dense` is what
-# .item(), bool(), int() and float() dispatch to), outputs whose size depends on the data, sampling that reads
-# the result, and `lift_fresh` (a tensor built from Python data: on GPU that is a blocking host-to-device copy).
+# aten operators (by overload packet) that make the host wait for a CUDA device: reading a value
+# (`_local_scalar_dense` is what .item(), bool(), int() and float() dispatch to; `equal` returns a Python bool),
+# outputs whose size depends on the data, sampling that reads the result, device-side asserts, and `lift_fresh`
+# (a tensor built from Python data: on GPU that is a blocking host-to-device copy).
 SYNCING_OPS = frozenset({
-    "_local_scalar_dense", "nonzero", "bincount", "masked_select", "_unique2", "unique_dim",
-    "unique_consecutive", "multinomial", "lift_fresh", "_assert_async", "argwhere",
+    "_local_scalar_dense", "equal", "nonzero", "argwhere", "bincount", "masked_select", "_unique2", "unique_dim",
+    "unique_consecutive", "repeat_interleave", "multinomial", "_assert_async", "lift_fresh",
 })  # fmt: skip
+# indexing (reads and writes) with a boolean mask runs nonzero() inside the kernel, below the dispatcher
+BOOL_INDEXED_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 
 
 def enable_fast_math() -> None:
@@ -57,25 +62,32 @@ def peak_bf16_tflops(device: torch.device | str) -> float | None:
 
 
 class HostSyncDetector(TorchDispatchMode):
-    """Records every operator of `SYNCING_OPS` (and indexing with a boolean mask) that runs while active.
-    `found` counts them by name. Ops inside a torch.compile'd region are not seen: run it eager."""
+    """Records every operator of `SYNCING_OPS`, and indexing with a boolean mask, that runs while active.
+    `found` counts them by overload ("aten.nonzero.default", "aten.index.Tensor (boolean mask)"); `hits` says
+    where each one was called from (the innermost frame outside torch). Ops inside a torch.compile'd region are
+    not seen: run it eager."""
 
     def __init__(self):
         super().__init__()
         self.found: Counter[str] = Counter()
+        self.hits: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if name in SYNCING_OPS:
-            self.found[name] += 1
-        elif name in ("index", "index_put", "index_put_") and _has_bool_index(args):
-            self.found[f"{name} (boolean mask)"] += 1
-        return func(*args, **(kwargs or {}))
+            self._record(str(func))
+        elif name in BOOL_INDEXED_OPS:
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+                self._record(f"{func} (boolean mask)")
+        return func(*args, **kwargs)
 
-
-def _has_bool_index(args) -> bool:
-    indices = args[1] if len(args) > 1 else ()
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ()))
+    def _record(self, what: str) -> None:
+        self.found[what] += 1
+        outside = [f for f in traceback.extract_stack()[:-2] if f"{os.sep}torch{os.sep}" not in f.filename]
+        where = f"{os.path.basename(outside[-1].filename)}:{outside[-1].lineno}: {outside[-1].line}" if outside else "?"
+        self.hits.append(f"{what} at {where}")
 
 
 @contextlib.contextmanager
@@ -97,8 +109,9 @@ def no_host_sync(device: torch.device | str, detector: bool | None = None):
         if cuda:
             torch.cuda.set_sync_debug_mode(previous)
     if found is not None and found.found:
-        raise RuntimeError(f"host syncs inside a no_host_sync block: {dict(found.found)}")
+        raise RuntimeError(f"host syncs inside a no_host_sync block: {dict(found.found)}; first at: "
+                           + "; ".join(found.hits[:3]))
 
 
 __all__ = ["enable_fast_math", "peak_bf16_tflops", "HostSyncDetector", "no_host_sync", "SYNCING_OPS",
-           "PEAK_BF16_TFLOPS"]
+           "BOOL_INDEXED_OPS", "PEAK_BF16_TFLOPS"]

@@ -1,6 +1,8 @@
-"""The few collectives the training stages issue themselves, beside what DDP does.
+"""The few collectives the model and the training stages issue themselves, beside what DDP does: the codebook's
+statistics, LeCam's EMAs, the discriminator's gradients, codebook-usage counters.
 
-All are no-ops without a process group (one process, CPU tests), and none reads a value on the host.
+All are no-ops without a process group or with one process (CPU tests), and none reads a value on the host.
+Plain torch.distributed (no Lightning): the quantizer and the losses use it too.
 """
 
 from __future__ import annotations
