@@ -11,8 +11,11 @@ N nodes (torchrun on every node, or SLURM's srun which Lightning detects):
     torchrun --nnodes N --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
         train.py fit --config CONFIG --trainer.num_nodes N --trainer.devices 8
 
-Outputs go to checkpoints/<run>/: config.yaml (the resolved config), checkpoints, TensorBoard logs, and, when
-training ends, tokenizer/ (save_pretrained of the EMA weights when EMA is on).
+Outputs go to checkpoints/<run>/: config.yaml (the resolved config, written once a resume has restored; earlier
+versions that differ are kept as config.1.yaml, ...), checkpoints (written atomically), TensorBoard logs, and,
+when training ends, tokenizer/ (save_pretrained of the EMA weights when EMA is on). `--ckpt_path last` resumes
+from the newest checkpoint that loads, and refuses a checkpoint whose architecture differs from the config's
+(tokenizer/training/cli.py).
 """
 
 from __future__ import annotations
@@ -24,32 +27,13 @@ import warnings
 # `data` and `eval` are repo-local packages: make them importable whatever the working directory.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from tokenizer.training.cli import main  # noqa: E402
 
 # Expected here, not problems: checkpoints hold the post-step state (what we want), and the EMA copy of the
 # tokenizer lives in eval mode on purpose.
 warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization.*")
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-
-
-def main(args: list[str] | None = None) -> LightningCLI:
-    from tokenizer.gpu import enable_fast_math
-
-    enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
-    return LightningCLI(
-        save_config_kwargs={"overwrite": True},  # a resumed run rewrites the same resolved config
-        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},
-        args=args,
-    )
-
-
-def _has_omegaconf() -> bool:
-    try:
-        import omegaconf  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import yaml  # noqa: E402
 from data.sample import SampleImagesDataModule  # noqa: E402
 from eval.metrics import LPIPSReference, to_uint8  # noqa: E402
 from eval.reconstruction import image_metrics, reconstruct  # noqa: E402
+from tokenizer.atomic import write_text  # noqa: E402
 from tokenizer.quantizer import position_histogram, usage_per_position  # noqa: E402
 from tokenizer.training import TokenizerModule  # noqa: E402
 from tokenizer.training.module import default_eval_tokens  # noqa: E402
@@ -146,9 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"meta": meta, "results": results}
     for name, text in (("length_ablation.json", json.dumps(report, indent=2)), ("length_ablation.md",
                                                                                markdown(results, meta))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)  # atomic: a killed run never leaves a half-written report
+        write_text(out / name, text)  # atomic: a killed run never leaves a half-written report
     print(markdown(results, meta))
     return report
 

@@ -4,7 +4,8 @@
     python scripts/demo_generator.py --tokenizer checkpoints/other/tokenizer --max-steps 200
 
 Needs the tokenizer demo's output (`make demo` writes checkpoints/demo/tokenizer). Steps, all into
-checkpoints/demo-generator/ (removed first):
+checkpoints/demo-generator/ (what an earlier run of this script wrote there is replaced; a directory it did not
+create is refused, and foreign files inside its own directory are left alone):
 1. `python -m data.extract_tokens`: `--num-crops` random crops of the 14 training photographs (label = photo
    index), each stored with its horizontal flip, encoded at K tokens -> tokens/;
 2. `python train.py fit --config configs/generator/tiny.yaml` (GeneratorModule + TokenDataModule) -> ckpt/,
@@ -29,6 +30,27 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # repo-local packages (data, eval) whatever the working directory
 CONFIG = "configs/generator/tiny.yaml"
+MARKER = ".demo-generator"  # marks a directory this script created
+OUTPUTS = ("tokens", "ckpt", "samples", "summary.json", "config.yaml", "hparams.yaml")  # what one run writes
+
+
+def prepare_out(out: str) -> None:
+    """Make `out` ready for a fresh run, deleting only what an earlier run of this script wrote there."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"--out {out!r} is a file, not a directory; pass another --out")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
+        sys.exit(f"--out {out!r} already holds files that this script did not write; pass a new or empty "
+                 "directory (nothing was deleted)")
+    os.makedirs(out, exist_ok=True)
+    ours = [os.path.join(out, n) for n in os.listdir(out)
+            if n in OUTPUTS or n.startswith(("config.", "events.out.tfevents."))]
+    for path in ours:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    with open(os.path.join(out, MARKER), "w") as f:
+        f.write("created by scripts/demo_generator.py; its outputs here are replaced on the next run\n")
 
 
 def run(cmd: list[str], what: str) -> float:
@@ -76,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     V = tcfg["codebook_size"] if tcfg["quantizer"] != "fsq" else math.prod(tcfg["fsq_levels"])
 
     out = args.out.rstrip("/")
-    shutil.rmtree(out, ignore_errors=True)
+    prepare_out(out)
     py = sys.executable
     times = {}
     times["extract_s"] = run(
@@ -85,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         "1/3 extract tokens",
     )  # fmt: skip
     from data.sample import TRAIN_IMAGES
+    from tokenizer.atomic import write_json
 
     # the whole dict (a dict flag replaces the config's): the tokenizer's vocabulary and K, 14 photo classes
     overrides = dict(vocab_size=V, block_size=K, num_classes=len(TRAIN_IMAGES), class_dropout_prob=0.1)
@@ -122,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{k: round(v, 1) for k, v in times.items()},
         "total_s": round(sum(times.values()), 1),
     }
-    with open(f"{out}/summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(f"{out}/summary.json", summary)
     print("\n=== generator demo done")
     if loss:
         print(f"final train loss {summary['final_train_loss']:.3f} (mean of the last 5 logged "

@@ -72,6 +72,7 @@ class TokenizerConfig:
     decoder_final_norm: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.length_mechanism not in LENGTH_MECHANISMS:
@@ -91,7 +92,24 @@ class TokenizerConfig:
             raise ValueError(f"num_latent_tokens must be >= 1, got {self.num_latent_tokens}")
         if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"lfq needs a power-of-two codebook_size, got {self.codebook_size}")
-        self.fsq_levels = [int(v) for v in self.fsq_levels]
+        self.fsq_levels = list(self.fsq_levels)
+
+    def _check_types(self) -> None:
+        """Every field has its declared type: "16" or 16.0 for K would otherwise fail deep inside torch. Floats
+        accept ints (1 for 1.0); bools are not ints here (True for K is a mistake, not 1)."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type  # annotations are strings (from __future__ import)
+            if kind == "list[int]":
+                ok = isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+            elif kind == "int":
+                ok = _is_int(value)
+            elif kind == "float":
+                ok = _is_int(value) or isinstance(value, float)
+            else:
+                ok = type(value).__name__ == kind
+            if not ok:
+                raise TypeError(f"TokenizerConfig.{f.name} must be {kind}, got {value!r} "
+                                f"({type(value).__name__})")
 
     @property
     def grid_size(self) -> int:
@@ -118,6 +136,10 @@ class TokenizerConfig:
         if unknown:
             raise ValueError(f"unknown TokenizerConfig fields: {unknown}")
         return cls(**values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _paper(width: int, depth: int, heads: int) -> dict:

@@ -13,22 +13,19 @@ decodes the first k tokens, the same function as `decode(encode(x, k))` but with
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import TokenizerConfig, preset_config
 from .decoder import Decoder
 from .encoder import Encoder
 from .length import KeepLengths, draw_keep_lengths
+from .persistence import WEIGHTS_NAME, load_model_state, load_state_strict, read_model_config, save_model_dir
 from .quantizer import Quantizer, QuantizerStats
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 FORMAT = "onedtok-tokenizer/1"
 
 
@@ -135,45 +132,21 @@ class OneDTokenizer(nn.Module):
     def reconstruct(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
         return self.decode(self.encode(images, num_tokens))
 
-    # ---- persistence (contract): safetensors + JSON, strict load --------------------------------------------
+    # ---- persistence (contract): safetensors + JSON, atomic, strict (tokenizer/persistence.py) ------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        # write to temp names, then rename: a crash never leaves a half-written model behind.
-        tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
-        save_file(state, str(tmp_w), metadata={"format": FORMAT})
-        tmp_c.write_text(json.dumps({"format": FORMAT, "config": self.config.to_dict()}, indent=2))
-        tmp_w.replace(directory / WEIGHTS_NAME)
-        tmp_c.replace(directory / CONFIG_NAME)
-        return directory
+        return save_model_dir(directory, self, self.config.to_dict(), FORMAT)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> OneDTokenizer:
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: a pretrained tokenizer directory holds "
-                                        f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_pretrained)")
-        meta = json.loads(config_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{config_path}: unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
-        model = cls(TokenizerConfig.from_dict(meta["config"]))
-        model.load_state_dict_strict(load_file(str(weights_path), device=str(map_location)), source=weights_path)
+        config = read_model_config(directory, FORMAT)
+        model = cls(TokenizerConfig.from_dict(config))
+        state = load_model_state(directory, config, map_location)
+        load_state_strict(model, state, source=Path(directory) / WEIGHTS_NAME)
         return model.eval()
 
     def load_state_dict_strict(self, state: dict[str, torch.Tensor], source: object = "state dict") -> None:
         """load_state_dict(strict=True) with one readable error for missing, unexpected or mis-shaped keys."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"{source} does not match this tokenizer: missing keys {missing[:8]}, "
-                             f"unexpected keys {unexpected[:8]}, shape mismatches {shapes[:8]}")
-        self.load_state_dict(state, strict=True)
+        load_state_strict(self, state, source)
 
     # ---- input validation -----------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:
@@ -211,9 +184,11 @@ class OneDTokenizer(nn.Module):
             raise ValueError(f"ids must have shape [B, k], got {tuple(ids.shape)}")
         if not 1 <= ids.shape[1] <= self.max_tokens:
             raise ValueError(f"ids must hold 1..{self.max_tokens} tokens per image, got {ids.shape[1]}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.codebook_size):
-            raise ValueError(f"ids must be in [0, {self.codebook_size}), got range "
-                             f"[{ids.min().item()}, {ids.max().item()}]")
+        if ids.numel():
+            # compared as Python ints: in the ids' own dtype (uint8, int8) the codebook size would wrap around
+            lo, hi = (int(v) for v in ids.aminmax())
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(f"ids must be in [0, {self.codebook_size}), got range [{lo}, {hi}]")
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
+
 # --------------------------------------------------------------------------------------------- constants
 
 WEIGHTS_DIR_ENV = "ONEDTOK_WEIGHTS_DIR"
@@ -363,10 +365,8 @@ def convert_fid_helper_inception(model_bytes: bytes) -> dict[str, torch.Tensor]:
 def _save(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written weights file
+    with atomic_path(path) as tmp:  # a crash never leaves a half-written weights file
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
 
 
 def fetch_and_convert(force: bool = False, directory: str | os.PathLike | None = None) -> dict[str, Path]:

@@ -20,11 +20,12 @@ Files, one set per rank and per ``fit`` call (a resumed run adds a new set, tagg
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import lightning.pytorch as pl
 import torch
+
+from ..atomic import torch_save, write_json
 
 
 def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -91,7 +92,7 @@ class DistributedAudit(pl.Callback):
         rank, start = trainer.global_rank, self._start_step
         prefix = os.path.join(self.out_dir, f"rank{rank}-from{start}")
         tensors = state_tensors(pl_module)
-        torch.save({**tensors, "__global_step__": torch.tensor(trainer.global_step)}, prefix + "-state.pt")
+        torch_save({**tensors, "__global_step__": torch.tensor(trainer.global_step)}, prefix + "-state.pt")
         record = {
             "rank": rank,
             "world_size": trainer.world_size,
@@ -102,8 +103,7 @@ class DistributedAudit(pl.Callback):
             "batches": self._batches,
             "ddp": self._ddp,
         }
-        with open(prefix + "-keys.json", "w") as f:
-            json.dump(record, f)
+        write_json(prefix + "-keys.json", record)
 
 
 __all__ = ["DistributedAudit", "state_tensors", "state_hash"]

@@ -48,6 +48,7 @@ from ..discriminator import PatchDiscriminator
 from ..distributed import average_gradients, broadcast_from_rank0
 from ..losses import LeCamEMA, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from ..model import OneDTokenizer
+from .checkpoints import ArchitectureGuard, CheckpointError, read_checkpoint
 from .codebook import CodebookMonitor, usage_curve_figure
 from .optim import clip_grad_norm, make_adamw, param_groups, warmup_cosine
 
@@ -67,7 +68,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
-class TokenizerModule(pl.LightningModule):
+class TokenizerModule(ArchitectureGuard, pl.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
@@ -124,6 +125,13 @@ class TokenizerModule(pl.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [
             name for name, _ in self.named_parameters() if name.startswith("discriminator.")
         ] + [name for name, _ in self.named_buffers()]
+
+    def architecture(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed (ArchitectureGuard): the tokenizer's config, and which
+        extra trained state (EMA copy, discriminator) the checkpoint carries."""
+        hp = self.hparams
+        disc = f"{hp.disc_channels} channels x {hp.disc_layers} layers" if self.discriminator is not None else None
+        return {**self.tokenizer.config.to_dict(), "ema": hp.ema_decay is not None, "discriminator": disc}
 
     # ---- optimisation ---------------------------------------------------------------------------------------
     @property
@@ -408,8 +416,11 @@ def make_grid(rows: torch.Tensor, pad: int = 2) -> torch.Tensor:
 
 def tokenizer_from_checkpoint(path: str | Path, use_ema: bool = True) -> OneDTokenizer:
     """Rebuild the tokenizer (EMA weights when present) from a Lightning checkpoint of TokenizerModule."""
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    hp = ckpt["hyper_parameters"]
+    ckpt = read_checkpoint(path)  # names the file when it is empty, truncated or not a checkpoint
+    hp = ckpt.get("hyper_parameters") or {}
+    if "preset" not in hp:
+        raise CheckpointError(f"{path} is not a TokenizerModule checkpoint (no tokenizer preset in its "
+                              "hyper_parameters)")
     model = OneDTokenizer.from_preset(hp["preset"], **(hp.get("overrides") or {}))
     prefix = "ema_tokenizer." if use_ema and any(k.startswith("ema_tokenizer.") for k in ckpt["state_dict"]) \
         else "tokenizer."

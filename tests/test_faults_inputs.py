@@ -1,0 +1,120 @@
+"""Bad input to the model API gets a clear error that names the value or file, and valid input of an unusual
+type works: uint8/int8 ids, string or float K, damaged exported tokenizer directories, empty checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tokenizer import OneDTokenizer
+from tokenizer.training.checkpoints import CheckpointError
+from tokenizer.training.module import tokenizer_from_checkpoint
+
+SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
+             dec_width=32, dec_depth=1, dec_heads=2, codebook_size=1024)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    torch.manual_seed(0)
+    return OneDTokenizer.from_preset("tiny", **SMALL).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_decode_accepts_every_integer_dtype(tok, dtype):
+    ids = torch.tensor([[5, 100, 7, 99], [0, 127, 1, 2]])
+    if dtype == torch.uint8:
+        ids[0, 1] = 200  # above int8, below the codebook size: the comparison must not wrap
+    expected = tok.decode(ids)
+    assert torch.equal(tok.decode(ids.to(dtype)), expected)
+
+
+def test_decode_names_the_actual_out_of_range_values(tok):
+    with pytest.raises(ValueError, match=r"\[0, 1024\), got range \[0, 1024\]"):
+        tok.decode(torch.tensor([[0, 1024]]))
+    with pytest.raises(ValueError, match=r"got range \[-1, 3\]"):
+        tok.decode(torch.tensor([[-1, 3]], dtype=torch.int8))
+
+
+@pytest.mark.parametrize("field,value", [("num_latent_tokens", "16"), ("num_latent_tokens", 16.0),
+                                         ("num_latent_tokens", True), ("enc_width", None),
+                                         ("fsq_levels", [8, "5"]), ("quantizer", 3)])
+def test_config_refuses_values_of_the_wrong_type(field, value):
+    with pytest.raises(TypeError, match=rf"TokenizerConfig\.{field} must be .*got {value!r}".replace("[", r"\[")):
+        OneDTokenizer.from_preset("tiny", **{field: value})
+
+
+def test_config_accepts_ints_for_floats():
+    assert OneDTokenizer.from_preset("tiny", **SMALL, vq_dead_code_threshold=2).config.vq_dead_code_threshold == 2
+
+
+def test_from_pretrained_names_what_is_wrong_with_the_directory(tok, tmp_path):
+    good = tok.save_pretrained(tmp_path / "good")
+    assert sorted(p.name for p in good.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
+    config = good / "config.json"
+    meta = json.loads(config.read_text())
+
+    config.write_text(json.dumps({"format": meta["format"]}))  # the reported bare KeyError
+    with pytest.raises(ValueError, match=r"config\.json has no 'config' object"):
+        OneDTokenizer.from_pretrained(good)
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        OneDTokenizer.from_pretrained(good)
+
+    # the two files of different saves (a kill between the two renames): refused, not loaded under the wrong config
+    other = OneDTokenizer.from_preset("tiny", **{**SMALL, "enc_heads": 4}).save_pretrained(tmp_path / "other")
+    config.write_text((other / "config.json").read_text())
+    with pytest.raises(ValueError, match="come from different saves"):
+        OneDTokenizer.from_pretrained(good)
+
+    config.write_text(json.dumps(meta))
+    weights = good / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model\.safetensors cannot be read"):
+        OneDTokenizer.from_pretrained(good)
+
+
+def test_tokenizer_from_an_empty_checkpoint_names_it(tmp_path):
+    empty = tmp_path / "last.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"last\.ckpt is empty \(0 bytes\)"):
+        tokenizer_from_checkpoint(empty)
+
+
+def _demo_generator():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_generator.py"
+    spec = importlib.util.spec_from_file_location("demo_generator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_generator_never_deletes_what_it_did_not_write(tok, tmp_path):
+    demo = _demo_generator()
+    tokenizer_dir = tok.save_pretrained(tmp_path / "tokenizer")
+    foreign_dir = tmp_path / "mine"
+    foreign_dir.mkdir()
+    (foreign_dir / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="did not write"):
+        demo.main(["--tokenizer", str(tokenizer_dir), "--out", str(foreign_dir)])
+    assert (foreign_dir / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me too")
+    with pytest.raises(SystemExit, match="is a file"):
+        demo.main(["--tokenizer", str(tokenizer_dir), "--out", str(a_file)])
+    assert a_file.read_text() == "keep me too"
+
+    # in its own directory it replaces its outputs and leaves a file someone put beside them
+    own = tmp_path / "own"
+    demo.prepare_out(str(own))
+    (own / "tokens").mkdir()
+    (own / "tokens" / "tokens-000000.npz").write_bytes(b"old")
+    (own / "summary.json").write_text("{}")
+    (own / "README.txt").write_text("user note")
+    demo.prepare_out(str(own))
+    assert sorted(p.name for p in own.iterdir()) == [demo.MARKER, "README.txt"]

@@ -1,0 +1,142 @@
+"""The training command line (`train.py`): LightningCLI plus what a run needs to survive faults.
+
+- Checkpoints are written atomically (`AtomicCheckpointIO`, a trainer default that a config can still override).
+- `--ckpt_path last` resumes from the newest checkpoint that loads, and says which ones it skipped; an explicit
+  `--ckpt_path FILE` that cannot be read is refused with the reason and the checkpoints that would work.
+- The checkpoint's architecture is checked against the config's before anything is written (`ArchitectureGuard`).
+- The run's `config.yaml` is written only once the restore has succeeded (a failed resume with a wrong config
+  must not replace the one config that resumes the run). A resume whose config differs keeps the previous file as
+  `config.1.yaml`, `config.2.yaml`, ... so the run's history stays readable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from tokenizer.atomic import write_text
+
+from .checkpoints import CheckpointError, check_architecture, checkpoint_files, newest_loadable, read_checkpoint
+
+
+class SaveConfigAfterRestore(SaveConfigCallback):
+    """LightningCLI's config saver, moved from `setup` (before the checkpoint is restored) to `on_train_start`
+    (after it), atomic, and keeping earlier versions that differ. Only `fit` writes: `validate` or `test` with
+    another config must not rewrite the training run's record."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pass
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.already_saved or not self.save_to_log_dir:
+            return
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank calls it
+        if trainer.is_global_zero and log_dir is not None:
+            path = Path(log_dir) / self.config_filename
+            text = self.parser.dump(self.config, skip_none=False)
+            if path.is_file() and path.read_text() != text:
+                n = 1
+                while (older := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+                    n += 1
+                os.replace(path, older)  # same directory: atomic, and nothing is lost
+            write_text(path, text)
+        self.already_saved = True
+
+
+class TrainCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_callback", SaveConfigAfterRestore)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # versions are kept by the saver itself
+        defaults = kwargs.setdefault("trainer_defaults", {})
+        defaults.setdefault("plugins", [{"class_path": "tokenizer.training.checkpoints.AtomicCheckpointIO"}])
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI itself opens an explicit --ckpt_path right after parsing (to read its hyperparameters),
+        # so an unreadable file has to be explained here, before that bare load fails.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path not in (None, "last", "hpc", "best"):
+            readable_or_explain(ckpt_path, [])
+
+    def before_fit(self) -> None:
+        fit = self.config_init[self.subcommand]
+        fit["ckpt_path"] = self.resolve_resume(fit.get("ckpt_path"))
+        if fit["ckpt_path"] is not None and hasattr(self.model, "architecture"):
+            check_architecture(read_checkpoint(fit["ckpt_path"]), self.model.architecture(), str(fit["ckpt_path"]))
+
+    def resolve_resume(self, ckpt_path: str | None) -> str | None:
+        """`last` -> the newest checkpoint that loads, of the ModelCheckpoint directories and the SLURM requeue
+        checkpoints (`hpc_ckpt_*.ckpt` in default_root_dir, which Lightning's own `last` ignores). None if there
+        is none: a first start with `--ckpt_path last`, as the SLURM script does, trains from scratch."""
+        if ckpt_path in (None, "hpc", "best"):
+            return ckpt_path
+        dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        if ckpt_path == "last":
+            if not dirs:
+                return ckpt_path  # the directory is only known after setup: Lightning's own lookup
+            found = checkpoint_files(dirs) + checkpoint_files([self.trainer.default_root_dir], "hpc_ckpt_*.ckpt")
+            candidates = list({p.resolve(): p for p in reversed(found)}.values())  # once each
+            candidates.sort(key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
+            path, rejected = newest_loadable(candidates)
+            for reason in rejected:
+                print(f"resume: skipping {reason}", file=sys.stderr)
+            if path is None:
+                if rejected:
+                    raise CheckpointError(f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))} loads; "
+                                          "start a new run, or pass --ckpt_path with a checkpoint from elsewhere")
+                print(f"resume: no checkpoint in {', '.join(map(str, dirs))} yet; training from scratch",
+                      file=sys.stderr)
+                return None
+            print(f"resume: from {path}", file=sys.stderr)
+            return str(path)
+        readable_or_explain(ckpt_path, dirs)
+        return ckpt_path
+
+
+def readable_or_explain(ckpt_path: str, dirs: list[str]) -> None:
+    """Raise CheckpointError when `ckpt_path` cannot be read, naming the checkpoints beside it (and in `dirs`)
+    that can."""
+    try:
+        read_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        usable = [str(p) for p in checkpoint_files(dirs + [os.path.dirname(os.path.abspath(ckpt_path))])
+                  if p.resolve() != Path(ckpt_path).resolve() and _loads(p)]
+        hint = (" Checkpoints that load: " + ", ".join(usable[:5]) + " (or --ckpt_path last).") if usable else ""
+        raise CheckpointError(f"{e}.{hint}") from e
+
+
+def _loads(path: Path) -> bool:
+    try:
+        read_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def main(args: list[str] | None = None) -> TrainCLI:
+    """Entry point of train.py; a CheckpointError exits with its message (status 2), without a traceback."""
+    from tokenizer.gpu import enable_fast_math
+
+    enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
+    try:
+        return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
+    except CheckpointError as e:
+        if args is not None:  # called from Python (tests): let the caller see the exception
+            raise
+        sys.exit(f"error: {e}")
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["TrainCLI", "SaveConfigAfterRestore", "main"]
