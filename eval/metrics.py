@@ -29,43 +29,19 @@ import math
 import torch
 
 from tokenizer.inception import fid_from_features, frechet_distance, inception_features, load_fid_inception
+from tokenizer.metrics import PSNR_CAP_DB, check_uint8_pair, psnr, to_uint8
 
 __all__ = [
     "PSNR_CAP_DB", "to_uint8", "psnr", "ssim", "lpips", "lpips_model", "LPIPSReference", "inception_features",
     "load_fid_inception", "fid_from_features", "fid_from_rows", "frechet_distance", "FeatureSet", "fid",
 ]  # fmt: skip
 
-PSNR_CAP_DB = 100.0
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] float -> uint8, clamped and rounded to nearest (how a reconstruction becomes an image file)."""
-    if images.dtype == torch.uint8:
-        return images
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
-    if x.dtype != torch.uint8 or y.dtype != torch.uint8:
-        raise TypeError(f"metrics take uint8 images (use to_uint8 first), got {x.dtype} and {y.dtype}")
-    if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected two [B, 3, H, W] tensors of equal shape, got {tuple(x.shape)}, "
-                         f"{tuple(y.shape)}")
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, cap_db: float = PSNR_CAP_DB) -> torch.Tensor:
-    """Per-image PSNR in dB (peak 255) of uint8 images, float64 [B]; identical images give ``cap_db``."""
-    _check_pair(x, y)
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
-    out = 10 * torch.log10(255.0**2 / mse)  # +inf where mse == 0
-    return out.clamp(max=cap_db)
-
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM (torchmetrics, Gaussian window 11, sigma 1.5) of uint8 images, [B]."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    _check_pair(x, y)
+    check_uint8_pair(x, y)
     return structural_similarity_index_measure(
         x.float() / 255, y.float() / 255, data_range=1.0, reduction="none"
     ).reshape(x.shape[0])
@@ -75,19 +51,16 @@ def lpips(x: torch.Tensor, y: torch.Tensor, model=None) -> torch.Tensor:
     """Per-image LPIPS (VGG, v0.1, real weights; the training module's net) of uint8 images, [B]."""
     from tokenizer.perceptual import lpips_metric
 
-    _check_pair(x, y)
+    check_uint8_pair(x, y)
     model = lpips_model(x.device) if model is None else model
     return lpips_metric(x.float() / 255, y.float() / 255, model=model).reshape(x.shape[0])
 
 
 def lpips_model(device: torch.device | str = "cpu"):
     """The pretrained LPIPS-VGG (:class:`tokenizer.perceptual.LPIPS`), one cached instance per device."""
-    from tokenizer import perceptual
+    from tokenizer.perceptual import cached_lpips
 
-    key = str(torch.device(device))
-    if key not in perceptual._CACHE:
-        perceptual._CACHE[key] = perceptual.LPIPS().to(device)
-    return perceptual._CACHE[key]
+    return cached_lpips(device)
 
 
 class LPIPSReference:
@@ -100,7 +73,7 @@ class LPIPSReference:
     def __init__(self, refs: torch.Tensor, model=None):
         self.model = lpips_model(refs.device) if model is None else model
         self.refs_shape = refs.shape
-        _check_pair(refs, refs)
+        check_uint8_pair(refs, refs)
         self.ref_feats = self._features(refs)
 
     @torch.no_grad()

@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from data.sample import SampleImagesDataModule  # noqa: E402
 from eval.metrics import LPIPSReference, to_uint8  # noqa: E402
@@ -38,6 +37,7 @@ from eval.reconstruction import image_metrics, reconstruct  # noqa: E402
 from tokenizer.atomic import write_text  # noqa: E402
 from tokenizer.quantizer import position_histogram, usage_per_position  # noqa: E402
 from tokenizer.training import TokenizerModule  # noqa: E402
+from tokenizer.training.config_files import load_config  # noqa: E402
 from tokenizer.training.module import default_eval_tokens  # noqa: E402
 
 USAGE_CROPS = 4096  # training crops (fixed seed, no jitter) over which usage per position is measured
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error(f"--steps must be >= 1, got {a.steps}")
-    config = yaml.safe_load(Path(a.config).read_text())
+    config = load_config(a.config)
     datamodule = SampleImagesDataModule(**config["data"]["init_args"])
     datamodule.setup()
     refs = to_uint8(datamodule.val_batch())  # [N, 3, S, S] uint8, the held-out crops

@@ -12,9 +12,10 @@ import yaml
 from _launch_flags import documented_strategy
 
 from tokenizer.config import preset_config
+from tokenizer.training.config_files import load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
+CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if "base" not in p.parent.name)  # bases are not runs
 
 
 def resolve(class_path: str):
@@ -24,7 +25,7 @@ def resolve(class_path: str):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_is_valid(path):
-    cfg = yaml.safe_load(path.read_text())
+    cfg = load_config(path)
     for section in ("model", "data"):
         cls = resolve(cfg[section]["class_path"])
         params = inspect.signature(cls.__init__).parameters
@@ -43,7 +44,7 @@ def test_paper_configs_cover_the_variants():
     names = {p.stem for p in CONFIGS}
     assert {"titok-L-32", "titok-B-64", "titok-S-128", "onedpiece-B-256", "flextok-style-B-256",
             "vq-B-128", "lfq-B-128", "fsq-B-128"} <= names
-    flex = yaml.safe_load((CONFIG_DIR / "tokenizer" / "flextok-style-B-256.yaml").read_text())["model"]["init_args"]
+    flex = load_config(CONFIG_DIR / "tokenizer" / "flextok-style-B-256.yaml")["model"]["init_args"]
     cfg = preset_config(flex["preset"], **flex["overrides"])
     assert (cfg.length_mechanism, cfg.causal_latents, cfg.quantizer) == ("nested_dropout", True, "fsq")
 
@@ -58,3 +59,58 @@ def test_tiny_perceptual_differs_from_the_demo_only_in_the_objective():
         cfg["trainer"]["logger"]["init_args"].pop("name")
         cfg["trainer"]["callbacks"][0]["init_args"].pop("dirpath")
     assert perceptual == demo
+
+
+def test_paper_configs_are_deltas_on_shared_bases():
+    """Each paper config names its bases and says only what differs: run name, preset, overrides."""
+    for path in CONFIGS:
+        text = path.read_text()
+        if "tiny" in path.stem or path.parent.name != "tokenizer":
+            continue
+        body = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        assert text.count("base:") == 1 and len(body) <= 25, f"{path.name}: {len(body)} lines"
+        cfg = load_config(path)
+        assert cfg["trainer"]["logger"]["init_args"]["name"] == path.stem  # {run} filled in
+        assert cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] == f"checkpoints/{path.stem}/ckpt"
+
+
+def test_composition_merges_recursively_and_fills_the_run_name(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text("trainer: {max_steps: 5, devices: 8}\nname: '{run}-x'\nl: [1, 2]\n")
+    (tmp_path / "b.yaml").write_text("base: base/a.yaml\nrun: r1\ntrainer: {max_steps: 7}\nl: [3]\n")
+    assert load_config(tmp_path / "b.yaml") == {"trainer": {"max_steps": 7, "devices": 8}, "name": "r1-x", "l": [3]}
+    (tmp_path / "c.yaml").write_text("base: [c.yaml]\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [missing.yaml]\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml not found \(a base of .*d\.yaml\)"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_train_cli_resolves_a_delta_config(capsys):
+    """train.py takes the delta file itself, as before; the config it resolves is the base plus the delta."""
+    import train
+
+    path = CONFIG_DIR / "tokenizer" / "titok-B-64.yaml"
+    with pytest.raises(SystemExit) as done:
+        train.main(["fit", "--config", str(path), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = load_config(path)
+    assert printed["model"]["init_args"]["overrides"] == expected["model"]["init_args"]["overrides"]
+    assert printed["model"]["init_args"]["perceptual_weight"] == 1.0  # from the objective base
+    assert printed["trainer"]["logger"]["init_args"]["name"] == "titok-B-64"
+    assert printed["data"]["init_args"]["train_shards"] == expected["data"]["init_args"]["train_shards"]
+
+
+@pytest.mark.parametrize("overrides", ["{num_latnet_tokens: 16}", "{num_latent_tokens: sixteen}",
+                                       "{token_mixing: 3}"])
+def test_cli_validates_tokenizer_overrides_while_parsing(overrides, capsys):
+    """`overrides` is typed from TokenizerConfig's fields: a typo or a wrong type stops the parser, naming it."""
+    import train
+
+    with pytest.raises(SystemExit) as done:
+        train.main(["fit", "--config", str(CONFIG_DIR / "tokenizer" / "tiny.yaml"),
+                    "--model.init_args.overrides", overrides, "--print_config"])
+    assert done.value.code not in (0, None)
+    assert "overrides" in capsys.readouterr().err

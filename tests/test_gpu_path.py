@@ -10,13 +10,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
 from _small_training import SMALL, data, fresh_start, trainer
 
 from tokenizer import OneDTokenizer
 from tokenizer.gpu import HostSyncDetector, no_host_sync
 from tokenizer.losses import hinge_g_loss
 from tokenizer.training import TokenizerModule
+from tokenizer.training.config_files import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "tokenizer" / "onedpiece-B-256.yaml"
@@ -25,7 +25,7 @@ PAPER = ROOT / "configs" / "tokenizer" / "onedpiece-B-256.yaml"
 def paper_module(**changes) -> tuple[TokenizerModule, str]:
     """The paper config's objective (LPIPS + GAN + LeCam + EMA), shrunk to a tiny model, the GAN on from step 0 and
     the optimizer fused exactly as on CUDA. Returns the module and the config's trainer precision."""
-    cfg = yaml.safe_load(PAPER.read_text())
+    cfg = load_config(PAPER)
     args = dict(cfg["model"]["init_args"])
     args.update(preset="tiny", overrides={**args["overrides"], **SMALL}, gan_start=0, perceptual_subsample=2,
                 fused_optimizer=True, warmup_steps=2, codebook_window=2)
@@ -235,7 +235,7 @@ TOKENIZER_CONFIGS = sorted(p for p in (ROOT / "configs" / "tokenizer").glob("*.y
 def test_every_parameter_takes_part_in_every_loss(path):
     """What lets DDP run without find_unused_parameters: in every paper config, the extreme keep lengths (one token
     of tail drop, a nested-dropout batch with nothing dropped) still give every tokenizer parameter a gradient."""
-    overrides = yaml.safe_load(path.read_text())["model"]["init_args"].get("overrides") or {}
+    overrides = load_config(path)["model"]["init_args"].get("overrides") or {}
     keep = {k: v for k, v in overrides.items() if k not in ("num_latent_tokens",)}
     torch.manual_seed(0)
     model = OneDTokenizer.from_preset("tiny", **{**SMALL, **keep}).train()

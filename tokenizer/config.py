@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 QUANTIZERS = ("vq", "lfq", "fsq")
 LENGTH_MECHANISMS = ("tail_token_drop", "nested_dropout", "fixed")
@@ -136,6 +138,15 @@ class TokenizerConfig:
         if unknown:
             raise ValueError(f"unknown TokenizerConfig fields: {unknown}")
         return cls(**values)
+
+
+# `overrides` in configs: every TokenizerConfig field, optional, with its type, so the command line refuses an
+# unknown field or a value of the wrong type while parsing, before anything is built.
+TokenizerOverrides = TypedDict(  # noqa: UP013 (built from the dataclass fields, so it cannot drift from them)
+    "TokenizerOverrides",
+    {f.name: typing.get_type_hints(TokenizerConfig)[f.name] for f in dataclasses.fields(TokenizerConfig)},
+    total=False,
+)
 
 
 def _is_int(value) -> bool:

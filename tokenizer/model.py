@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .adaptive import AdaptiveTokens, encode_adaptive
 from .config import TokenizerConfig, preset_config
 from .decoder import Decoder
 from .encoder import Encoder
@@ -121,12 +122,24 @@ class OneDTokenizer(nn.Module):
             return self.quantizer(z).ids[:, :k]
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids int64 [B, k], 1 <= k <= K -> images float [B, 3, H, W] in [0, 1]."""
+    def decode(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """ids int64 [B, k], 1 <= k <= K -> images float [B, 3, H, W] in [0, 1].
+        lengths int [B] (1..k): image b is decoded from its first lengths[b] tokens only, in the same batch
+        (equal to decoding ids[b:b+1, :lengths[b]] alone); the ids past a length are ignored (padding)."""
         self._check_ids(ids)
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, ids.shape)
         with self._inference():
             tokens = self.quantizer.codes_from_ids(ids.long()).to(self._dtype())  # [B, k, D]
-            return ((self.decoder(tokens) + 1) / 2).clamp(0, 1).float()
+            return ((self.decoder(tokens, lengths) + 1) / 2).clamp(0, 1).float()
+
+    @torch.no_grad()
+    def encode_adaptive(self, images: torch.Tensor, min_psnr: float | None = None, max_lpips: float | None = None,
+                        min_tokens: int = 1, max_tokens: int | None = None, lpips_model=None) -> AdaptiveTokens:
+        """Per image, the fewest tokens whose reconstruction meets the target (tokenizer/adaptive.py):
+        ids [B, max_tokens] (0 past each length) and lengths [B]. Exactly one of min_psnr (dB, on the uint8
+        reconstruction) or max_lpips; about log2(K) + 1 batched decode passes."""
+        return encode_adaptive(self, images, min_psnr, max_lpips, min_tokens, max_tokens, lpips_model)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
@@ -174,6 +187,16 @@ class OneDTokenizer(nn.Module):
         if not 1 <= num_tokens <= self.max_tokens:
             raise ValueError(f"num_tokens must be in 1..{self.max_tokens}, got {num_tokens}")
         return num_tokens
+
+    def _check_lengths(self, lengths: torch.Tensor, ids_shape: torch.Size) -> torch.Tensor:
+        b, k = ids_shape
+        if not isinstance(lengths, torch.Tensor) or lengths.is_floating_point() or lengths.shape != (b,):
+            got = f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, torch.Tensor) else repr(lengths)
+            raise ValueError(f"lengths must be an integer tensor of shape [{b}], got {got}")
+        lo, hi = (int(v) for v in lengths.aminmax())
+        if lo < 1 or hi > k:
+            raise ValueError(f"lengths must be in 1..{k} (the ids' token count), got range [{lo}, {hi}]")
+        return lengths.long()
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if not isinstance(ids, torch.Tensor):

@@ -69,15 +69,19 @@ class LPIPS(nn.Module):
 _CACHE: dict[str, LPIPS] = {}
 
 
+def cached_lpips(device: torch.device | str = "cpu") -> LPIPS:
+    """The pretrained LPIPS-VGG, one cached instance per device (loading the VGG trunk costs seconds)."""
+    key = str(torch.device(device))
+    if key not in _CACHE:
+        _CACHE[key] = LPIPS().to(device)
+    return _CACHE[key]
+
+
 @torch.no_grad()
 def lpips_metric(x: torch.Tensor, y: torch.Tensor, model: LPIPS | None = None) -> torch.Tensor:
     """LPIPS distances [B] for images in [0, 1] (evaluation helper; no gradients).
 
-    Uses ``model`` if given, else one cached pretrained :class:`LPIPS` per device.
+    Uses ``model`` if given, else the cached pretrained :class:`LPIPS` of the images' device.
     """
-    if model is None:
-        key = str(x.device)
-        if key not in _CACHE:
-            _CACHE[key] = LPIPS().to(x.device)
-        model = _CACHE[key]
+    model = cached_lpips(x.device) if model is None else model
     return model(x * 2 - 1, y * 2 - 1)

@@ -15,11 +15,13 @@ import os
 import sys
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tokenizer.atomic import write_text
 
 from .checkpoints import CheckpointError, check_architecture, checkpoint_files, newest_loadable, read_checkpoint
+from .config_files import expand_config_args
 
 
 class SaveConfigAfterRestore(SaveConfigCallback):
@@ -55,7 +57,10 @@ class TrainCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+        else:  # configs with `base:` / `run:` keys are merged first (config_files.py)
+            self.config = parser.parse_args(expand_config_args(sys.argv[1:] if args is None else list(args)))
         # LightningCLI itself opens an explicit --ckpt_path right after parsing (to read its hyperparameters),
         # so an unreadable file has to be explained here, before that bare load fails.
         sub = self.config.get("subcommand")

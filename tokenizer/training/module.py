@@ -44,6 +44,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ..config import TokenizerOverrides
 from ..discriminator import PatchDiscriminator
 from ..distributed import average_gradients, broadcast_from_rank0
 from ..losses import LeCamEMA, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
@@ -72,7 +73,7 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
-        overrides: dict[str, Any] | None = None,
+        overrides: TokenizerOverrides | None = None,
         recon_loss: str = "l2",
         recon_weight: float = 1.0,
         quantizer_weight: float = 1.0,
