@@ -11,8 +11,11 @@
     python -m eval.gfid --samples OUT/samples_k008.npz OUT/samples_k032.npz --ref-source folder --ref-root VAL
 
 Reference (exactly one):
-- ``--ref-stats FILE.npz`` with ``mu`` [D] and ``sigma`` [D, D] (what ``--save-ref-stats`` writes; an ADM
-  reference batch has them too);
+- ``--ref-batch VIRTUAL_imagenet256_labeled.npz``: guided-diffusion's ImageNet 256 reference batch (the field's
+  protocol; see docs/generator.md for where it comes from). Its ``mu``/``sigma`` are the reference statistics as
+  given; its images ``arr_0`` (uint8 [10000, 256, 256, 3]) give the reference features of precision/recall
+  (computed only for those). Any npz with ``arr_0`` and/or ``mu``/``sigma`` is read the same way;
+- ``--ref-stats FILE.npz`` with ``mu`` [D] and ``sigma`` [D, D] (what ``--save-ref-stats`` writes);
 - ``--ref-npz FILE.npz`` with images ``arr_0`` uint8 [N, H, W, 3] (e.g. an ADM reference batch);
 - ``--ref-source sample``: ``--ref-num`` random crops of the embedded training photographs (the demo's data)
   at ``--image-size`` (default: the tokenizer's); ``--ref-source folder --ref-root DIR``: an ImageFolder tree
@@ -20,7 +23,11 @@ Reference (exactly one):
 
 Features: ``tokenizer.inception`` (torch-fidelity's TF-FID InceptionV3 with the converted weights; images
 resized to 299 inside; create the weights with ``make weights`` / ``python -m tokenizer.weights``). Frechet
-distance in float64. Features are computed on the main process, in fp32; sampling is distributed (see
+distance in float64. Per k the table also has the Inception Score when the Inception has its logits layer (the
+hub file does; the converted ``fid_inception_v3.safetensors`` has no ``fc``, and then IS is left out, said in
+the output, never computed from made-up weights) and precision/recall (k-NN manifolds, k = 3, ``eval.fidelity``)
+when the reference has images (``--no-precision-recall`` skips them). Features are computed on the main process,
+in fp32; sampling is distributed (see
 ``eval.sample_generator``; ``--precision fp32|bf16`` is its autocast for the GPT and the decoder, default bf16
 on CUDA). Results: ``gfid.json`` and ``gfid.md`` in ``--out`` and a table on stdout.
 """
@@ -33,6 +40,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +48,41 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from eval.fidelity import inception_score, precision_recall  # noqa: E402
 from tokenizer.inception import feature_statistics, frechet_distance  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
 
-# uint8 images [B, 3, H, W] -> features [B, D]
-FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+# uint8 images [B, 3, H, W] -> pool features [B, D], or {"pool": [B, D], "logits": [B, C]} (logits for IS)
+FeatureExtractor = Callable[[torch.Tensor], torch.Tensor | dict]
+NO_LOGITS = ("the offline FID Inception (converted weights) has no logits layer, so no Inception Score: put "
+             "torch-fidelity's weights-inception-2015-12-05-6726825d.pth in $TORCH_HOME/hub/checkpoints for IS")
 
 
+PROTOCOL = ("FID/IS/precision/recall as guided-diffusion's evaluator: TF-FID InceptionV3 (torch-fidelity port, "
+            "299 px bilinear resize), 2048-d pool features, float64 Frechet distance; IS over chunks of 5000; "
+            "precision/recall k-NN manifolds, k = 3, against the reference images")
+
+
+@torch.no_grad()
 def inception_extractor(device: str | torch.device = "cpu", batch_size: int = 64) -> FeatureExtractor:
-    from tokenizer.inception import inception_features, load_fid_inception
+    """Pool features, plus the unbiased logits (ADM's IS input) when the loaded weights have a real fc layer."""
+    from tokenizer.inception import load_fid_inception
 
     model = load_fid_inception(device)
-    return lambda images: inception_features(images, model, batch_size=batch_size)
+    has_logits = not torch.isnan(model.fc.weight).any()  # NaN-filled when the weight file has no fc
+    model.features_list = ["2048", "logits_unbiased"] if has_logits else ["2048"]
+
+    @torch.no_grad()
+    def extract(images: torch.Tensor) -> dict:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
+        outs = [model(chunk.to(device)) for chunk in images.split(batch_size)]
+        result = {"pool": torch.cat([o[0] for o in outs]).double().cpu()}
+        if has_logits:
+            result["logits"] = torch.cat([o[1] for o in outs]).double().cpu()
+        return result
+
+    return extract
 
 
 # ---- image sources: uint8 [B, 3, H, W] batches ------------------------------------------------------------
@@ -96,17 +127,22 @@ def folder_images(root: str, image_size: int, limit: int | None = None, batch_si
         yield _to_uint8(images)
 
 
-def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor) -> torch.Tensor:
-    feats = [extractor(b).double().cpu() for b in batches]
-    if not feats:
+def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor) -> dict[str, torch.Tensor]:
+    """{"pool": [N, D] float64, and "logits": [N, C] when the extractor gives them}."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for b in batches:
+        out = extractor(b)
+        for name, t in (out if isinstance(out, dict) else {"pool": out}).items():
+            parts.setdefault(name, []).append(t.double().cpu())
+    if not parts:
         raise ValueError("no images")
-    return torch.cat(feats)
+    return {name: torch.cat(ts) for name, ts in parts.items()}
 
 
 def statistics_of(
     batches: Iterable[torch.Tensor], extractor: FeatureExtractor
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    f = features_of(batches, extractor)
+    f = features_of(batches, extractor)["pool"]
     mu, sigma = feature_statistics(f)
     return mu.numpy(), sigma.numpy(), len(f)
 
@@ -125,45 +161,89 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
 
 
-def reference_stats(args: argparse.Namespace, extractor: FeatureExtractor, image_size: int | None):
-    """(mu, sigma, description) of the reference chosen by the --ref-* flags."""
-    given = [x for x in (args.ref_stats, args.ref_npz, args.ref_source) if x]
+@dataclass
+class Reference:
+    mu: np.ndarray  # [D]
+    sigma: np.ndarray  # [D, D]
+    description: str
+    features: torch.Tensor | None = None  # pool features [N, D] of the reference images, for precision/recall
+
+
+def read_ref_batch(path: str | Path) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
+    """(mu, sigma) of an ADM-format reference batch (None when absent) and whether it holds images arr_0."""
+    with np.load(path) as z:
+        keys = set(z.keys())
+        if not ({"mu", "sigma"} <= keys or "arr_0" in keys):
+            raise ValueError(f"{path}: an ADM reference batch has 'arr_0' (images) and/or 'mu'/'sigma'; "
+                             f"keys {sorted(keys)}")
+        stats = (z["mu"].astype(np.float64), z["sigma"].astype(np.float64)) if {"mu", "sigma"} <= keys else (None, None)
+        return (*stats, "arr_0" in keys)
+
+
+def image_source(args: argparse.Namespace, image_size: int | None) -> tuple[Iterable[torch.Tensor] | None, str]:
+    """(batches of the reference images or None, description) for the --ref-* flags."""
+    given = [x for x in (args.ref_stats, args.ref_npz, args.ref_source, args.ref_batch) if x]
     if len(given) != 1:
-        raise SystemExit("give exactly one reference: --ref-stats, --ref-npz or --ref-source")
+        raise SystemExit("give exactly one reference: --ref-batch, --ref-stats, --ref-npz or --ref-source")
     if args.ref_stats:
-        mu, sigma = load_stats(args.ref_stats)
-        return mu, sigma, f"stats {args.ref_stats}"
-    if args.ref_npz:
-        batches, desc = npz_images(args.ref_npz, limit=args.ref_num), f"images {args.ref_npz}"
-    else:
-        if image_size is None:
-            raise SystemExit("--ref-source needs --image-size (or a generator/tokenizer to take it from)")
-        if args.ref_source == "sample":
-            num = args.ref_num or 5000
-            batches = sample_source_images(num, image_size, seed=args.ref_seed)
-            desc = f"{num} embedded training-photo crops at {image_size}px (seed {args.ref_seed})"
-        else:
-            if not args.ref_root:
-                raise SystemExit("--ref-source folder needs --ref-root DIR")
-            batches = folder_images(args.ref_root, image_size, args.ref_num)
-            desc = f"folder {args.ref_root} at {image_size}px"
-    mu, sigma, n = statistics_of(batches, extractor)
-    desc += f" ({n} images)"
+        return None, f"stats {args.ref_stats}"
+    if args.ref_npz or args.ref_batch:
+        path = args.ref_npz or args.ref_batch
+        if args.ref_batch and not read_ref_batch(path)[2]:
+            return None, f"reference batch {path} (statistics only)"
+        return npz_images(path, limit=args.ref_num), f"{'reference batch' if args.ref_batch else 'images'} {path}"
+    if image_size is None:
+        raise SystemExit("--ref-source needs --image-size (or a generator/tokenizer to take it from)")
+    if args.ref_source == "sample":
+        num = args.ref_num or 5000
+        desc = f"{num} embedded training-photo crops at {image_size}px (seed {args.ref_seed})"
+        return sample_source_images(num, image_size, seed=args.ref_seed), desc
+    if not args.ref_root:
+        raise SystemExit("--ref-source folder needs --ref-root DIR")
+    return folder_images(args.ref_root, image_size, args.ref_num), f"folder {args.ref_root} at {image_size}px"
+
+
+def reference(args: argparse.Namespace, extractor: FeatureExtractor, image_size: int | None,
+              need_features: bool) -> Reference:  # fmt: skip
+    """The reference chosen by the --ref-* flags. A reference batch's own mu/sigma are used as given (the ADM
+    protocol); its images are read only when `need_features` (precision/recall)."""
+    batches, desc = image_source(args, image_size)
+    if args.ref_stats:
+        return Reference(*load_stats(args.ref_stats), desc)
+    mu = sigma = None
+    if args.ref_batch:
+        mu, sigma, _ = read_ref_batch(args.ref_batch)
+    features = None
+    if batches is not None and (mu is None or need_features):
+        features = features_of(batches, extractor)["pool"]
+        desc += f" ({len(features)} images)"
+        if mu is None:
+            mu, sigma = (t.numpy() for t in feature_statistics(features))
+    if mu is None:
+        raise SystemExit(f"{args.ref_batch}: no 'mu'/'sigma' and no images to compute them from")
     if args.save_ref_stats:
-        save_stats(args.save_ref_stats, mu, sigma, reference=desc, num_images=n)
+        num = None if features is None else len(features)
+        save_stats(args.save_ref_stats, mu, sigma, reference=desc, num_images=num)
         print(f"reference statistics -> {args.save_ref_stats}")
-    return mu, sigma, desc
+    return Reference(mu, sigma, desc, features if need_features else None)
 
 
-def gfid(samples: dict[int, str | Path], ref_mu: np.ndarray, ref_sigma: np.ndarray,
-         extractor: FeatureExtractor) -> dict[int, dict]:  # fmt: skip
-    """{k: {"fid": float, "num_samples": N, "samples": path}} for ADM-format sample npz files."""
+def gfid(samples: dict[int, str | Path], ref: Reference, extractor: FeatureExtractor) -> dict[int, dict]:
+    """{k: {"fid", "inception_score" (None without logits), "precision", "recall" (None without reference
+    features), "num_samples", "samples"}} for ADM-format sample npz files."""
     rows = {}
     for k, path in sorted(samples.items()):
-        mu, sigma, n = statistics_of(npz_images(path), extractor)
+        f = features_of(npz_images(path), extractor)
+        mu, sigma = feature_statistics(f["pool"])
+        p_r = (None, None)  # precision/recall need reference features and more than k = 3 points on each side
+        if ref.features is not None and min(len(ref.features), len(f["pool"])) > 3:
+            p_r = precision_recall(ref.features, f["pool"])
         rows[k] = {
-            "fid": frechet_distance(mu, sigma, ref_mu, ref_sigma),
-            "num_samples": n,
+            "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
+            "inception_score": inception_score(f["logits"]) if "logits" in f else None,
+            "precision": p_r[0],
+            "recall": p_r[1],
+            "num_samples": len(f["pool"]),
             "samples": str(path),
         }
     return rows
@@ -175,9 +255,19 @@ def _k_of(path: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def fmt_metric(x: float | None, digits: int) -> str:
+    """A table cell: the value to `digits` decimals, "-" when absent."""
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def markdown(rows: dict[int, dict], reference: str) -> str:
-    lines = [f"gFID against {reference}", "", "| k tokens | samples | gFID |", "|---:|---:|---:|"]
-    lines += [f"| {k} | {r['num_samples']} | {r['fid']:.2f} |" for k, r in sorted(rows.items())]
+    lines = [f"gFID against {reference}", "", "| k tokens | samples | gFID | IS | precision | recall |",
+             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for k, r in sorted(rows.items()):
+        lines.append(f"| {k} | {r['num_samples']} | {r['fid']:.2f} | {fmt_metric(r.get('inception_score'), 1)} | "
+                     f"{fmt_metric(r.get('precision'), 3)} | {fmt_metric(r.get('recall'), 3)} |")  # fmt: skip
+    if any(r.get("inception_score") is None for r in rows.values()):
+        lines += ["", f"IS: -, {NO_LOGITS}."]
     return "\n".join(lines)
 
 
@@ -191,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=5000, help="samples per k when generating")
     p.add_argument("--num-tokens", type=int, nargs="+", help="token counts k when generating (default 1..K)")
     p.add_argument("--batch-size", type=int, default=64, help="sampling batch per process")
+    p.add_argument("--ref-batch", help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz (mu/sigma + arr_0)")
     p.add_argument("--ref-stats", help="reference mu/sigma .npz")
     p.add_argument("--ref-npz", help="reference images .npz (arr_0 uint8 [N, H, W, 3])")
     p.add_argument("--ref-source", choices=("sample", "folder"), help="reference image source")
@@ -199,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-seed", type=int, default=1, help="--ref-source sample: crop seed")
     p.add_argument("--save-ref-stats", help="write the reference mu/sigma here")
     p.add_argument("--image-size", type=int, help="reference image size (default: the tokenizer's)")
+    p.add_argument("--no-precision-recall", action="store_true", help="skip precision/recall (no reference images)")
     p.add_argument("--out", help="output directory (generated samples, gfid.json, gfid.md)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -236,14 +328,15 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
     if extractor is None:
         device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         extractor = inception_extractor(device)
-    ref_mu, ref_sigma, reference = reference_stats(args, extractor, image_size)
-    result: dict = {"reference": reference, "rows": {}}
+    ref = reference(args, extractor, image_size, need_features=bool(samples) and not args.no_precision_recall)
+    result: dict = {"reference": ref.description, "rows": {}}
     if precision is not None:
         result["sampling_precision"] = precision
     if samples:
-        rows = gfid(samples, ref_mu, ref_sigma, extractor)
+        rows = gfid(samples, ref, extractor)
         result["rows"] = rows
-        table = markdown(rows, reference)
+        result["protocol"] = PROTOCOL
+        table = markdown(rows, ref.description)
         print(table)
         if args.out:
             out = Path(args.out)

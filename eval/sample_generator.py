@@ -27,6 +27,9 @@ Precision (`--precision fp32|bf16`, default bf16 on CUDA, fp32 on CPU): the GPT'
 tokenizer's decoder run under that autocast (`tokenizer.precision`); the sampler itself, the quantizer's code
 lookup and the conversion to uint8 (clamp to [0, 1], round) are fp32. bf16 changes the sampled ids (a logit
 difference of a few 1e-3 flips a draw now and then), so compare sample sets at equal precision.
+`--compile-step` runs tokens 1.. through the compiled static decode step (tokenizer/generator/decode_step.py):
+the same computation, so the same ids up to kernel-level rounding; worth it on a GPU, where each token of an
+eager step is a few hundred small kernel launches.
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ def _seed(*parts) -> int:
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                compile_step=args.compile_step)  # fmt: skip
 
 
 # ---- grid ------------------------------------------------------------------------------------------------
@@ -290,6 +294,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-step", action="store_true",
+                   help="sample through the torch.compile'd one-token step (CUDA graphs on CUDA)")  # fmt: skip
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

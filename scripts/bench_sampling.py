@@ -9,6 +9,10 @@ one sequence of k tokens; tokenizer decoding is not included). With CFG (scale !
 rows. `host s` is when `generate` returned, before waiting for the device: on a GPU a sync-free token loop
 can return well before the kernels finish (on the CPU the two are equal).
 
+`--compile` samples through the torch.compile'd static one-token step (`generate(compile_step=True)`; CUDA graphs
+on CUDA): the cache rows only (the compiled step is the cached one). Compilation happens in the warm-up call
+(of the timed shapes), so the rows time the compiled steady state.
+
 `--dtype bfloat16|float16` runs `generate(precision=...)`, i.e. fp32 weights under autocast with the KV cache
 in that dtype, exactly what `eval.sample_generator --precision bf16` does; `--dtype float32` is plain fp32.
 
@@ -52,7 +56,8 @@ def bench(model: GPT, batch_size: int, k: int, use_kv_cache: bool, device: str, 
           **sampling) -> tuple[float, float]:  # fmt: skip
     """(best wall seconds per batch including the device, host seconds of that call before the sync)."""
     labels = torch.arange(batch_size) % max(1, model.cfg.num_classes)
-    generate(model, labels, min(k, 4), use_kv_cache=use_kv_cache, **sampling)  # warm-up
+    # warm-up: the full k when compiling (its shapes are what gets compiled / captured), else a short call
+    generate(model, labels, k if sampling.get("compile_step") else min(k, 4), use_kv_cache=use_kv_cache, **sampling)
     sync(device)
     best, host = float("inf"), float("inf")
     for _ in range(repeats):
@@ -71,6 +76,7 @@ def sync_check(model: GPT, device: str, **sampling) -> str | None:
     if not device.startswith("cuda"):
         return None
     labels = (torch.arange(2) % max(1, model.cfg.num_classes)).to(device)  # on the device: no CPU check, no copy
+    generate(model, labels, min(8, model.cfg.block_size), **sampling)  # compile/capture these shapes first
     torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -98,11 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="the compiled one-token decode step (cache rows only)")
     p.add_argument(
         "--no-cache-max-tokens",
         type=int,
         default=None,
-        help="skip the no-cache path above this k (it costs O(k^2)); default: run all",
+        help="skip the no-cache path above this k (it costs O(k^2); 0: never run it); default: run all",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -118,12 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.to(args.device).eval()
     precision = PRECISION_OF_DTYPE[args.dtype]
     sampling = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    precision=precision)  # fmt: skip
+                    precision=precision, compile_step=args.compile)  # fmt: skip
     print(
         f"preset {args.preset}: {model.num_params() / 1e6:.1f}M params, vocab {args.vocab_size}, K "
         f"{args.block_size}, device {args.device}, dtype {args.dtype} (precision {precision}), cfg_scale "
         f"{args.cfg_scale}, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
-        f"threads {torch.get_num_threads()}, torch {torch.__version__}"
+        f"compile {args.compile}, threads {torch.get_num_threads()}, torch {torch.__version__}"
     )
     print(f"{'batch':>5} {'k':>5} {'kv_cache':>8} {'s/batch':>9} {'host s':>9} {'tokens/s':>10} {'images/s':>9} "
           f"{'peak GB':>8}")  # fmt: skip
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
             if k > args.block_size:
                 continue
             for cache in (True, False):
-                if not cache and args.no_cache_max_tokens is not None and k > args.no_cache_max_tokens:
+                if not cache and (args.compile or (args.no_cache_max_tokens is not None
+                                                   and k > args.no_cache_max_tokens)):  # fmt: skip
                     continue
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats(args.device)
@@ -152,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         bench="sampling", preset=args.preset, params_m=model.num_params() / 1e6, vocab_size=args.vocab_size,
         block_size=args.block_size, num_classes=args.num_classes, device=args.device, dtype=args.dtype,
         precision=precision, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repeats=args.repeats, threads=torch.get_num_threads(), torch=torch.__version__,
+        top_p=args.top_p, compile=args.compile, repeats=args.repeats, threads=torch.get_num_threads(),
+        torch=torch.__version__,
         sync_check=check, peak_mem_gb=max(peaks) if peaks else None, rows=rows,
     )  # fmt: skip
     print(json.dumps(result), flush=True)

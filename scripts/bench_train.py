@@ -1,6 +1,7 @@
-"""Throughput of the real tokenizer training step of a config, on synthetic images, after warm-up.
+"""Throughput of the real training step of a config (tokenizer or generator), on synthetic data, after warm-up.
 
     python scripts/bench_train.py --config configs/tokenizer/tiny.yaml --device cpu
+    python scripts/bench_train.py --config configs/generator/B.yaml --device cuda --compile --check-syncs
     python scripts/bench_train.py --config configs/tokenizer/onedpiece-B-256.yaml --device cpu --batch-size 2
     python scripts/bench_train.py --config configs/tokenizer/onedpiece-B-256.yaml --device cuda --compile \\
         --tokenizer-only --check-syncs
@@ -17,6 +18,11 @@ tail-drop k at each step: k sets the decoder's cost). MFU is against the device'
 `no_host_sync` (on CUDA: torch.cuda.set_sync_debug_mode("error")) and fails on the first host sync.
 (With `--check-syncs` the AdamW is fused on CPU too, as CUDA builds it.)
 `--random-lpips` uses a randomly initialised LPIPS backbone (same FLOPs) where the weight files are missing.
+
+A generator config (model `GeneratorModule`) times `GeneratorModule.training_step` the same way, on random ids
+[batch, K] and labels (an "image" is one sequence of K tokens): forward with the chunked loss, backward, sync-free
+clipping, AdamW (fused with --check-syncs or on CUDA); `--vocab-size` / `--block-size` override the config's
+(e.g. 65536 for an LFQ codebook). Its JSON adds tokens_per_s, params_m, vocab_size and block_size.
 
 The last line printed is one JSON object: img_per_s, tflop_per_img, achieved_tflops, mfu, peak_mem_gb, ...
 """
@@ -36,11 +42,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from tokenizer.training import TokenizerModule  # noqa: E402
+from tokenizer.training.config_files import load_config  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*(eval mode|LeafSpec|ModelCheckpoint|does not have many workers).*")
 
@@ -90,6 +96,67 @@ class StepTimer(pl.Callback):
             self.timed += 1
             self._sync()
             self.end = time.perf_counter()
+
+
+class SameIds(IterableDataset):
+    """`n` copies of one fixed batch of token ids [B, K] and labels [B] (the generator's data)."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, n: int):
+        self.ids, self.labels, self.n = ids, labels, n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield self.ids, self.labels
+
+
+def generator_bench(a, config: dict, device: torch.device, precision: str) -> dict:
+    """Time GeneratorModule.training_step (see the module docstring); returns the JSON fields."""
+    from tokenizer.generator.lightning import GeneratorModule
+
+    args = dict(config["model"]["init_args"])
+    overrides = dict(args.get("overrides") or {})
+    overrides.update({k: v for k, v in (("vocab_size", a.vocab_size), ("block_size", a.block_size)) if v})
+    args.update(overrides=overrides, tokenizer_dir=None, num_val_samples=0)
+    if a.compile_ is not None:
+        args["compile"] = a.compile_
+    if a.check_syncs:
+        args["fused_optimizer"] = True  # as on CUDA (on CPU the default foreach AdamW reads its step counters)
+    known = inspect.signature(GeneratorModule.__init__).parameters
+    args = {k: v for k, v in args.items() if k in known}
+    batch_size = a.batch_size or config["data"]["init_args"]["batch_size"]
+    pl.seed_everything(0, verbose=False)
+    module = GeneratorModule(**args)
+    cfg = module.gpt.cfg
+    ids = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size))  # [B, K]
+    labels = torch.randint(0, max(1, cfg.num_classes), (batch_size,))  # [B]
+    if device.type == "cuda":
+        ids, labels = ids.pin_memory(), labels.pin_memory()
+    timer = StepTimer(a.warmup, device, a.check_syncs)
+    fit(module, DataLoader(SameIds(ids, labels, a.warmup + a.steps), batch_size=None), device, precision, 1,
+        a.warmup + a.steps, [timer])  # fmt: skip
+    elapsed = timer.end - timer.start
+
+    per_step: list[float] = []  # FLOPs of the timed steps, counted in an eager rerun (FlopCounterMode)
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, trainer, m, b, i):
+            self.counter = FlopCounterMode(display=False)
+            self.counter.__enter__()
+
+        def on_train_batch_end(self, trainer, m, outputs, b, i):
+            self.counter.__exit__(None, None, None)
+            per_step.append(float(self.counter.get_total_flops()))
+
+    pl.seed_everything(0, verbose=False)
+    counted = GeneratorModule(**{**args, "compile": False})
+    fit(counted, DataLoader(SameIds(ids, labels, a.warmup + 1), batch_size=None), device, precision, 1,
+        a.warmup + 1, [Count()])  # every step costs the same: one timed step counted  # fmt: skip
+    flops = per_step[-1] / batch_size
+    return dict(batch_size=batch_size, timed_steps=timer.timed, step_s=elapsed / timer.timed,
+                img_per_s=batch_size * timer.timed / elapsed,
+                tokens_per_s=batch_size * cfg.block_size * timer.timed / elapsed, flop_per_img=flops,
+                compile=bool(module.hparams.compile), params_m=module.gpt.num_params() / 1e6,
+                vocab_size=cfg.vocab_size, block_size=cfg.block_size, model="generator")  # fmt: skip
 
 
 def module_args(config: dict, tokenizer_only: bool, compile_: bool | None) -> dict:
@@ -174,10 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", default=None, help="override the config's trainer.precision")
     p.add_argument("--random-lpips", action="store_true")
     p.add_argument("--check-syncs", action="store_true")
+    p.add_argument("--vocab-size", type=int, default=None, help="generator configs: override the vocabulary")
+    p.add_argument("--block-size", type=int, default=None, help="generator configs: override K")
     a = p.parse_args(argv)
 
-    with open(a.config) as f:
-        config = yaml.safe_load(f)
+    config = load_config(a.config)  # bases merged (configs/base)
     device = torch.device(a.device)
     precision = a.precision or config.get("trainer", {}).get("precision", "32-true")
     batch_size = a.batch_size or config["data"]["init_args"]["batch_size"]
@@ -185,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
         from tokenizer.gpu import enable_fast_math
 
         enable_fast_math()
+    if "GeneratorModule" in config["model"]["class_path"]:
+        return report_generator(a, config, device, precision)
     args = module_args(config, a.tokenizer_only, a.compile_)
     if a.check_syncs:
         # the optimizer a CUDA run builds (fused); on CPU the default foreach AdamW reads its step counters
@@ -214,6 +284,25 @@ def main(argv: list[str] | None = None) -> dict:
         "step_s": elapsed / timer.timed, "img_per_s": img_per_s, "tflop_per_img": flops / 1e12,
         "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
         "peak_mem_gb": mem, "peak_mem_kind": mem_kind, "syncs_checked": a.check_syncs,
+    }  # fmt: skip
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def report_generator(a, config: dict, device: torch.device, precision: str) -> dict:
+    from tokenizer.gpu import peak_bf16_tflops
+
+    r = generator_bench(a, config, device, precision)
+    mem, mem_kind = peak_memory_gb(device)
+    achieved = r["flop_per_img"] * r["img_per_s"] / 1e12
+    peak = peak_bf16_tflops(device)
+    result = {
+        "config": a.config, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision, **{k: v for k, v in r.items() if k != "flop_per_img"},
+        "tflop_per_img": r["flop_per_img"] / 1e12, "achieved_tflops": achieved, "peak_tflops": peak,
+        "mfu": achieved / peak if peak else None, "peak_mem_gb": mem, "peak_mem_kind": mem_kind,
+        "syncs_checked": a.check_syncs,
     }  # fmt: skip
     print(json.dumps(result), flush=True)
     return result

@@ -6,8 +6,11 @@
 # 1. bench_train.py, onedpiece-B-256 (bf16-mixed, compile on), tokenizer only, every timed step under
 #    torch.cuda.set_sync_debug_mode("error") (--check-syncs: any host sync fails the run);
 # 2. the same with the full objective (LPIPS + GAN + LeCam + EMA, GAN on from the first step);
-# 3. the generator's B preset: sampling throughput (bench_sampling.py);
-# 4. reconstruction-evaluation throughput of the B tokenizer (bench_eval.py).
+# 3. the generator's B config (configs/generator/B.yaml: K 256, 4096 codes, bf16-mixed, fused AdamW, compile on):
+#    the training step, img/s and MFU, every timed step under the sync check (bench_train.py);
+# 4. the B generator's sampling throughput at k = 32 and 256 with CFG 2.0, bf16, KV cache (and without it at
+#    k = 32), eager and with the compiled one-token step (CUDA graphs) (bench_sampling.py);
+# 5. reconstruction-evaluation throughput of the B tokenizer (bench_eval.py).
 # LPIPS uses a random backbone (same FLOPs): the weight files do not travel to the GPU machine.
 #
 # Dependencies: the GPU machine is offline. Wheels made here by `scripts/gpu_wheels.sh` (into .whl/) are installed
@@ -57,8 +60,12 @@ run tokenizer_only "$PYTHON" scripts/bench_train.py --config "$CFG" --device cud
     --steps "$STEPS" --compile --tokenizer-only --check-syncs
 run full_objective "$PYTHON" scripts/bench_train.py --config "$CFG" --device cuda --batch-size "$BATCH" \
     --steps "$STEPS" --compile --random-lpips --check-syncs
+run generator_train "$PYTHON" scripts/bench_train.py --config configs/generator/B.yaml --device cuda \
+    --batch-size "$BATCH" --steps "$STEPS" --compile --check-syncs
 run generator_sampling "$PYTHON" scripts/bench_sampling.py --preset B --device cuda --batch-sizes 64 \
     --num-tokens 32 256 --cfg-scale 2.0 --dtype bfloat16 --no-cache-max-tokens 32
+run generator_sampling_compiled "$PYTHON" scripts/bench_sampling.py --preset B --device cuda --batch-sizes 64 \
+    --num-tokens 32 256 --cfg-scale 2.0 --dtype bfloat16 --compile --no-cache-max-tokens 0
 run reconstruction_eval "$PYTHON" scripts/bench_eval.py --preset B --device cuda --precision bf16 \
     --batch-size 64 --num-tokens 32 256
 

@@ -119,3 +119,19 @@ def test_real_inception_fid():
     print(f"FID(A, A) = {fid_same:.3e}, FID(A, blur(A)) = {fid_blur:.2f}")
     assert abs(fid_same) < 1e-3
     assert fid_blur > 10
+
+
+@needs_inception
+@pytest.mark.slow
+def test_gfid_extractor_gives_logits_only_with_a_real_fc_layer():
+    """eval.gfid's extractor: the same pool features as inception_features; IS logits only when the weight file
+    has the fc layer (torch-fidelity's hub file), never from the NaN placeholder of the converted file."""
+    from eval.gfid import inception_extractor
+
+    has_fc = "fc.weight" in weights.load_inception_state_dict()
+    x = _photo_crops()[:4]
+    out = inception_extractor("cpu")(x)
+    torch.testing.assert_close(out["pool"], inception_features(x, load_fid_inception()))
+    assert ("logits" in out) == has_fc
+    if has_fc:
+        assert out["logits"].shape == (4, 1008) and torch.isfinite(out["logits"]).all()

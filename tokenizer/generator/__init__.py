@@ -5,13 +5,16 @@
     ids = generate(model, torch.tensor([1, 2]), num_tokens=32, cfg_scale=2.0)   # [2, 32]
     images = tok.decode(ids)
 
-Plain PyTorch; the Lightning module is `tokenizer.generator.lightning.GeneratorModule` (not imported here).
+Files: gpt.py (the model), layers.py (its blocks), loss.py (chunked cross-entropy), kv_cache.py and
+decode_step.py (static cache, compiled one-token step), sampling.py (`generate`). Plain PyTorch; the Lightning
+module is `tokenizer.generator.lightning.GeneratorModule` (not imported here). docs/generator.md: the whole path.
 """
 
+from .decode_step import cfg_mix, compiled_decode_step, decode_step
 from .gpt import GPT, PRESETS, GPTConfig, GPTOutput, preset_config
+from .kv_cache import KVCache
+from .loss import linear_cross_entropy
 from .sampling import (
-    KVCache,
-    cfg_mix,
     generate,
     next_token_logits,
     sample_from_logits,
@@ -32,4 +35,7 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
     "cfg_mix",
+    "decode_step",
+    "compiled_decode_step",
+    "linear_cross_entropy",
 ]

@@ -10,24 +10,33 @@ so the output at position 0 (the class token) predicts the first image token. Cl
 extra "null" class (index `num_classes`): during training a label is replaced by it with probability
 `class_dropout_prob`; an unconditional model always uses it.
 
-Architecture: pre-norm RMSNorm, SwiGLU MLP, 1D rotary position embedding on q/k, no biases, attention through
-`F.scaled_dot_product_attention`. Named presets live in `PRESETS`:
+Architecture (`layers.py`): pre-norm RMSNorm, SwiGLU MLP, 1D rotary position embedding on q/k, no biases,
+attention through `F.scaled_dot_product_attention`. Named presets live in `PRESETS`:
 
     model = GPT.from_preset("B", vocab_size=4096, block_size=128, num_classes=1000)
+
+Training calls `model(ids, labels, return_logits=False, check_values=False)`: the loss then comes from
+`loss.linear_cross_entropy` (no fp32 logits of the whole batch), and nothing reads a value on the host (the
+Lightning module range-checks the token data once, at setup).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..persistence import WEIGHTS_NAME, load_model_state, load_state_strict, read_model_config, save_model_dir
+from .layers import Block, RMSNorm, rope_cache
+from .loss import linear_cross_entropy
+
+FORMAT = "onedtok-gpt/1"
 
 
 def _find_multiple(n: int, k: int) -> int:
@@ -98,6 +107,20 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     return dataclasses.replace(base, **overrides)  # re-runs __post_init__; unknown keys -> TypeError
 
 
+def value_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """(min, max) of an integer tensor as Python ints (None when empty). Python ints compare exactly: comparing a
+    uint8/int8 tensor with vocab_size in the tensor's own dtype would wrap the bound (300 -> 44 in uint8)."""
+    if not t.numel():
+        return None
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"ids/labels must be an integer tensor, got {t.dtype}")
+    try:
+        lo, hi = torch.aminmax(t)  # min/max are exact in any integer dtype: no int64 copy of a whole data set
+    except (RuntimeError, NotImplementedError):  # unsigned dtypes without aminmax (uint16/32/64)
+        lo, hi = torch.aminmax(t.long())
+    return int(lo), int(hi)
+
+
 def _check_values(t: torch.Tensor) -> bool:
     """Range-check ids/labels on CPU only: on an accelerator the check would sync the host every step.
 
@@ -109,91 +132,8 @@ def _check_values(t: torch.Tensor) -> bool:
 
 
 class GPTOutput(NamedTuple):
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V] fp32; None with return_logits=False
     loss: torch.Tensor | None  # scalar mean cross-entropy, when targets were given
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
-
-
-def rope_cache(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [T, head_dim] for the rotate-half form of RoPE."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # [D/2]
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # [T, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [T, D]
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, H, T, D]; cos/sin [T, D] in fp32 (fp64 for an fp64 model)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).type_as(x)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0, cache=None
-    ) -> torch.Tensor:
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)  # [B, T, 3, H, D]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x [B, H, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(start_pos, k, v)  # [B, H, start_pos + T, D]
-        S = k.shape[2]
-        if T == 1:
-            mask, causal = None, False  # one new query (the latest position) sees every key so far
-        elif S == T:
-            mask, causal = None, True  # plain causal self-attention over the whole prefix
-        else:  # a chunk of T queries after start_pos cached keys: query i sees keys <= start_pos + i
-            qpos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
-            mask, causal = torch.arange(S, device=x.device)[None, :] <= qpos, False  # [T, S]
-        dp = self.dropout if self.training else 0.0
-        # [B, H, T, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dp)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, dim, bias=False)  # down (output projection)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cos, sin, start_pos: int = 0, cache=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos, cache))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 class GPT(nn.Module):
@@ -213,28 +153,19 @@ class GPT(nn.Module):
     def from_preset(cls, name: str, **overrides) -> GPT:
         return cls(preset_config(name, **overrides))
 
-    def save_pretrained(self, directory: str) -> None:
-        """config.json + model.safetensors (no pickle)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-            os.path.join(directory, "model.safetensors"),
-        )
+    def save_pretrained(self, directory: str | Path, provenance: dict | None = None) -> Path:
+        """config.json + model.safetensors (no pickle), atomic and format-tagged (tokenizer/persistence.py)."""
+        return save_model_dir(directory, self, dataclasses.asdict(self.cfg), FORMAT, provenance)
 
     @classmethod
-    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu") -> GPT:
-        """Strict load: a missing or unexpected key is an error."""
-        from safetensors.torch import load_file
-
-        with open(os.path.join(directory, "config.json")) as f:
-            model = cls(GPTConfig(**json.load(f)))
-        model.load_state_dict(
-            load_file(os.path.join(directory, "model.safetensors"), device=str(map_location))
-        )
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GPT:
+        """Strict load: a missing, unexpected or mis-shaped key is an error naming the file."""
+        config = read_model_config(directory, FORMAT)
+        known = {f.name for f in dataclasses.fields(GPTConfig)}
+        if unknown := sorted(set(config) - known):
+            raise ValueError(f"{Path(directory) / 'config.json'}: unknown GPTConfig fields {unknown}")
+        model = cls(GPTConfig(**config))
+        load_state_strict(model, load_model_state(directory, config, map_location), Path(directory) / WEIGHTS_NAME)
         return model.to(map_location)
 
     def reset_parameters(self) -> None:
@@ -268,33 +199,29 @@ class GPT(nn.Module):
     # ---- value checks (they read the values: call them on CPU tensors, a GPU tensor would sync the host) ----
     def check_ids(self, ids: torch.Tensor) -> None:
         """ValueError unless every id is in [0, vocab_size)."""
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
-            raise ValueError(
-                f"ids must be in [0, {self.cfg.vocab_size}), got [{ids.min().item()}, {ids.max().item()}]"
-            )
+        lo_hi = value_range(ids)
+        if lo_hi is not None and (lo_hi[0] < 0 or lo_hi[1] >= self.cfg.vocab_size):
+            raise ValueError(f"ids must be in [0, {self.cfg.vocab_size}), got [{lo_hi[0]}, {lo_hi[1]}]")
 
     def check_labels(self, labels: torch.Tensor) -> None:
         """ValueError unless every label is in [0, null_class] (an unconditional model ignores labels)."""
         null = self.cfg.null_class
-        if self.cfg.is_unconditional or not labels.numel():
-            return
-        if labels.min() < 0 or labels.max() > null:
-            raise ValueError(
-                f"labels must be in [0, {null}] ({null} = null class), got "
-                f"[{labels.min().item()}, {labels.max().item()}]"
-            )
+        lo_hi = None if self.cfg.is_unconditional else value_range(labels)
+        if lo_hi is not None and (lo_hi[0] < 0 or lo_hi[1] > null):
+            raise ValueError(f"labels must be in [0, {null}] ({null} = null class), got [{lo_hi[0]}, {lo_hi[1]}]")
 
     # ---- conditioning -------------------------------------------------------------------------------------
     def condition_labels(
-        self, labels: torch.Tensor | None, batch_size: int, device, drop: bool | None = None
+        self, labels: torch.Tensor | None, batch_size: int, device, drop: bool | None = None, check: bool = True
     ) -> torch.Tensor:
-        """Labels [B] int64 after unconditional mode and label dropout (`drop=None`: dropout iff training)."""
+        """Labels [B] int64 after unconditional mode and label dropout (`drop=None`: dropout iff training).
+        check=False skips the CPU range check (labels validated elsewhere: it reads their values)."""
         null = self.cfg.null_class
         if labels is None or self.cfg.is_unconditional:
             return torch.full((batch_size,), null, dtype=torch.long, device=device)
         if labels.shape != (batch_size,):
             raise ValueError(f"labels must have shape [{batch_size}], got {tuple(labels.shape)}")
-        if _check_values(labels):  # before the transfer: CPU labels bound for a GPU are checked too
+        if check and _check_values(labels):  # before the transfer: CPU labels bound for a GPU are checked too
             self.check_labels(labels)
         labels = labels.to(device=device, dtype=torch.long)
         drop = self.training if drop is None else drop
@@ -321,18 +248,30 @@ class GPT(nn.Module):
             self._rope[key] = (cos.to(x.device, dtype), sin.to(x.device, dtype))
         return self._rope[key]
 
-    def transformer(self, x: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
-        """Embedded sequence x [B, T, C] at positions start_pos.. -> logits [B, T, V]."""
+    def hidden(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None) -> torch.Tensor:
+        """Embedded sequence x [B, T, C] at positions start_pos.. -> final normed hidden states [B, T, C].
+
+        start_pos: an int, or a 1-element int64 tensor for the static one-token decode step (T = 1; the cache's
+        `write` path, see layers.py)."""
         T = x.shape[1]
-        if start_pos + T > self.cfg.block_size:
-            raise ValueError(
-                f"positions {start_pos}..{start_pos + T - 1} exceed block_size {self.cfg.block_size}"
-            )
-        cos, sin = self.rope_tables(x)
-        cos, sin = cos[start_pos : start_pos + T], sin[start_pos : start_pos + T]  # [T, D]
+        cos, sin = self.rope_tables(x)  # [K, D]
+        if isinstance(start_pos, torch.Tensor):
+            if T != 1 or cache is None:
+                raise ValueError(f"a tensor position is the one-token decode step: T must be 1 with a cache, got {T}")
+            cos, sin = cos.index_select(0, start_pos), sin.index_select(0, start_pos)  # [1, D]
+        else:
+            if start_pos + T > self.cfg.block_size:
+                raise ValueError(
+                    f"positions {start_pos}..{start_pos + T - 1} exceed block_size {self.cfg.block_size}"
+                )
+            cos, sin = cos[start_pos : start_pos + T], sin[start_pos : start_pos + T]  # [T, D]
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, start_pos, None if cache is None else cache.layers[i])
-        return self.head(self.norm(x)).float()  # [B, T, V]
+        return self.norm(x)
+
+    def transformer(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None) -> torch.Tensor:
+        """Embedded sequence x [B, T, C] at positions start_pos.. -> logits [B, T, V] (fp32)."""
+        return self.head(self.hidden(x, start_pos, cache)).float()
 
     def forward(
         self,
@@ -340,17 +279,29 @@ class GPT(nn.Module):
         labels: torch.Tensor | None = None,
         compute_loss: bool = True,
         drop_labels: bool | None = None,
+        return_logits: bool = True,
+        check_values: bool = True,
+        max_loss_logits: int | None = None,
     ) -> GPTOutput:
-        """Teacher-forced logits for image ids [B, T] (T <= block_size); logits[:, t] predicts ids[:, t]."""
+        """Teacher-forced logits for image ids [B, T] (T <= block_size); logits[:, t] predicts ids[:, t].
+
+        return_logits=False: no logits (None); the loss is the chunked `linear_cross_entropy` (at most
+        `max_loss_logits` fp32 logit values alive at once). check_values=False: no CPU range check of ids and
+        labels (it reads their values; training checks the data once, at setup)."""
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}")
         B, T = ids.shape
         if not 1 <= T <= self.cfg.block_size:
             raise ValueError(f"sequence length {T} must be in 1..block_size={self.cfg.block_size}")
-        if _check_values(ids):
+        if check_values and _check_values(ids):
             self.check_ids(ids)
         ids = ids.long()
-        cond = self.condition_labels(labels, B, ids.device, drop=drop_labels)  # [B]
-        logits = self.transformer(self.embed(cond, ids[:, :-1]))  # [B, T, V]
-        loss = F.cross_entropy(logits.reshape(B * T, -1), ids.reshape(B * T)) if compute_loss else None
+        cond = self.condition_labels(labels, B, ids.device, drop=drop_labels, check=check_values)  # [B]
+        h = self.hidden(self.embed(cond, ids[:, :-1]))  # [B, T, C]
+        logits = self.head(h).float() if return_logits else None  # [B, T, V]
+        loss = None
+        if compute_loss and logits is not None:
+            loss = F.cross_entropy(logits.reshape(B * T, -1), ids.reshape(B * T))
+        elif compute_loss:
+            loss = linear_cross_entropy(h.reshape(B * T, -1), self.head.weight, ids.reshape(B * T), max_loss_logits)
         return GPTOutput(logits, loss)

@@ -6,10 +6,19 @@ The module owns only the GPT. A frozen tokenizer, referenced by its `from_pretra
 lazily (and kept out of checkpoints and the optimizer) only to decode validation samples into an image grid;
 with `tokenizer_dir=None`, or when the tokenizer package is unavailable, sampling still runs and logs token
 stats.
+
+GPU path (as the tokenizer stage, tokenizer/gpu.py): the loss is the chunked `linear_cross_entropy` (never the
+fp32 logits of the whole batch, `max_loss_logits`); AdamW is fused on CUDA (`fused_optimizer`); gradient
+clipping is `tokenizer.training.optim.clip_grad_norm` (sync-free; Lightning's `clip_gradients` refuses fused
+optimizers under mixed precision); metrics are logged, and so read, only on Lightning's logging steps (every
+`log_every_n_steps`); ids and labels are range-checked once, at setup, not per batch. `compile=True` compiles
+each transformer block in place (parameter names and checkpoints unchanged). Multi-GPU: plain DDP
+(`trainer.strategy: ddp`), every parameter takes part in every loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -18,6 +27,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ..training.checkpoints import ArchitectureGuard
+from ..training.optim import clip_grad_norm, make_adamw
 from .gpt import GPT, preset_config
 from .sampling import generate
 
@@ -31,7 +42,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class GeneratorModule(pl.LightningModule):
+class GeneratorModule(ArchitectureGuard, pl.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
@@ -52,6 +63,9 @@ class GeneratorModule(pl.LightningModule):
         sample_top_k: int | None = None,
         sample_top_p: float | None = None,
         sample_seed: int = 0,
+        compile: bool = False,  # torch.compile each transformer block (GPU)
+        fused_optimizer: bool | None = None,  # None: fused AdamW when every parameter is on CUDA
+        max_loss_logits: int | None = None,  # fp32 logit values per loss chunk (None: loss.DEFAULT_MAX_LOGITS)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -60,6 +74,12 @@ class GeneratorModule(pl.LightningModule):
         self._tokenizer_failed = False
 
     # ---- setup ---------------------------------------------------------------------------------------------
+    def architecture(self) -> dict:
+        """What a checkpoint must match to be resumed (ArchitectureGuard): the GPT's config, minus the training
+        regularisers (dropout rates), which a resume may change without changing the function."""
+        cfg = dataclasses.asdict(self.gpt.cfg)
+        return {k: v for k, v in cfg.items() if k not in ("dropout", "class_dropout_prob", "init_std")}
+
     def setup(self, stage: str) -> None:
         tdir = self.hparams.tokenizer_dir
         if tdir and not os.path.isdir(tdir):
@@ -85,8 +105,8 @@ class GeneratorModule(pl.LightningModule):
         nc = meta.get("num_classes")
         if nc and not cfg.is_unconditional and nc > cfg.num_classes:
             raise ValueError(f"token shards have {nc} classes > model num_classes {cfg.num_classes}")
-        # Range-check every id and label once, here, on the CPU arrays: `GPT.forward` checks CPU tensors only
-        # (on a GPU, .min()/.max() of each batch would sync the host every step), so without this a bad
+        # Range-check every id and label once, here, on the CPU arrays: the steps skip `GPT.forward`'s check
+        # (reading .min()/.max() of each batch would sync the host every step), so without this a bad
         # value would surface as an opaque device-side assert in the embedding.
         for name in ("train_set", "val_set"):
             ds = getattr(dm, name, None)
@@ -95,39 +115,57 @@ class GeneratorModule(pl.LightningModule):
             if getattr(ds, "labels", None) is not None:
                 self.gpt.check_labels(torch.as_tensor(ds.labels))
 
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            # in place: parameter names (and so checkpoints) stay the same; one graph per block shape
+            for block in self.gpt.blocks:
+                block.compile()
+
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.gpt.optim_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        opt = make_adamw(self.gpt.optim_groups(hp.weight_decay), hp.lr, hp.betas, fused=hp.fused_optimizer)
         total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        val = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
-        if val and val > 0:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=val, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
-            )
+    def is_logging_step(self) -> bool:
+        """True on the batches whose metrics Lightning writes (every `log_every_n_steps` optimizer steps, as its
+        logger connector counts them). Only these may read values on the host."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # the pre-clip norm, now and then
-            norms = [p.grad.detach().float().norm() for p in self.gpt.parameters() if p.grad is not None]
-            if norms:
-                self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by global norm with our sync-free clip (also with the fused AdamW); a Trainer gradient_clip_val
+        takes precedence over `grad_clip`. Lightning calls this after backward, before every optimizer step."""
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"only norm clipping is supported, got {gradient_clip_algorithm!r}")
+        val = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
+        if not val or val <= 0:
+            return
+        norm = clip_grad_norm(list(self.gpt.parameters()), val)  # the pre-clip norm, a device tensor
+        if self.is_logging_step():
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         ids, labels = batch  # [B, k] int64, [B] int64
-        loss = self.gpt(ids, labels).loss
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        loss = self.loss(ids, labels)
+        if self.is_logging_step():
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, drop_labels: bool | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy, chunked, without a host read (values were checked at setup)."""
+        out = self.gpt(ids, labels, drop_labels=drop_labels, return_logits=False, check_values=False,
+                       max_loss_logits=self.hparams.max_loss_logits)  # fmt: skip
+        return out.loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         ids, labels = batch
-        loss = self.gpt(ids, labels, drop_labels=False).loss
+        loss = self.loss(ids, labels, drop_labels=False)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(ids))
 
     def on_validation_epoch_end(self) -> None:

@@ -13,7 +13,9 @@ from softmax(logits / temperature) exactly, with top-k/top-p as -inf masks built
 (fixed shapes, no `.item()`, no boolean indexing). `torch.multinomial` would wait for the GPU at every token.
 Everything that reads values on the host (label checks) happens once, before the loop.
 `precision` ("fp32" | "bf16", default bf16 on CUDA, fp32 on CPU) is an autocast region around the model
-calls (`tokenizer.precision`); the KV cache is kept in the compute dtype and the sampler works in fp32.
+calls (`tokenizer.precision`); the KV cache (kv_cache.py) is kept in the compute dtype and the sampler works in
+fp32. `compile_step=True` runs every token after the first through the torch.compile'd static decode step
+(decode_step.py; CUDA graphs on CUDA by default, `compile_options` overrides torch.compile's arguments).
 """
 
 from __future__ import annotations
@@ -21,38 +23,9 @@ from __future__ import annotations
 import torch
 
 from ..precision import autocast, autocast_dtype, resolve_precision
+from .decode_step import cfg_mix, compiled_decode_step, default_compile_options, uses_cuda_graphs
 from .gpt import GPT
-
-
-class LayerKVCache:
-    """Preallocated keys/values of one attention layer: [B, H, K, D] each, filled left to right."""
-
-    def __init__(self, batch_size: int, heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (batch_size, heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v [B, H, T, D] at positions start_pos.. -> all keys/values so far [B, H, start_pos+T, D]
-        end = start_pos + k.shape[2]
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-class KVCache:
-    """One `LayerKVCache` per transformer block; the buffers never change shape (static memory)."""
-
-    def __init__(self, model: GPT, batch_size: int, max_len: int | None = None, device=None, dtype=None):
-        cfg = model.cfg
-        p = next(model.parameters())
-        device = p.device if device is None else device
-        dtype = p.dtype if dtype is None else dtype
-        self.max_len = cfg.block_size if max_len is None else max_len
-        self.layers = [
-            LayerKVCache(batch_size, cfg.heads, self.max_len, cfg.head_dim, device, dtype)
-            for _ in range(cfg.depth)
-        ]
+from .kv_cache import KVCache, LayerKVCache, reusable_cache
 
 
 # ---- logit processing --------------------------------------------------------------------------------------
@@ -122,12 +95,6 @@ def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -
     return -torch.log(-torch.log(u))
 
 
-def cfg_mix(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """logits [2B, ..., V] as [cond; uncond] -> uncond + scale * (cond - uncond) [B, ..., V]."""
-    cond, uncond = logits.chunk(2, dim=0)
-    return uncond + scale * (cond - uncond)
-
-
 # ---- generation -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def next_token_logits(
@@ -170,13 +137,17 @@ def generate(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     precision: str | None = None,
+    compile_step: bool = False,
+    compile_options: dict | None = None,
 ) -> torch.Tensor:
     """Sample ids [B, k] (int64), k = num_tokens (default: block_size K).
 
     class_labels [B] int64, or None for unconditional sampling (null class; then `batch_size` gives B and
     cfg_scale is ignored). Labels may live on the CPU: they are range-checked there, then moved to the model's
     device. precision: "fp32" | "bf16" autocast around the model calls (None: bf16 on CUDA, fp32 on CPU).
-    The model is switched to eval mode for the call and restored afterwards.
+    compile_step: the compiled static one-token step for tokens 1.. (needs the KV cache; the model must not
+    change between calls, it is guarded by torch.compile). The model is switched to eval mode for the call and
+    restored afterwards.
     """
     cfg = model.cfg
     k = cfg.block_size if num_tokens is None else int(num_tokens)
@@ -184,6 +155,8 @@ def generate(
         raise ValueError(f"num_tokens must be in 1..{cfg.block_size}, got {k}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if compile_step and not use_kv_cache:
+        raise ValueError("compile_step=True needs use_kv_cache=True (the compiled step is the cached decode step)")
     param = next(model.parameters())
     device = param.device
     precision = resolve_precision(precision, device)
@@ -205,13 +178,29 @@ def generate(
     model.eval()
     try:
         with autocast(precision, device):
-            cache = KVCache(model, rows, max_len=k, dtype=cache_dtype) if use_kv_cache else None
+            step, graphs = None, False
+            if compile_step:
+                options = default_compile_options(device) if compile_options is None else compile_options
+                step, graphs = compiled_decode_step(options), uses_cuda_graphs(options)
+                cache = reusable_cache(model, rows, k, cache_dtype, mark_static=graphs)
+            else:
+                cache = KVCache(model, rows, max_len=k, dtype=cache_dtype) if use_kv_cache else None
             ids = torch.empty(B, k, dtype=torch.long, device=device)  # [B, k], filled left to right
+            positions = torch.arange(k, device=device)  # [k]: the static step's position tensors, made once
             # the loop only launches device work: no .item(), no tensors from Python data, no data-dependent
             # shapes (tests/test_sampling.py counts such ops and checks the count does not grow with k)
             for t in range(k):
-                logits = next_token_logits(model, labels, ids[:, :t], cfg_scale, cache)  # [B, V] fp32
+                if step is not None and t > 0:
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
+                    logits = step(model, ids[:, t - 1 : t], positions[t : t + 1], cache, cfg_scale)  # [B, V]
+                else:
+                    logits = next_token_logits(model, labels, ids[:, :t], cfg_scale, cache)  # [B, V] fp32
                 ids[:, t] = sample_from_logits(logits, temperature, top_k, top_p, greedy, generator)  # [B]
     finally:
         model.train(was_training)
     return ids
+
+
+__all__ = ["KVCache", "LayerKVCache", "cfg_mix", "top_k_filter", "top_p_filter", "sample_from_logits",
+           "gumbel_noise", "next_token_logits", "generate"]
