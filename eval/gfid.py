@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval.fidelity import inception_score, precision_recall  # noqa: E402
+from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
 from tokenizer.inception import feature_statistics, frechet_distance  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
 
@@ -149,8 +150,8 @@ def statistics_of(
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **info) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, info=json.dumps(info))
+    with atomic_open(path) as f:
+        np.savez(f, mu=mu, sigma=sigma, info=json.dumps(info))
     return path
 
 
@@ -340,9 +341,8 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
         print(table)
         if args.out:
             out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "gfid.md").write_text(table + "\n")
-            (out / "gfid.json").write_text(json.dumps(result, indent=2))
+            write_text(out / "gfid.md", table + "\n")
+            write_json(out / "gfid.json", result)
     elif not args.save_ref_stats:
         raise SystemExit("nothing to do: give --samples or a generator, or --save-ref-stats")
     return result

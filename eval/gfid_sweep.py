@@ -17,7 +17,6 @@ Writes OUT/sweep.json (every row and the protocol), OUT/sweep.md (one table, row
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval import gfid  # noqa: E402
+from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
 
 
@@ -85,7 +85,8 @@ def plot(rows: dict[float, dict[int, dict]], path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     return path
 
@@ -112,10 +113,10 @@ def main(argv: list[str] | None = None, extractor: gfid.FeatureExtractor | None 
     out = Path(args.out)
     table = markdown(rows, ref.description)
     print(table)
-    (out / "sweep.md").write_text(table + "\n")
+    write_text(out / "sweep.md", table + "\n")
     result = {"reference": ref.description, "protocol": gfid.PROTOCOL, "num_samples": args.num_samples,
               "precision": resolve_precision(args.precision, state.device), "rows": rows}  # fmt: skip
-    (out / "sweep.json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(out / "sweep.json", result, default=str)
     result["plot"] = str(plot(rows, out / "gfid_vs_k.png"))
     return result
 

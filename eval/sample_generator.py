@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import math
 import os
 import sys
@@ -48,6 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tokenizer.atomic import atomic_open, write_json
 from tokenizer.generator import GPT, generate, preset_config  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
@@ -229,12 +229,13 @@ def sample_eval_sets(
         if "npz" in formats:
             size = tok.image_size
             part = parts_dir / f"k{k:03d}-r{rank:05d}.npz"
-            np.savez(
-                part,
-                arr=np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8),
-                idx=np.concatenate(all_idx) if all_idx else np.zeros(0, np.int64),
-                labels=np.concatenate(all_labels) if all_labels else np.zeros(0, np.int64),
-            )
+            with atomic_open(part) as f:
+                np.savez(
+                    f,
+                    arr=np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8),
+                    idx=np.concatenate(all_idx) if all_idx else np.zeros(0, np.int64),
+                    labels=np.concatenate(all_labels) if all_labels else np.zeros(0, np.int64),
+                )
         state.wait_for_everyone()
         if state.is_main_process:
             if "npz" in formats:
@@ -257,9 +258,8 @@ def merge_parts(parts: list[str], path: Path, num_samples: int) -> Path:
         raise RuntimeError(f"parts {parts} hold {len(idx)} samples, not exactly indices 0..{num_samples - 1}")
     arr = np.concatenate([z["arr"] for z in loaded])[order]
     labels = np.concatenate([z["labels"] for z in loaded])[order].astype(np.int64)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, arr_0=arr, arr_1=labels)  # the ADM evaluator reads arr_0 (uint8 [N, H, W, 3])
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        np.savez(f, arr_0=arr, arr_1=labels)  # the ADM evaluator reads arr_0 (uint8 [N, H, W, 3])
     for p in parts:
         os.remove(p)
     return path
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"k={k}: {args.num_samples} samples -> {p}")
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sampling.json").write_text(json.dumps(written, indent=2))
+        write_json(out / "sampling.json", written)
     return written
 
 
