@@ -22,10 +22,10 @@ Determinism and resume: files are listed in sorted order, shuffled with ``--seed
 ``--no-shuffle``; shuffling mixes classes across shards, which a streaming shuffle buffer relies on), then
 cut into shards of at most ``--shard-size`` files (and ``--max-shard-bytes`` of source bytes) BEFORE
 anything is decoded, so the file -> shard assignment does not depend on which files turn out corrupt
-(a shard may hold fewer samples than ``--shard-size``). Each shard is written to ``*.tar.tmp`` and
-atomically renamed; a rerun keeps every shard whose final ``.tar`` exists and writes only the missing
-ones. Tar headers use fixed mtime/owner so a regenerated shard is byte-identical. A rerun with a different
-file list or settings is refused (use a new ``--out`` or ``--force``).
+(a shard may hold fewer samples than ``--shard-size``). Each shard (and every json file) is written to a
+temp file in ``--out`` and atomically renamed (``tokenizer.atomic``); a rerun keeps every shard whose final
+``.tar`` exists and writes only the missing ones. Tar headers use fixed mtime/owner so a regenerated shard is
+byte-identical. A rerun with a different file list or settings is refused (use a new ``--out`` or ``--force``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ import time
 from collections.abc import Callable
 
 from data.folder import scan_image_folder
+from data.tar_shards import count_shard_samples
 from data.transforms import decode_error, image_format
+from tokenizer import atomic
 
 FORMAT_EXT = {
     "JPEG": "jpg",
@@ -58,12 +60,8 @@ FORMAT_EXT = {
 STATE_VERSION = 1
 
 
-def _atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_json(path: str, obj) -> None:
+    atomic.write_json(path, obj, indent=1)  # temp file beside `path`, then rename (tokenizer.atomic)
 
 
 def _sanitize_key(rel: str) -> str:
@@ -143,10 +141,19 @@ def write_shard(
     items: list[tuple[str, str, int]],
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Write one shard (tmp file + atomic rename) and its state file; returns the shard's stats."""
+    """Write one shard (temp file in `out` + atomic rename, tokenizer.atomic) and its state file; returns the
+    shard's stats."""
     final = os.path.join(out, shard_name(split, index))
-    tmp = f"{final}.tmp"
     stats = {"index": index, "shard": shard_name(split, index), "count": 0, "skipped": [], "formats": {}}
+    with atomic.atomic_path(final) as tmp:  # renamed to `final` (the commit point) when the block ends cleanly
+        _write_tar(src, tmp, items, stats, progress)
+        stats["bytes"] = os.path.getsize(tmp)
+        _write_json(os.path.join(out, f".{split}-state", f"{index:06d}.json"), stats)
+    return stats
+
+
+def _write_tar(src: str, tmp: str, items: list[tuple[str, str, int]], stats: dict,
+               progress: Callable[[int], None] | None) -> None:  # fmt: skip
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for rel, key, label in items:
             path = os.path.join(src, rel)
@@ -169,25 +176,10 @@ def write_shard(
                     stats["formats"][ext] = stats["formats"].get(ext, 0) + 1
             if progress is not None:
                 progress(1)
-    stats["bytes"] = os.path.getsize(tmp)
-    state_dir = os.path.join(out, f".{split}-state")
-    _atomic_write_json(os.path.join(state_dir, f"{index:06d}.json"), stats)
-    os.replace(tmp, final)  # commit point
-    return stats
 
 
 def _write_shard_task(args) -> dict:
     return write_shard(*args)
-
-
-def _count_tar_samples(path: str) -> int:
-    keys = set()
-    with tarfile.open(path) as tar:
-        for m in tar:
-            match = re.match(r"^((?:.*/|)[^.]+)[.]", m.name) if m.isreg() else None
-            if match:
-                keys.add(match.group(1))
-    return len(keys)
 
 
 def _fingerprint(src, split, shard_size, max_shard_bytes, shuffle, seed, classes, shards) -> str:
@@ -220,6 +212,11 @@ def convert(
     os.makedirs(out, exist_ok=True)
     state_dir = os.path.join(out, f".{split}-state")
     os.makedirs(state_dir, exist_ok=True)
+    # temp files this split's writers left when they were killed (only ours: this split's names, its state dir)
+    for name in os.listdir(out):
+        if atomic.is_partial(name) and name.startswith(f".{split}-"):
+            os.remove(os.path.join(out, name))
+    atomic.remove_stale_partials(state_dir)
     classes, shards = plan_shards(src, shard_size, max_shard_bytes, shuffle, seed)
     fp = _fingerprint(src, split, shard_size, max_shard_bytes, shuffle, seed, classes, shards)
     plan_path = os.path.join(state_dir, "plan.json")
@@ -237,7 +234,7 @@ def convert(
                     os.remove(os.path.join(out, name))
             for name in os.listdir(state_dir):
                 os.remove(os.path.join(state_dir, name))
-    _atomic_write_json(plan_path, {"fingerprint": fp, "num_shards": len(shards), "src": os.path.abspath(src)})
+    _write_json(plan_path, {"fingerprint": fp, "num_shards": len(shards), "src": os.path.abspath(src)})
 
     results: dict[int, dict] = {}
     todo = []
@@ -251,7 +248,7 @@ def convert(
             else:  # state lost: recount from the tar itself
                 results[i] = {
                     "shard": shard_name(split, i),
-                    "count": _count_tar_samples(final),
+                    "count": count_shard_samples(final),
                     "skipped": [],
                     "formats": {},
                     "bytes": os.path.getsize(final),
@@ -314,8 +311,8 @@ def convert(
             "seed": seed,
         },
     }
-    _atomic_write_json(os.path.join(out, f"{split}-meta.json"), meta)
-    _atomic_write_json(os.path.join(out, f"{split}-skipped.json"), skipped)
+    _write_json(os.path.join(out, f"{split}-meta.json"), meta)
+    _write_json(os.path.join(out, f"{split}-skipped.json"), skipped)
     classes_path = os.path.join(out, "classes.json")
     if os.path.exists(classes_path):
         with open(classes_path) as f:
@@ -326,7 +323,7 @@ def convert(
                     file=sys.stderr,
                 )
     else:
-        _atomic_write_json(classes_path, classes)
+        _write_json(classes_path, classes)
     if not quiet:
         for s in skipped[:20]:
             print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)

@@ -55,13 +55,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.skips import SkipCounter, Skipped, merge_reports  # noqa: E402
 from data.tokens import (  # noqa: E402
     TokenShardWriter,
-    _write_json_atomic,
     finalize_meta,
     load_shard,
     read_meta,
     shard_paths,
+    write_meta_json,
 )
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
@@ -146,7 +147,8 @@ class SampleCrops(torch.utils.data.Dataset):
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Listed ImageFolder items (relative path, label) -> (image, label, key), or None when unreadable."""
+    """Listed ImageFolder items (relative path, label) -> (image, label, key), or a ``Skipped`` record when
+    unreadable (counted and logged in the main process by ``batches_from_dataset``)."""
 
     def __init__(self, root: str, items: list[tuple[str, int]], image_size: int):
         from data.transforms import eval_transform
@@ -163,47 +165,58 @@ class FolderImages(torch.utils.data.Dataset):
         path = os.path.join(self.root, rel)
         img = read_image(path)
         if img is None:
-            log.warning("skipping unreadable image %s", path)
-            return None
+            return Skipped(path, "unreadable image")
         return self.transform(img), label, rel
 
 
 def _collate(batch):
-    batch = [b for b in batch if b is not None]
+    """[(image, label, key) | Skipped] -> ((images [B,3,S,S], labels [B], keys) or None when B = 0, [Skipped])."""
+    skipped = [b for b in batch if isinstance(b, Skipped)]
+    batch = [b for b in batch if b is not None and not isinstance(b, Skipped)]
     if not batch:
-        return None
+        return None, skipped
     images = torch.stack([b[0] for b in batch])
     labels = torch.as_tensor([int(b[1]) for b in batch], dtype=torch.long)
-    return images, labels, [b[2] for b in batch]
+    return (images, labels, [b[2] for b in batch]), skipped
 
 
-def _batches_from_dataset(ds, batch_size: int, num_workers: int) -> Iterator[tuple]:
+def batches_from_dataset(ds, batch_size: int, num_workers: int, skips: SkipCounter | None = None) -> Iterator[tuple]:
+    """(images, labels, keys) batches of a map-style dataset of (image, label, key) | Skipped items, in order.
+    Skipped items travel with the batches to this (main) process and are recorded in `skips` (a new
+    SkipCounter when None): logged with their path and counted, also when they came from a worker."""
+    skips = SkipCounter() if skips is None else skips
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
     )
-    for batch in loader:
+    for batch, skipped in loader:
+        skips.record(skipped)
         if batch is not None:
             yield batch
 
 
-def _webdataset_batches(
+
+
+def webdataset_batches(
     shards: list[str],
     process_index: int,
     num_processes: int,
     done: set[str],
     image_size: int,
     batch_size: int,
+    skips: SkipCounter | None = None,
 ) -> Iterator[tuple]:
-    """This process's (images, labels, keys) batches from tar shards, skipping keys in `done`."""
+    """This process's (images, labels, keys) batches from tar shards, skipping keys in `done`; unreadable
+    samples and damaged shard tails are recorded in `skips`."""
+    from data.tar_shards import iter_shard, sample_image, sample_label
     from data.transforms import eval_transform
-    from data.webdataset import _iter_shard, _Skips, sample_image, sample_label
 
-    transform, skips = eval_transform(image_size), _Skips()
+    transform = eval_transform(image_size)
+    skips = SkipCounter() if skips is None else skips
     by_shard = len(shards) >= num_processes
     mine = split_for_process(shards, process_index, num_processes) if by_shard else shards
     index, buf = 0, []
     for url in mine:
-        for sample in _iter_shard(url, skips):
+        for sample in iter_shard(url, skips):
             j, index = index, index + 1
             if not by_shard and j % num_processes != process_index:
                 continue
@@ -212,14 +225,14 @@ def _webdataset_batches(
                 continue
             img, why = sample_image(sample)
             if img is None:
-                skips(f"{why} {key} in {url}")
+                skips(f"{url}:{key}", why)
                 continue
             buf.append((transform(img), sample_label(sample), key))
             if len(buf) == batch_size:
-                yield _collate(buf)
+                yield _collate(buf)[0]
                 buf = []
     if buf:
-        yield _collate(buf)
+        yield _collate(buf)[0]
 
 
 class Source:
@@ -227,6 +240,7 @@ class Source:
 
     def __init__(self, args, image_size: int, state, done: set[str]):
         self.args, self.image_size, self.state, self.done = args, image_size, state, done
+        self.skips = SkipCounter()  # this process's unreadable images (count + first paths, for meta.json)
         self.num_classes: int | None = None
         self.extra: dict[str, Any] = {"source": args.source}
         pi, n = state.process_index, state.num_processes
@@ -269,15 +283,20 @@ class Source:
     def batches(self) -> Iterator[tuple]:
         a = self.args
         if a.source == "webdataset":
-            return _webdataset_batches(
+            return webdataset_batches(
                 self.shards,
                 self.state.process_index,
                 self.state.num_processes,
                 self.done,
                 self.image_size,
                 a.batch_size,
+                self.skips,
             )
-        return _batches_from_dataset(self.dataset, a.batch_size, a.num_workers)
+        return batches_from_dataset(self.dataset, a.batch_size, a.num_workers, self.skips)
+
+    def describe(self) -> str:
+        a = self.args
+        return {"folder": f"folder {a.root}", "webdataset": f"shards {a.shards}"}.get(a.source, a.source)
 
 
 # ---- encoding --------------------------------------------------------------------------------------------
@@ -309,6 +328,15 @@ def _labels_num_classes(root: str) -> int | None:
         if len(labels):
             top = max(top, int(labels.max()))
     return top + 1 if top >= 0 else None
+
+
+def _gather(state, obj) -> list:
+    """`obj` from every process (accelerate's gather_object), in process order."""
+    if state.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
 
 
 def extract(args: argparse.Namespace) -> dict | None:
@@ -349,7 +377,7 @@ def extract(args: argparse.Namespace) -> dict | None:
                     **source.extra)  # fmt: skip
         if os.path.exists(os.path.join(args.out, "meta.json")):
             meta["resumed_from_records"] = len(done)
-        _write_json_atomic(os.path.join(args.out, "meta.json"), meta)
+        write_meta_json(args.out, meta)
         log.warning(
             "extracting %s -> %s: K=%d, codebook %d, flip=%s, %d process(es), %d record(s) already done%s",
             args.source,
@@ -377,12 +405,20 @@ def extract(args: argparse.Namespace) -> dict | None:
         bar.update(len(keys))
     bar.close()
     writer.close()  # the last partial shard (meta is the main process's job)
-    log.info("process %d wrote %d records in %.1fs", pi, count, time.time() - t0)
+    log.info("process %d wrote %d records in %.1fs (%d skipped)", pi, count, time.time() - t0, source.skips.count)
 
     state.wait_for_everyone()
+    written = _gather(state, {"records": count, "skipped": source.skips.report()})
     meta = None
     if state.is_main_process:
-        updates: dict[str, Any] = {}
+        skipped = merge_reports([w["skipped"] for w in written])
+        if not done and not sum(w["records"] for w in written):
+            raise SystemExit(
+                f"no readable image in {source.describe()}: {skipped['count']} skipped (e.g. "
+                f"{', '.join(p['path'] for p in skipped['paths'][:3])}); nothing extracted, {args.out} is left "
+                "incomplete"
+            )
+        updates: dict[str, Any] = {"skipped": skipped}  # totals of this run, all processes
         if read_meta(args.out).get("num_classes") is None:
             updates["num_classes"] = _labels_num_classes(args.out)
         meta = finalize_meta(args.out, **updates)
@@ -390,7 +426,7 @@ def extract(args: argparse.Namespace) -> dict | None:
             f"token shards complete: {meta['num_records']} records in {meta['num_shards']} shard(s) "
             f"at {args.out} "
             f"(K={meta['num_tokens']}, views={meta['num_views']}, classes={meta['num_classes']}, "
-            f"{time.time() - t0:.1f}s)",
+            f"{skipped['count']} unreadable image(s) skipped, {time.time() - t0:.1f}s)",
             flush=True,
         )
     state.wait_for_everyone()

@@ -1,11 +1,14 @@
 """``FolderDataModule``: an ImageFolder-style tree (``root/<class>/<image>``), train and val directories.
 
-Unreadable files are skipped without a pre-scan: the map-style dataset returns ``None`` for an image that
-cannot be decoded, and ``SkipCorruptCollate`` drops those items from the batch (the batch gets smaller,
-the number of batches per epoch does not change, so DDP ranks stay in step). Skips are counted in a
-shared-memory counter visible from the main process (``FolderDataModule.num_skipped``) and each one is
-logged as a warning with the running count. A batch whose items were all unreadable comes out as empty
-tensors ``[0, 3, H, W]`` / ``[0]``.
+The tree is listed by ``walk_image_files`` (symlinks followed, no directory entered twice: a link loop can
+neither repeat images nor relabel them). Unreadable files are skipped without a full pre-scan: the map-style
+dataset returns a ``Skipped`` record for an image that cannot be decoded, and ``SkipCorruptCollate`` drops
+those items from the batch (the batch gets smaller, the number of batches per epoch does not change, so DDP
+ranks stay in step). Skips are counted in a shared-memory counter visible from the main process
+(``FolderDataModule.num_skipped``, also sent to the trainer's loggers as ``data/skipped_images``) and each one
+is logged as a warning with the path and the running count. Two cases are errors instead of NaN losses: a
+tree in which no file decodes (``setup`` probes for one readable image, before the first step) and a batch
+in which every item was unreadable.
 
 Class indices follow sorted class-folder names (same rule as ``data.convert_shards`` and torchvision's
 ImageFolder), so a folder tree and the shards made from it give the same labels. Under DDP Lightning adds a
@@ -20,19 +23,75 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import stat
 from collections.abc import Callable, Sequence
 
 import torch
 
-from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs
+from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs, log_skipped
+from data.skips import SkipCounter, Skipped
 from data.transforms import IMAGE_EXTENSIONS, eval_transform, read_image, train_transform
 
 log = logging.getLogger(__name__)
+
+# How many files check_readable tries before it calls a tree unreadable (a healthy tree stops at the first).
+PROBE_LIMIT = 1000
 
 try:  # keep this module importable (scan_image_folder is used by the converter) without Lightning
     from lightning.pytorch import LightningDataModule
 except ImportError:  # pragma: no cover
     LightningDataModule = object  # type: ignore[misc,assignment]
+
+
+def _dir_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory `path` resolves to (links followed), or None if it is not one."""
+    try:
+        st = os.stat(path)
+    except OSError:  # a dangling link, a permission problem: nothing to walk
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def walk_image_files(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Relative paths (``/``-separated) of every image file below ``root``, sorted; the one directory walker of
+    the data and evaluation code.
+
+    Symbolic links are followed, but no directory is entered twice: a directory is identified by the
+    ``(st_dev, st_ino)`` of what it resolves to, and claimed by the first path that reaches it in a
+    breadth-first walk (shallowest path first, then sorted order). So a link back up the tree (``cat_b/loop ->
+    ..``) or to itself (``.``) adds nothing, and a link from one class folder into another (``cat_a/x ->
+    ../cat_b``) does not relabel the other class's images: ``cat_b`` is claimed at depth 1, before anything
+    below ``cat_a`` is looked at. Hidden entries (names starting with ``.``) are skipped; the extension check
+    is case-insensitive. Unreadable directories are skipped with a warning.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"not a directory: {root}")
+    exts = tuple(e.lower() for e in extensions)
+    seen = {_dir_id(root)}
+    out: list[str] = []
+    level = [""]  # relative directory paths at the current depth
+    while level:
+        deeper = []
+        for rel_dir in level:
+            full_dir = os.path.join(root, rel_dir)
+            try:
+                entries = sorted(os.scandir(full_dir), key=lambda e: e.name)
+            except OSError as exc:
+                log.warning("cannot list %s (%s): skipped", full_dir, exc)
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+                if e.is_dir(follow_symlinks=True):
+                    key = _dir_id(e.path)
+                    if key is not None and key not in seen:
+                        seen.add(key)
+                        deeper.append(rel)
+                elif e.name.lower().endswith(exts) and e.is_file(follow_symlinks=True):
+                    out.append(rel)
+        level = deeper
+    return sorted(out)
 
 
 def scan_image_folder(
@@ -41,38 +100,32 @@ def scan_image_folder(
     """Deterministic listing of an ImageFolder tree.
 
     Returns ``(classes, items)``: ``classes`` are the sorted names of the non-hidden sub-directories of
-    ``root``; ``items`` are ``(relative_path, class_index)`` sorted by relative path (files found
-    recursively below each class folder whose extension, case-insensitively, is in ``extensions``).
+    ``root``; ``items`` are ``(relative_path, class_index)`` sorted by relative path: the image files below
+    each class folder (``walk_image_files``: links followed, no directory twice, so a symlink loop neither
+    repeats nor relabels images; files directly in ``root`` belong to no class and are left out).
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"not a directory: {root}")
-    exts = tuple(e.lower() for e in extensions)
     classes = sorted(
         e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=True) and not e.name.startswith(".")
     )
     if not classes:
         raise ValueError(f"{root}: no class sub-directories found (expected root/<class>/<image>)")
-    items: list[tuple[str, int]] = []
-    for idx, cls in enumerate(classes):
-        cls_dir = os.path.join(root, cls)
-        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in filenames:
-                if fn.startswith(".") or not fn.lower().endswith(exts):
-                    continue
-                items.append((os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/"), idx))
-    items.sort()
+    index = {c: i for i, c in enumerate(classes)}
+    items = [(rel, index[rel.split("/", 1)[0]]) for rel in walk_image_files(root, extensions)
+             if "/" in rel and rel.split("/", 1)[0] in index]  # fmt: skip
     return classes, items
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Map-style dataset over ``scan_image_folder``: ``(image, label)``, or ``None`` if unreadable."""
+    """Map-style dataset over ``scan_image_folder``: ``(image, label)``, or a ``Skipped`` record (path, reason)
+    when the file does not decode (counted and logged by a ``SkipCounter`` sharing ``skipped_counter``)."""
 
     def __init__(self, root: str, transform: Callable | None = None, skipped_counter=None):
         self.root = root
         self.classes, self.items = scan_image_folder(root)
         self.transform = transform
-        self.skipped_counter = skipped_counter  # multiprocessing.Value("l") shared with the workers
+        self.skips = SkipCounter(skipped_counter)  # multiprocessing.Value("l") shared with the workers
 
     def __len__(self) -> int:
         return len(self.items)
@@ -82,33 +135,49 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path = os.path.join(self.root, rel)
         img = read_image(path)
         if img is None:
-            n = -1
-            if self.skipped_counter is not None:
-                with self.skipped_counter.get_lock():
-                    self.skipped_counter.value += 1
-                    n = self.skipped_counter.value
-            log.warning("skipping unreadable image %s (%d skipped so far)", path, n)
-            return None
+            self.skips(path, "unreadable image")
+            return Skipped(path, "unreadable image")
         if self.transform is not None:
             img = self.transform(img)
         return img, label
 
+    def check_readable(self, max_tries: int = PROBE_LIMIT) -> None:
+        """Raise before training when no image can be read: try the items in order until one decodes (the
+        first, for a healthy tree). Without this, a tree of corrupt files trains on empty batches (NaN loss)."""
+        if not self.items:
+            raise ValueError(f"{self.root}: no image files below the class folders {self.classes}")
+        for rel, _ in self.items[:max_tries]:
+            if read_image(os.path.join(self.root, rel)) is not None:
+                return
+        tried = min(max_tries, len(self.items))
+        raise ValueError(
+            f"{self.root}: none of the {'first ' if tried < len(self.items) else ''}{tried} of {len(self.items)} "
+            f"image files decodes (e.g. {os.path.join(self.root, self.items[0][0])}); check the files (corrupt "
+            "downloads, wrong format) or point train_dir/val_dir at the right folder"
+        )
+
 
 class SkipCorruptCollate:
-    """Collate that drops ``None`` items; returns ``(images [B,3,H,W], labels int64 [B])``, images in the
-    transform's dtype (``dtype``: the one of the empty batch when every item was unreadable)."""
+    """Collate that drops unreadable items (``Skipped`` records, or ``None``); returns ``(images [B,3,H,W],
+    labels int64 [B])`` with B the readable ones, images in the transform's dtype. A batch in which *every*
+    item was unreadable is an error naming the files (an empty batch would give a NaN loss); ``dtype`` and
+    ``image_size`` are kept for callers that still pass them."""
 
     def __init__(self, image_size: int, dtype: torch.dtype = torch.uint8):
         self.image_size = image_size
         self.dtype = dtype
 
     def __call__(self, batch):
-        batch = [b for b in batch if b is not None]
-        if not batch:
-            s = self.image_size
-            return torch.empty(0, 3, s, s, dtype=self.dtype), torch.empty(0, dtype=torch.long)
-        images = torch.stack([b[0] for b in batch])
-        labels = torch.as_tensor([int(b[1]) for b in batch], dtype=torch.long)
+        good = [b for b in batch if b is not None and not isinstance(b, Skipped)]
+        if not good:
+            paths = [b.path for b in batch if isinstance(b, Skipped)]
+            raise RuntimeError(
+                f"every image of this batch of {len(batch)} is unreadable ({', '.join(paths[:5])}"
+                f"{', ...' if len(paths) > 5 else ''}); remove or replace the corrupt files "
+                "(python -m data.convert_shards lists every unreadable file in <split>-skipped.json)"
+            )
+        images = torch.stack([b[0] for b in good])
+        labels = torch.as_tensor([int(b[1]) for b in good], dtype=torch.long)
         return images, labels
 
 
@@ -166,13 +235,12 @@ class FolderDataModule(LightningDataModule):
         if self._skipped is None:
             self._skipped = mp.Value("l", 0)
         if self.train_set is None:
-            self.train_set = ImageFolderDataset(
-                self.train_dir, train_transform(self.image_size, uint8=True), self._skipped
-            )
+            train_set = ImageFolderDataset(self.train_dir, train_transform(self.image_size, uint8=True), self._skipped)
+            train_set.check_readable()  # before the first step: a tree of corrupt files is an error, not NaN
+            self.train_set = train_set
         if self.val_dir is not None and self.val_set is None:
-            self.val_set = ImageFolderDataset(
-                self.val_dir, eval_transform(self.image_size, uint8=True), self._skipped
-            )
+            self.val_set = ImageFolderDataset(self.val_dir, eval_transform(self.image_size, uint8=True), self._skipped)
+            self.val_set.check_readable()
             if self.val_set.classes != self.train_set.classes:
                 log.warning("val classes differ from train classes; labels follow each tree's sorted folders")
 
@@ -202,6 +270,7 @@ class FolderDataModule(LightningDataModule):
         return self._loader(self.val_set, shuffle=False, drop_last=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        log_skipped(self)  # the running skip count reaches the trainer's loggers (data/skipped_images)
         return float_image_batch(batch)  # uint8 -> float32 [0, 1], on the device the batch was moved to
 
     def teardown(self, stage: str | None = None) -> None:

@@ -9,6 +9,8 @@
 - Workers are **persistent** (no fork + dataset copy + warm-up every epoch; per-epoch state must therefore reach
   them through shared memory, see ``data.webdataset``), memory is **pinned** when the batches go to a CUDA
   device, and each worker keeps ``prefetch_factor`` batches in flight.
+- Unreadable images are skipped and counted (``data.skips``); ``log_skipped`` sends a DataModule's running count
+  to the trainer's loggers.
 """
 
 from __future__ import annotations
@@ -56,3 +58,17 @@ def float_image_batch(batch):
     if not isinstance(batch, (tuple, list)) or not batch:
         raise TypeError(f"expected a batch (images, labels, ...), got {type(batch).__name__}")
     return type(batch)([to_float_images(batch[0]), *batch[1:]])
+
+
+def log_skipped(datamodule) -> None:
+    """Send a DataModule's running ``num_skipped`` to its trainer's loggers as ``data/skipped_images`` when it
+    has grown since the last call (called from ``on_after_batch_transfer``: once per batch, in the main
+    process, where the workers' shared counter is readable). Each rank counts its own workers; loggers write on
+    rank 0 only."""
+    n = int(datamodule.num_skipped)
+    if n == getattr(datamodule, "_skipped_logged", 0):
+        return
+    datamodule._skipped_logged = n
+    trainer = getattr(datamodule, "trainer", None)
+    for logger in getattr(trainer, "loggers", None) or []:
+        logger.log_metrics({"data/skipped_images": float(n)}, step=int(trainer.global_step))

@@ -3,7 +3,7 @@
 Train and validation come from *different* photographs, so validation measures generalisation, not memory:
 - train: random crops (random scale, random position, horizontal flip, optional per-channel colour jitter) from
   the TRAIN_IMAGES;
-- val: fixed crops (a grid of positions at three scales) from the held-out VAL_IMAGES.
+- val: fixed crops (evenly spaced positions at three scales, scale-major) from the held-out VAL_IMAGES.
 `stereo_motorcycle` is a near-identical left/right pair: both halves are in train, never split across sets.
 
 Batches follow the project's contract: (images float32 [B, 3, S, S] in [0, 1], labels int64 [B]); the label is
@@ -28,6 +28,7 @@ TRAIN_IMAGES = (
     "motorcycle_left", "motorcycle_right", "camera", "coins", "moon", "brick", "grass", "gravel", "cell",
 )  # fmt: skip
 VAL_IMAGES = ("chelsea", "coffee")
+VAL_SCALES = (1.0, 2.0, 3.0)  # held-out crop scales: 1 = the whole photo's shorter side, 2 and 3 closer views
 ALL_IMAGES = TRAIN_IMAGES + VAL_IMAGES
 
 
@@ -158,12 +159,15 @@ class SampleImagesDataModule(pl.LightningDataModule):
                                          self.train_samples_per_epoch, color_jitter=self.color_jitter, uint8=True)
         if self.val_set is None:
             crops, labels = [], []
-            for i, name in enumerate(VAL_IMAGES):
-                # rounded to uint8 like the training crops (and like the JPEG pixels of the real datasets)
-                c = fixed_crops(load_photo(name), self.image_size, self.val_crops_per_scale)
-                c = [to_uint8_images(x) for x in c]
-                crops += c
-                labels += [len(TRAIN_IMAGES) + i] * len(c)
+            photos = [load_photo(name) for name in VAL_IMAGES]
+            # scale-major order: the first crops (those the report's reconstruction grid shows) are every photo
+            # seen whole (scale 1: its shorter side is the crop size), then the closer views
+            for scale in VAL_SCALES:
+                for i, photo in enumerate(photos):
+                    c = fixed_crops(photo, self.image_size, self.val_crops_per_scale, scales=(scale,))
+                    # rounded to uint8 like the training crops (and like the JPEG pixels of the real datasets)
+                    crops += [to_uint8_images(x) for x in c]
+                    labels += [len(TRAIN_IMAGES) + i] * len(c)
             self.val_set = FixedCrops(crops, labels)
 
     def train_dataloader(self) -> DataLoader:

@@ -3,7 +3,7 @@
 Format (one directory, version 1)
 ---------------------------------
     <root>/meta.json             what produced the shards and how many records there are (see below)
-    <root>/tokens-000000.npz     uncompressed numpy archives, written atomically (temp file + os.replace)
+    <root>/tokens-000000.npz     uncompressed numpy archives, written atomically (tokenizer.atomic)
     <root>/tokens-000001.npz     ...
 
 Every shard holds three arrays with the same first dimension N (records in that shard):
@@ -16,6 +16,12 @@ meta.json:
     {"format": "onedtok-token-shards", "version": 1, "num_tokens": K, "codebook_size": V, "dtype": "int16",
      "num_views": A, "flip": true|false, "num_classes": C|null, "tokenizer_dir": "...", "image_size": 256,
      "num_records": N_total, "num_shards": S, "complete": true|false, ...extra fields given to the writer}
+    data.extract_tokens adds "skipped": {"count": images it could not read, "paths": the first 100
+    [{"path", "reason"}]}.
+
+Reading checks every shard: a damaged file (truncated, overwritten) is a TokenShardError naming it and what to
+do, and ids outside [0, codebook_size) of meta.json are rejected at load, naming the file and the range.
+Keys are file names and may hold non-UTF-8 bytes (as lone surrogates); they are hashed through `key_bytes`.
 
 `complete` is false while an extraction runs (or after a crash); `TokenShardWriter` on the same root resumes:
 finished shards are kept and their keys are skipped, a leftover temp file is removed.
@@ -28,15 +34,18 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import re
-import tempfile
 import warnings
+import zipfile
 import zlib
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+
+from tokenizer import atomic
 
 FORMAT = "onedtok-token-shards"
 VERSION = 1
@@ -62,18 +71,44 @@ def read_meta(root: str) -> dict[str, Any]:
     return meta
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".meta-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_meta_json(root: str, meta: dict) -> None:
+    """meta.json, atomically (temp file in `root`, then rename: tokenizer.atomic)."""
+    atomic.write_json(os.path.join(root, "meta.json"), meta, indent=2, sort_keys=True)
 
 
-def load_shard(path: str) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {"ids": z["ids"], "labels": z["labels"], "keys": z["keys"]}
+class TokenShardError(ValueError):
+    """A token shard that cannot be used; the message names the file and what to do."""
+
+
+# what numpy/zipfile raise for a damaged .npz: truncated (BadZipFile, EOFError), flipped bytes (CRC: BadZipFile,
+# zlib.error), not an archive at all (ValueError / UnpicklingError: numpy takes unknown bytes for a pickle)
+_LOAD_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError)
+_REDO = ("delete that file and re-run the same `python -m data.extract_tokens ... --out` command: it keeps the "
+         "other shards and re-extracts only the missing records")
+
+
+def load_shard(path: str, codebook_size: int | None = None) -> dict[str, np.ndarray]:
+    """One shard's arrays {"ids", "labels", "keys"}. A damaged file raises a TokenShardError naming it (never
+    numpy's bare BadZipFile/EOFError, nor its advice to load with allow_pickle, which would run code from the
+    file). With `codebook_size`, ids outside [0, codebook_size) are an error naming the file and the range."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {"ids": z["ids"], "labels": z["labels"], "keys": z["keys"]}
+    except _LOAD_ERRORS as exc:
+        if isinstance(exc, (ValueError, pickle.UnpicklingError)) and "pickle" in str(exc):
+            why = "not a numpy .npz archive (unknown bytes)"  # numpy's own text recommends allow_pickle: unsafe
+        else:
+            why = f"{type(exc).__name__}: {exc}"
+        raise TokenShardError(f"token shard {path} is damaged or not a token shard ({why}); {_REDO}") from None
+    ids = out["ids"]
+    if codebook_size is not None and ids.size:
+        lo, hi = int(ids.min()), int(ids.max())  # python ints: no wrap-around in the ids' own dtype
+        if lo < 0 or hi >= int(codebook_size):
+            raise TokenShardError(
+                f"token shard {path} holds ids in [{lo}, {hi}], outside the codebook [0, {codebook_size}) of "
+                f"meta.json: the shard was written by another tokenizer or is damaged; {_REDO}"
+            )
+    return out
 
 
 def finalize_meta(root: str, **updates) -> dict[str, Any]:
@@ -87,7 +122,7 @@ def finalize_meta(root: str, **updates) -> dict[str, Any]:
             raise ValueError(f"duplicate keys in {path}: {sorted(dup)[:5] or 'within the shard'}")
         seen.update(keys)
     meta.update(num_records=len(seen), num_shards=len(shard_paths(root)), complete=True, **updates)
-    _write_json_atomic(os.path.join(root, "meta.json"), meta)
+    write_meta_json(root, meta)
     return meta
 
 
@@ -125,8 +160,12 @@ class TokenShardWriter:
         self.dtype = ids_dtype(codebook_size)
         self.write_meta = write_meta
         os.makedirs(root, exist_ok=True)
-        for tmp in glob.glob(os.path.join(root, f".{prefix}-*.tmp")):
-            os.remove(tmp)  # a shard that was being written when the last run died
+        # this prefix's shard that was being written when the last run died (tokenizer.atomic's temp name, or
+        # ".<prefix>-NNNNNN.npz.tmp" from writers before it)
+        legacy = re.compile(re.escape(f".{prefix}-") + r"\d{6,}\.npz\.tmp")
+        for name in os.listdir(root):
+            if (atomic.is_partial(name) and name.startswith(f".{prefix}-")) or legacy.fullmatch(name):
+                os.remove(os.path.join(root, name))
         self.meta = dict(
             format=FORMAT,
             version=VERSION,
@@ -153,7 +192,7 @@ class TokenShardWriter:
                         f"{self.meta[field]!r}; use a new directory"
                     )
         if write_meta:
-            _write_json_atomic(meta_path, self.meta)
+            write_meta_json(root, self.meta)
         self.done_keys: set[str] = set()
         pattern = re.compile(re.escape(prefix) + r"-(\d{6,})\.npz")
         mine = {
@@ -209,12 +248,8 @@ class TokenShardWriter:
         self._buf = {name: [a[n:]] if len(a) > n else [] for name, a in arrays.items()}
         self._buffered -= n
         name = f"{self.prefix}-{self.next_index:06d}.npz"
-        tmp = os.path.join(self.root, f".{name}.tmp")
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
+        with atomic.atomic_open(os.path.join(self.root, name), "wb") as f:  # a file object: numpy adds no ".npz"
             np.savez(f, **out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.root, name))
         self.next_index += 1
         self.num_written += n
 
@@ -243,7 +278,7 @@ def load_token_shards(root: str, check_keys: bool = True) -> tuple[np.ndarray, n
         warnings.warn(
             f"{root}/meta.json is not marked complete: extraction unfinished or crashed", stacklevel=2
         )
-    shards = [load_shard(p) for p in paths]
+    shards = [load_shard(p, meta["codebook_size"]) for p in paths]  # each named when damaged or out of range
     ids = np.concatenate([s["ids"] for s in shards])
     labels = np.concatenate([s["labels"] for s in shards]).astype(np.int64)
     keys = np.concatenate([s["keys"] for s in shards])
@@ -256,12 +291,21 @@ def load_token_shards(root: str, check_keys: bool = True) -> tuple[np.ndarray, n
     return ids, labels, keys, meta
 
 
+def key_bytes(key: str) -> bytes:
+    """A record key as bytes: UTF-8, with the lone surrogates of non-UTF-8 file names turned back into their
+    original bytes (what os.fsencode does on POSIX). Use it wherever a key is hashed or encoded."""
+    return key.encode("utf-8", "surrogateescape")
+
+
 def split_by_key(keys: np.ndarray, val_fraction: float, seed: int = 0) -> np.ndarray:
-    """Boolean mask [N], True = validation. A hash of (seed, key): stable whatever the shard layout."""
+    """Boolean mask [N], True = validation. A hash of (seed, key): stable whatever the shard layout.
+
+    Keys are file names, which need not be UTF-8: Python holds a non-UTF-8 byte as a lone surrogate
+    ("surrogateescape"), so a key is hashed as the bytes it came from (``key_bytes``), never re-encoded strictly."""
     if val_fraction <= 0:
         return np.zeros(len(keys), dtype=bool)
     salt = f"{seed}:".encode()
-    h = np.fromiter((zlib.crc32(salt + k.encode()) for k in keys.tolist()), dtype=np.uint64, count=len(keys))
+    h = np.fromiter((zlib.crc32(salt + key_bytes(k)) for k in keys.tolist()), dtype=np.uint64, count=len(keys))
     return (h % 1_000_000) < int(round(val_fraction * 1_000_000))
 
 

@@ -2,9 +2,11 @@
 
 Shards are given as a brace pattern (``/data/shards/train-{000000..001281}.tar``), several patterns joined
 with ``::``, or a list. Samples are ``{__key__, jpg|png|webp|..., cls}`` as written by
-``data.convert_shards``; any image extension is decoded by ``data.transforms.decode_image`` (any mode ->
-RGB). Corrupt/truncated images and unreadable tar members are skipped, counted
-(``WebDatasetDataModule.num_skipped``, shared by all workers) and logged as warnings; they never crash.
+``data.convert_shards``; shards are read by ``data.tar_shards.iter_shard`` and any image extension is decoded
+by ``data.transforms.decode_image`` (any mode -> RGB). Corrupt/truncated images and the damaged tail of a
+truncated shard are skipped, counted (``WebDatasetDataModule.num_skipped``, shared by all workers, also sent
+to the trainer's loggers as ``data/skipped_images``) and logged as warnings naming the shard; they never
+crash. Shards without one decodable image are an error before the first step (``check_readable_shards``).
 
 Training: equal number of batches on every rank
 -----------------------------------------------
@@ -56,371 +58,42 @@ after a resume from a checkpoint or when an epoch is skipped).
 Batches leave the workers as uint8 images ``[B, 3, S, S]`` (a quarter of the bytes of float32 through worker IPC
 and the host -> device copy); ``on_after_batch_transfer`` converts them to float32 in [0, 1] on the device
 (``data/loading.py``), so LightningModules receive the float contract above.
+
+Modules: the shard reader and counter are ``data.tar_shards``, the stream and the two loaders
+``data.shard_stream``; their public names are importable from here as well.
 """
 
 from __future__ import annotations
 
-import glob
 import itertools
-import json
 import logging
 import math
 import multiprocessing as mp
-import os
-import random
-import re
-import tarfile
-import zlib
-from collections.abc import Callable, Iterator
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs
-from data.transforms import decode_image, eval_transform, train_transform
+from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs, log_skipped
+from data.shard_stream import (  # noqa: F401 (ShardStream: public, importable from here as before)
+    EpochLoader,
+    EvenLoader,
+    ShardStream,
+    check_readable_shards,
+)
+from data.tar_shards import (  # noqa: F401 (IMAGE_KEYS, count_shard_samples: public names, importable here too)
+    IMAGE_KEYS,
+    count_shard_samples,
+    expand_shards,
+    iter_shard,
+    sample_image,
+    sample_label,
+    shard_sample_counts,
+)
+from data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "img", "image")
 SHARD_MODES = ("auto", "split", "resampled")
-
-
-def sample_image(sample: dict) -> tuple[object | None, str]:
-    """A webdataset sample's first image member (IMAGE_KEYS order) decoded to an RGB PIL image, as (image, "");
-    or (None, why) when there is no image member or it does not decode."""
-    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if data is None:
-        return None, "no image member"
-    img = decode_image(data)
-    return (img, "") if img is not None else (None, "undecodable image")
-
-
-def sample_label(sample: dict) -> int:
-    """The sample's integer class from its `cls` member, or -1 when it has none or it is not an integer."""
-    try:
-        return int(sample["cls"]) if "cls" in sample else -1
-    except (ValueError, TypeError):
-        return -1
-
-
-# ----------------------------------------------------------------------------------------------- shards
-def expand_shards(shards: str | list[str]) -> list[str]:
-    """Brace pattern(s) (joined with ``::``) or a list -> list of shard URLs/paths."""
-    import braceexpand
-
-    if isinstance(shards, str):
-        out: list[str] = []
-        for part in shards.split("::"):
-            out.extend(braceexpand.braceexpand(os.path.expanduser(part)))
-        return out
-    out = []
-    for s in shards:
-        out.extend(expand_shards(s))
-    return out
-
-
-def _count_tar(path: str) -> int:
-    keys = set()
-    with tarfile.open(path) as tar:
-        for m in tar:
-            match = re.match(r"^((?:.*/|)[^.]+)[.]", m.name) if m.isreg() else None
-            if match and not m.name.startswith("__"):
-                keys.add(match.group(1))
-    return len(keys)
-
-
-def shard_sample_counts(shards: list[str]) -> list[int]:
-    """Samples per shard, from ``*-meta.json`` beside the shards, else by scanning local tar headers."""
-    known: dict[str, int] = {}
-    for d in sorted({os.path.dirname(s) for s in shards}):
-        for meta_path in sorted(glob.glob(os.path.join(d, "*-meta.json"))):
-            try:
-                with open(meta_path) as f:
-                    meta = json.load(f)
-                for entry in meta.get("shards", []):
-                    known[os.path.join(d, entry["name"])] = int(entry["count"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring unreadable %s: %s", meta_path, exc)
-    counts = []
-    missing = [s for s in shards if s not in known]
-    if missing:
-        log.warning(
-            "no meta.json entry for %d shard(s) (e.g. %s): counting samples from tar headers",
-            len(missing),
-            missing[0],
-        )
-    for s in shards:
-        if s in known:
-            counts.append(known[s])
-        elif os.path.isfile(s):
-            counts.append(_count_tar(s))
-        else:
-            raise ValueError(
-                f"cannot count the samples of {s} (no meta.json, not a local file): "
-                "pass epoch_length explicitly"
-            )
-    return counts
-
-
-# ----------------------------------------------------------------------------------------- streaming
-class _Skips:
-    """Counts and logs skipped samples; the counter is shared across worker processes."""
-
-    def __init__(self, counter=None):
-        self.counter = counter
-
-    def __call__(self, what: str) -> None:
-        n = -1
-        if self.counter is not None:
-            with self.counter.get_lock():
-                self.counter.value += 1
-                n = self.counter.value
-        log.warning("skipping %s (%d skipped so far)", what, n)
-
-    def handler(self, exn: Exception) -> bool:  # webdataset exception handler: count, warn, continue
-        self(f"unreadable tar data: {exn!r}")
-        return True
-
-
-def _iter_shard(url: str, skips: _Skips) -> Iterator[dict]:
-    from webdataset.tariterators import tarfile_samples
-
-    yield from tarfile_samples([{"url": url}], handler=skips.handler)
-
-
-def _seed(*parts) -> int:
-    return zlib.crc32(repr(parts).encode())
-
-
-def _shuffle_buffer(src: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    if size <= 1:
-        yield from src
-        return
-    buf: list[dict] = []
-    for sample in src:
-        buf.append(sample)
-        if len(buf) >= size:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
-
-
-class ShardStream(IterableDataset):
-    """Iterable over decoded, transformed, collated batches for one rank (see module docstring).
-
-    ``train=True``: stream of full batches, infinite unless ``batches_per_epoch`` is set (``EpochLoader`` sets
-    it): then worker ``w`` of ``nw`` yields its round-robin share ``len(range(w, batches_per_epoch, nw))``.
-    ``train=False``: finite, deterministic, this rank's samples only (last batch per worker may be short).
-    Images are whatever ``transform`` returns (the DataModule's: uint8 [3, S, S]), stacked to [B, 3, S, S].
-    """
-
-    def __init__(
-        self,
-        shards: list[str],
-        *,
-        train: bool,
-        transform: Callable,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        sampling: str = "split",
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        return_keys: bool = False,
-        offsets: list[int] | None = None,
-        skipped_counter=None,
-        batches_per_epoch: int | None = None,
-    ):
-        super().__init__()
-        if sampling not in ("split", "resampled"):
-            raise ValueError(f"sampling must be 'split' or 'resampled', got {sampling!r}")
-        self.shards = list(shards)
-        self.train = train
-        self.transform = transform
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.sampling = sampling
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.return_keys = return_keys
-        self.offsets = offsets
-        self.skips = _Skips(skipped_counter)
-        self.batches_per_epoch = batches_per_epoch
-        # Shared memory, not a plain attribute: persistent workers hold a copy of this object made when they
-        # started, and read the epoch the main process set here each time their stream restarts (module docstring).
-        self._epoch = mp.RawValue("q", 0)
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next ``iter()`` (in this process or any worker) permutes shards and seeds streams with."""
-        return int(self._epoch.value)
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"epoch must be >= 0, got {value}")
-        self._epoch.value = int(value)
-
-    # raw samples ----------------------------------------------------------------------------------
-    def _train_raw(self, epoch: int, wid: int, nw: int) -> Iterator[dict]:
-        rng = random.Random(_seed(self.seed, epoch, self.rank, wid))
-        if self.sampling == "resampled":
-            while True:
-                yield from _iter_shard(rng.choice(self.shards), self.skips)
-        perm = list(range(len(self.shards)))
-        random.Random(_seed(self.seed, epoch)).shuffle(perm)  # identical on every rank
-        mine = [self.shards[i] for i in perm[self.rank :: self.world_size][wid::nw]]
-        if not mine:
-            return
-        while True:
-            order = mine[:]
-            rng.shuffle(order)
-            n = 0
-            for url in order:
-                for sample in _iter_shard(url, self.skips):
-                    n += 1
-                    yield sample
-            if n == 0:
-                raise RuntimeError(f"rank {self.rank} worker {wid}: shards {mine} contain no samples")
-
-    def _val_raw(self, wid: int, nw: int) -> Iterator[dict]:
-        offsets = self.offsets if self.offsets is not None else [0] * len(self.shards)
-        for j in range(wid, len(self.shards), nw):
-            for k, sample in enumerate(_iter_shard(self.shards[j], self.skips)):
-                index = offsets[j] + k if self.offsets is not None else j + k
-                if index % self.world_size == self.rank:
-                    yield sample
-
-    # decoding / batching --------------------------------------------------------------------------
-    def _decode(self, samples: Iterator[dict]) -> Iterator[tuple]:
-        for sample in samples:
-            key = sample.get("__key__", "?")
-            img, why = sample_image(sample)
-            if img is None:
-                self.skips(f"{why} {key} in {sample.get('__url__', '?')}")
-                continue
-            yield self.transform(img), sample_label(sample), key
-
-    def _collate(self, items: list[tuple]):
-        images = torch.stack([it[0] for it in items])
-        labels = torch.tensor([it[1] for it in items], dtype=torch.long)
-        if self.return_keys:
-            return images, labels, [it[2] for it in items]
-        return images, labels
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch  # read when the stream (re)starts: at worker start-up and at each resumed epoch
-        if self.train:
-            rng = random.Random(_seed("buffer", self.seed, epoch, self.rank, wid))
-            raw = _shuffle_buffer(self._train_raw(epoch, wid, nw), self.shuffle_buffer, rng)
-        else:
-            raw = self._val_raw(wid, nw)
-        items = self._decode(raw)
-        # Only this worker's share of the epoch (shares add up to batches_per_epoch; round-robin as the DataLoader
-        # asks its workers in turn): a worker of an endless stream would keep decoding the batches prefetched past
-        # the end of the epoch, and a persistent one must finish all of them before it can start the next epoch.
-        share = self.batches_per_epoch if self.train else None
-        remaining = math.inf if share is None else len(range(wid, share, nw))
-        while remaining > 0:
-            chunk = list(itertools.islice(items, self.batch_size))
-            if not chunk or (self.train and len(chunk) < self.batch_size):
-                return
-            remaining -= 1
-            yield self._collate(chunk)
-
-
-class EpochLoader(DataLoader):
-    """DataLoader over a training ``ShardStream`` that yields exactly ``num_batches`` batches per ``iter()``: the
-    stream's workers produce their shares of them (``batches_per_epoch``), and this loader stops after
-    ``num_batches`` whatever the workers do (and fails loudly if they yield fewer)."""
-
-    def __init__(
-        self,
-        dataset: ShardStream,
-        num_batches: int,
-        epoch_fn: Callable[[], int | None] | None = None,
-        **kwargs,
-    ):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        dataset.batches_per_epoch = num_batches
-        self.num_batches = num_batches
-        self.epoch_fn = epoch_fn
-        self._iters = 0
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        # before super().__iter__(): that call starts the workers (first epoch) or tells the persistent ones to
-        # restart their streams, which then read this shared value
-        self.dataset.epoch = self._iters if epoch is None else epoch
-        self._iters += 1
-        return self._limited(super().__iter__())
-
-    def _limited(self, it):
-        try:
-            for i in range(self.num_batches):
-                try:
-                    yield next(it)
-                except StopIteration:
-                    raise RuntimeError(
-                        f"training stream ended after {i} of {self.num_batches} batches; "
-                        "all ranks must yield the same number of batches"
-                    ) from None
-        finally:
-            if not self.persistent_workers and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()  # stop the infinite workers now rather than at garbage collection
-
-
-class EvenLoader(DataLoader):
-    """DataLoader over a finite ``ShardStream`` that re-batches in the main process and pads the stream to
-    exactly ``num_samples`` samples (repeating the first ones), i.e. ``ceil(num_samples / batch_size)``
-    batches on every rank."""
-
-    def __init__(self, dataset: ShardStream, num_samples: int, batch_size: int, **kwargs):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.num_samples = num_samples
-        self.out_batch_size = batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.out_batch_size)
-
-    def _samples(self):
-        first: list = []
-        n = 0
-        for batch in super().__iter__():
-            for i in range(len(batch[0])):
-                if n >= self.num_samples:
-                    break
-                item = tuple(b[i] for b in batch)
-                if len(first) < self.num_samples:
-                    first.append(item)
-                n += 1
-                yield item
-        if n < self.num_samples and not first:
-            raise RuntimeError("validation rank produced no samples at all; cannot pad")
-        for i in range(self.num_samples - n):
-            yield first[i % len(first)]
-
-    def __iter__(self):
-        items = self._samples()
-        while True:
-            chunk = list(itertools.islice(items, self.out_batch_size))
-            if not chunk:
-                return
-            images = torch.stack([c[0] for c in chunk])
-            labels = torch.stack([torch.as_tensor(c[1]) for c in chunk]).long()
-            if len(chunk[0]) > 2:
-                yield images, labels, [c[2] for c in chunk]
-            else:
-                yield images, labels
 
 
 # -------------------------------------------------------------------------------------- data module
@@ -551,6 +224,7 @@ class WebDatasetDataModule(LightningDataModule):
             epoch_length = sum(shard_sample_counts(shards))
         num_batches = max(1, epoch_length // (world * self.batch_size))
         mode = self.resolve_shard_mode(len(shards), world)
+        check_readable_shards(shards, f"training shards {self.train_shards!r}")  # an error now, not a hang later
         dataset = ShardStream(
             shards,
             train=True,
@@ -599,6 +273,7 @@ class WebDatasetDataModule(LightningDataModule):
         return EvenLoader(dataset, num_samples, self.batch_size, **self._loader_kwargs())
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        log_skipped(self)  # the running skip count reaches the trainer's loggers (data/skipped_images)
         return float_image_batch(batch)  # uint8 -> float32 [0, 1], on the device the batch was moved to
 
     def teardown(self, stage: str | None = None) -> None:

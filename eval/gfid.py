@@ -118,13 +118,13 @@ def sample_source_images(
 def folder_images(root: str, image_size: int, limit: int | None = None, batch_size: int = 64,
                   num_workers: int = 0) -> Iterator[torch.Tensor]:  # fmt: skip
     """An ImageFolder tree through the eval transform (resize + center crop), as uint8."""
-    from data.extract_tokens import FolderImages, _batches_from_dataset
+    from data.extract_tokens import FolderImages, batches_from_dataset
     from data.folder import scan_image_folder
 
     _, items = scan_image_folder(root)
     if limit:
         items = items[:limit]
-    for images, _, _ in _batches_from_dataset(FolderImages(root, items, image_size), batch_size, num_workers):
+    for images, _, _ in batches_from_dataset(FolderImages(root, items, image_size), batch_size, num_workers):
         yield _to_uint8(images)
 
 

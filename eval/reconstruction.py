@@ -53,10 +53,12 @@ per-image metric rows, token ids and FID feature rows are gathered with their in
 for the collective, trimmed, sorted), or, above 2048 images, FID sums are all-reduced; so every metric is over
 exactly N images whatever W. Only the main process writes the report.
 
-Outputs in ``--out``: ``metrics.md`` (protocol + table + per-position usage line), ``metrics.json`` (meta,
-rows, and ``usage_per_position``: {"values": [K floats, position 1..K], "mean", "min", "max", "num_images",
-"codebook_size", "bound": min(1, N/V)}), ``metrics_vs_tokens.png`` (tokenizer and thumbnail vs k: both spend
-at most k * log2(V) bits), ``metrics_vs_bits.png`` (tokenizer vs all codecs at achieved bits, log x),
+Outputs in ``--out`` (each written to a temp file there and renamed, ``tokenizer.atomic``): ``metrics.md``
+(protocol + skipped images + table + per-position usage line), ``metrics.json`` (meta, with ``skipped``:
+{"count": unreadable images over all processes, "paths": the first 100 as {"path", "reason"}}, rows, and
+``usage_per_position``: {"values": [K floats, position 1..K], "mean", "min", "max", "num_images", "codebook_size",
+"bound": min(1, N/V)}), ``metrics_vs_tokens.png`` (tokenizer and thumbnail vs k: both spend at most k * log2(V)
+bits), ``metrics_vs_bits.png`` (tokenizer vs all codecs at achieved bits, log x),
 ``usage_per_position.png``, ``reconstructions.png`` (originals, then k = 1..K),
 ``reconstructions_<codec>.png``; with ``--per-image`` also ``per_image.npz`` (its ``ids`` [N, K] are what
 the per-position usage is computed from).
@@ -65,7 +67,6 @@ the per-position usage is computed from).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -77,9 +78,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.skips import merge_reports, report_line  # noqa: E402
 from eval.codecs import CODEC_NAMES, THUMBNAIL, thumbnail_side  # noqa: E402
 from eval.metrics import PSNR_CAP_DB, FeatureSet, LPIPSReference, psnr, ssim, to_uint8  # noqa: E402
-from tokenizer import OneDTokenizer  # noqa: E402
+from tokenizer import OneDTokenizer, atomic  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 from tokenizer.quantizer import position_histogram, usage_per_position  # noqa: E402
 from tokenizer.training.module import default_eval_tokens, make_grid, tokenizer_from_checkpoint  # noqa: E402
@@ -313,6 +315,14 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
     return rows, gathered_grid, per_image
 
 
+def _gather_skips(accelerator, report: dict) -> dict:
+    """Every process's skip report (``data.skips``) merged: the total and the first 100 paths."""
+    from accelerate.utils import gather_object
+
+    reports = gather_object([report]) if accelerator.num_processes > 1 else [report]
+    return merge_reports(reports)
+
+
 def _gather_grid(accelerator, grid: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     from accelerate.utils import gather_object
 
@@ -377,7 +387,8 @@ def plot_metrics(rows: list[Row], out: Path, title: str) -> None:
                 ax.legend(fontsize=8)
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+        with atomic.atomic_open(out / fname, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
         plt.close(fig)
 
 
@@ -391,7 +402,9 @@ def save_grid(grid: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
     rows = torch.stack([grid["reference"].float() / 255] + [grid[n].float() / 255 for n in names])
     array = (make_grid(rows).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     scale = max(1, 128 // grid["reference"].shape[-1])
-    Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST).save(path)
+    image = Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
+    with atomic.atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
 
 
 def position_usage(ids, codebook_size: int) -> dict:
@@ -435,7 +448,8 @@ def plot_usage(usage: dict, path: Path, title: str) -> None:
         ax.axhline(usage["bound"], color="gray", linestyle="--", label=f"N/V = {usage['bound']:.3g}")
         ax.set_ylim(0, max(ax.get_ylim()[1], usage["bound"] * 1.1))
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    with atomic.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -458,15 +472,18 @@ def write_report(rows: list[Row], grid: dict[str, torch.Tensor], out: Path, meta
                   "are — (null in metrics.json).")
     if usage is not None:
         notes += "\n\n" + usage_line(usage)
+    skip_text = f"{report_line(meta['skipped'])}\n\n" if "skipped" in meta else ""  # unreadable images, if any
     header = (f"# Reconstruction per token count\n\n{meta['description']}\n\n"
               f"Images: N = {meta['num_images']} ({meta['source']}), evaluated by {meta['num_processes']} "
-              f"process(es).\n\nProtocol:\n{protocol}\n\n")
-    (out / "metrics.md").write_text(header + table + "\n\n" + notes + "\n")
+              f"process(es).\n\n{skip_text}Protocol:\n{protocol}\n\n")
+    # every file goes through tokenizer.atomic (temp file in `out`, then rename): a killed run leaves the previous
+    # complete report, never a half-written one
+    atomic.write_text(out / "metrics.md", header + table + "\n\n" + notes + "\n")
     report = {"meta": meta, "rows": [_nan_to_none(asdict(r)) for r in rows]}
     if usage is not None:
         report["usage_per_position"] = usage
     # strict JSON (jq, JavaScript): a value that does not exist (no thumbnail fits, no FID) is null, never NaN
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    atomic.write_json(out / "metrics.json", report, indent=2, allow_nan=False)
     title = f"{meta['description']} (N={meta['num_images']})"
     plot_metrics(rows, out, title)
     if usage is not None:
@@ -477,7 +494,8 @@ def write_report(rows: list[Row], grid: dict[str, torch.Tensor], out: Path, meta
             save_grid(grid, method, out / ("reconstructions.png" if method == "tokenizer"
                                            else f"reconstructions_{method}.png"))
     if per_image is not None:
-        np.savez(out / "per_image.npz", **per_image)
+        with atomic.atomic_open(out / "per_image.npz", "wb") as f:  # a file object: numpy adds no ".npz"
+            np.savez(f, **per_image)
     return table
 
 
@@ -524,14 +542,19 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
     precision = resolve_precision(args.precision, accelerator.device)
     rows, grid, per_image = evaluate(accelerator, tokenizer, loader, total, ks, list(args.codecs or []),
                                      fid=args.fid, grid_images=args.grid_images, precision=precision)
+    skipped = _gather_skips(accelerator, loader.skips.report())
     if accelerator.is_main_process:
         cfg = tokenizer.config
         n = rows[0].num_images if rows else 0
+        if n == 0:
+            raise SystemExit(f"no readable image in {what}: {skipped['count']} skipped ("
+                             f"{', '.join(p['path'] for p in skipped['paths'][:5])}); nothing to evaluate")
         meta = {
             "description": f"{cfg.quantizer.upper()} {tokenizer.codebook_size} codes, K={k_max}, "
                            f"{cfg.length_mechanism}, {cfg.image_size}px",
             "num_images": n,
             "source": what,
+            "skipped": skipped,  # {"count": unreadable records over all processes, "paths": the first 100}
             "reference_set": f"the same N={n} center crops as uint8 (reconstruction FID, not generation FID)",
             "num_processes": accelerator.num_processes,
             "device": str(accelerator.device),

@@ -11,20 +11,20 @@ all processes and sorting by index gives each image exactly once.
 
 ``folder``/``webdataset`` images go through the eval transform (resize the shorter side to ``image_size``,
 bicubic antialiased, then center crop) and are quantised to uint8. ``max_images`` keeps the first N indices.
-Unreadable images are skipped with a warning (so N counts the images actually evaluated).
+Unreadable images (and the damaged tail of a truncated shard) are skipped: the worker passes a
+``data.skips.Skipped`` record along with the batch, and the loader records it, in the main process, in its
+``skips`` counter (``loader.skips.report()``: the total and the first 100 paths, for the report); N counts
+the images actually evaluated. Folders are listed by ``data.folder.walk_image_files`` (symlink loops safe).
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-
-log = logging.getLogger(__name__)
 
 SOURCES = ("sample", "folder", "webdataset")
 
@@ -34,14 +34,34 @@ def _to_uint8(image: torch.Tensor) -> torch.Tensor:
 
 
 def _collate(items):
-    items = [it for it in items if it is not None]
+    """[(index, uint8 image) | Skipped] -> (index int64 [B], uint8 [B, 3, S, S], [Skipped])."""
+    from data.skips import Skipped
+
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    items = [it for it in items if it is not None and not isinstance(it, Skipped)]
     if not items:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, 3, 0, 0, dtype=torch.uint8)
-    return torch.tensor([i for i, _ in items], dtype=torch.long), torch.stack([x for _, x in items])
+        return torch.empty(0, dtype=torch.long), torch.empty(0, 3, 0, 0, dtype=torch.uint8), skipped
+    return torch.tensor([i for i, _ in items], dtype=torch.long), torch.stack([x for _, x in items]), skipped
+
+
+class SourceLoader(DataLoader):
+    """DataLoader of ``(index, images)`` batches that records the ``Skipped`` records travelling with them in
+    ``self.skips`` (a ``data.skips.SkipCounter`` of this process), so their paths reach the report."""
+
+    def __init__(self, *args, **kwargs):
+        from data.skips import SkipCounter
+
+        super().__init__(*args, **kwargs)
+        self.skips = SkipCounter()
+
+    def __iter__(self):
+        for index, images, skipped in super().__iter__():
+            self.skips.record(skipped)
+            yield index, images
 
 
 class _IndexedImages(Dataset):
-    """Map-style: position p -> (global index, uint8 image) or None (unreadable)."""
+    """Map-style: position p -> (global index, uint8 image) or a Skipped record (unreadable)."""
 
     def __init__(self, indices: list[int], load):
         self.indices, self.load = indices, load
@@ -52,7 +72,7 @@ class _IndexedImages(Dataset):
     def __getitem__(self, p: int):
         i = self.indices[p]
         image = self.load(i)
-        return None if image is None else (i, image)
+        return image if not isinstance(image, torch.Tensor) else (i, image)
 
 
 class _FolderLoad:
@@ -62,31 +82,14 @@ class _FolderLoad:
         self.root, self.files, self.transform = root, files, eval_transform(image_size)
 
     def __call__(self, i: int):
+        from data.skips import Skipped
         from data.transforms import read_image
 
         path = os.path.join(self.root, self.files[i])
         img = read_image(path)
         if img is None:
-            log.warning("skipping unreadable image %s", path)
-            return None
+            return Skipped(path, "unreadable image")  # logged and counted by the loader, in the main process
         return _to_uint8(self.transform(img))
-
-
-def list_images(root: str) -> list[str]:
-    """Relative paths of all image files below ``root`` (recursive, hidden entries skipped), sorted."""
-    from data.transforms import IMAGE_EXTENSIONS
-
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"not a directory: {root}")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in filenames:
-            if not fn.startswith(".") and fn.lower().endswith(IMAGE_EXTENSIONS):
-                out.append(os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/"))
-    if not out:
-        raise ValueError(f"{root}: no image files found")
-    return sorted(out)
 
 
 class _ShardImages(IterableDataset):
@@ -98,16 +101,23 @@ class _ShardImages(IterableDataset):
         self.rank, self.world, self.image_size = rank, world, image_size
 
     def __iter__(self) -> Iterator:
+        from data.skips import Skipped
+        from data.tar_shards import iter_shard, sample_image
         from data.transforms import eval_transform
-        from data.webdataset import _iter_shard, _Skips, sample_image
 
-        transform, skips = eval_transform(self.image_size), _Skips()
+        transform = eval_transform(self.image_size)
+        pending: list[Skipped] = []  # what the shard reader skipped (a damaged tail), sent on with the batch
+
+        def skips(path: str, reason: str) -> None:
+            if self.rank == 0:  # every rank reads every shard: report a damaged shard once
+                pending.append(Skipped(path, reason))
+
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for j in range(wid, len(self.shards), nw):
             if self.offsets[j] >= self.total:
                 continue
-            for k, sample in enumerate(_iter_shard(self.shards[j], skips)):
+            for k, sample in enumerate(iter_shard(self.shards[j], skips)):
                 i = self.offsets[j] + k
                 if i >= self.total:
                     break
@@ -115,15 +125,18 @@ class _ShardImages(IterableDataset):
                     continue
                 img, why = sample_image(sample)
                 if img is None:
-                    skips(f"{why} {sample.get('__key__', '?')} in {self.shards[j]}")
+                    yield Skipped(f"{self.shards[j]}:{sample.get('__key__', '?')}", why)
                     continue
                 yield i, _to_uint8(transform(img))
+            yield from pending
+            pending.clear()
 
 
 def make_source(source: str, image_size: int, *, rank: int = 0, world_size: int = 1, batch_size: int = 32,
                 max_images: int | None = None, num_workers: int = 0, root: str | None = None,
                 shards: str | None = None, val_crops_per_scale: int = 4) -> tuple[DataLoader, int, str]:
-    """(loader over this rank's images, number of global indices, description of the source)."""
+    """(loader over this rank's images, number of global indices, description of the source). The loader is a
+    ``SourceLoader``: after the loop, ``loader.skips.report()`` gives what this rank skipped."""
     if source == "sample":
         from data.sample import VAL_IMAGES, SampleImagesDataModule
 
@@ -137,14 +150,18 @@ def make_source(source: str, image_size: int, *, rank: int = 0, world_size: int 
     elif source == "folder":
         if not root:
             raise ValueError("--source folder needs --root DIR")
-        files = list_images(root)[:max_images]
+        from data.folder import walk_image_files
+
+        files = walk_image_files(root)[:max_images]
+        if not files:
+            raise ValueError(f"{root}: no image files found (extensions: data.transforms.IMAGE_EXTENSIONS)")
         total = len(files)
         dataset = _IndexedImages(list(range(rank, total, world_size)), _FolderLoad(root, files, image_size))
         what = f"image files below {root} (sorted), resize shorter side + center crop to {image_size}px"
     elif source == "webdataset":
         if not shards:
             raise ValueError("--source webdataset needs --shards PATTERN")
-        from data.webdataset import expand_shards, shard_sample_counts
+        from data.tar_shards import expand_shards, shard_sample_counts
 
         urls = expand_shards(shards)
         if not urls:
@@ -158,6 +175,6 @@ def make_source(source: str, image_size: int, *, rank: int = 0, world_size: int 
                 f"{image_size}px")
     else:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = SourceLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate)
     return loader, total, what

@@ -144,7 +144,7 @@ def test_webdataset_source_splits_exactly_once(tok_dir, tmp_path):
     from _data_helpers import make_plain_tree
 
     from data.convert_shards import convert
-    from data.extract_tokens import _webdataset_batches
+    from data.extract_tokens import webdataset_batches
     from data.webdataset import expand_shards
 
     src = tmp_path / "tree"
@@ -156,11 +156,11 @@ def test_webdataset_source_splits_exactly_once(tok_dir, tmp_path):
     for world in (1, 2, 3, 4, 5):  # 4, 5 > 3 shards: split by sample index
         seen = []
         for rank in range(world):
-            for _, _, keys in _webdataset_batches(shards, rank, world, set(), 16, batch_size=2):
+            for _, _, keys in webdataset_batches(shards, rank, world, set(), 16, batch_size=2):
                 seen += keys
         assert len(seen) == 9 and len(set(seen)) == 9, (world, seen)
     done = set(seen[:4])
-    left = [k for rank in range(2) for b in _webdataset_batches(shards, rank, 2, done, 16, 4) for k in b[2]]
+    left = [k for rank in range(2) for b in webdataset_batches(shards, rank, 2, done, 16, 4) for k in b[2]]
     assert sorted(left) == sorted(set(seen) - done)
 
     out = tmp_path / "tokens"

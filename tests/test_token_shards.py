@@ -69,11 +69,13 @@ def test_resume_keeps_finished_shards(tmp_path):
     w.write(ids[:25], labels[:25], keys[:25])  # 2 shards written, 5 records buffered, then "crash"
     first = {p: os.path.getmtime(p) for p in shard_paths(root)}
     assert len(first) == 2 and not read_meta(root)["complete"]
-    open(os.path.join(root, ".tokens-000002.npz.tmp"), "wb").write(b"partial")  # a half-written shard
+    # a half-written shard, named as tokenizer.atomic names the temp file of a writer that was killed
+    partial = os.path.join(root, ".tokens-000002.npz.partial-x1y2z3.tmp")
+    open(partial, "wb").write(b"partial")
 
     w2 = TokenShardWriter(root, num_tokens=8, codebook_size=100, shard_size=10)
     assert w2.num_resumed == 20 and w2.is_done(keys[0]) and not w2.is_done(keys[20])
-    assert not os.path.exists(os.path.join(root, ".tokens-000002.npz.tmp"))
+    assert not os.path.exists(partial)
     assert w2.write(ids, labels, keys) == 10  # everything again: only the 10 unfinished records are taken
     assert w2.num_skipped == 20
     meta = w2.close()
