@@ -9,7 +9,7 @@ Output in ``--out``:
   ORIGINAL file bytes, never re-encoded. Its extension is the format PIL detects from the content, not the
   file name: JPEG -> ``.jpg``; PNG -> ``.png``; other formats keep their bytes under their own extension
   (``webp``, ``bmp``, ``gif``, ``tif``, ``ppm``...). (ImageNet has a PNG and CMYK JPEGs named ``.JPEG``.)
-  ``data.transforms.decode_image`` decodes any of them to RGB. ``cls`` is the class index as ASCII text.
+  ``tokenizer.images.decode_image`` decodes any of them to RGB. ``cls`` is the class index as ASCII text.
   ``__key__`` is the path relative to ``src`` without extension, with characters other than
   ``[A-Za-z0-9_-]`` replaced by ``_`` (made unique with a ``_dupN`` suffix if needed).
 - ``{split}-meta.json``: classes, per-shard sample counts, totals, the brace pattern (used by
@@ -44,8 +44,8 @@ from collections.abc import Callable
 
 from data.folder import scan_image_folder
 from data.tar_shards import count_shard_samples
-from data.transforms import decode_error, image_format
 from tokenizer import atomic
+from tokenizer.images import decode_error, image_format
 
 FORMAT_EXT = {
     "JPEG": "jpg",

@@ -151,7 +151,7 @@ class FolderImages(torch.utils.data.Dataset):
     unreadable (counted and logged in the main process by ``batches_from_dataset``)."""
 
     def __init__(self, root: str, items: list[tuple[str, int]], image_size: int):
-        from data.transforms import eval_transform
+        from tokenizer.images import eval_transform
 
         self.root, self.items, self.transform = root, items, eval_transform(image_size)
 
@@ -159,7 +159,7 @@ class FolderImages(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, j: int):
-        from data.transforms import read_image
+        from tokenizer.images import read_image
 
         rel, label = self.items[j]
         path = os.path.join(self.root, rel)
@@ -208,7 +208,7 @@ def webdataset_batches(
     """This process's (images, labels, keys) batches from tar shards, skipping keys in `done`; unreadable
     samples and damaged shard tails are recorded in `skips`."""
     from data.tar_shards import iter_shard, sample_image, sample_label
-    from data.transforms import eval_transform
+    from tokenizer.images import eval_transform
 
     transform = eval_transform(image_size)
     skips = SkipCounter() if skips is None else skips

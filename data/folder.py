@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import stat
 from collections.abc import Callable, Sequence
 
 import torch
 
 from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs, log_skipped
 from data.skips import SkipCounter, Skipped
-from data.transforms import IMAGE_EXTENSIONS, eval_transform, read_image, train_transform
+from data.transforms import train_transform
+from tokenizer.images import IMAGE_EXTENSIONS, eval_transform, read_image, walk_image_files
 
 log = logging.getLogger(__name__)
 
@@ -41,57 +41,6 @@ try:  # keep this module importable (scan_image_folder is used by the converter)
     from lightning.pytorch import LightningDataModule
 except ImportError:  # pragma: no cover
     LightningDataModule = object  # type: ignore[misc,assignment]
-
-
-def _dir_id(path: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the directory `path` resolves to (links followed), or None if it is not one."""
-    try:
-        st = os.stat(path)
-    except OSError:  # a dangling link, a permission problem: nothing to walk
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
-
-
-def walk_image_files(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
-    """Relative paths (``/``-separated) of every image file below ``root``, sorted; the one directory walker of
-    the data and evaluation code.
-
-    Symbolic links are followed, but no directory is entered twice: a directory is identified by the
-    ``(st_dev, st_ino)`` of what it resolves to, and claimed by the first path that reaches it in a
-    breadth-first walk (shallowest path first, then sorted order). So a link back up the tree (``cat_b/loop ->
-    ..``) or to itself (``.``) adds nothing, and a link from one class folder into another (``cat_a/x ->
-    ../cat_b``) does not relabel the other class's images: ``cat_b`` is claimed at depth 1, before anything
-    below ``cat_a`` is looked at. Hidden entries (names starting with ``.``) are skipped; the extension check
-    is case-insensitive. Unreadable directories are skipped with a warning.
-    """
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"not a directory: {root}")
-    exts = tuple(e.lower() for e in extensions)
-    seen = {_dir_id(root)}
-    out: list[str] = []
-    level = [""]  # relative directory paths at the current depth
-    while level:
-        deeper = []
-        for rel_dir in level:
-            full_dir = os.path.join(root, rel_dir)
-            try:
-                entries = sorted(os.scandir(full_dir), key=lambda e: e.name)
-            except OSError as exc:
-                log.warning("cannot list %s (%s): skipped", full_dir, exc)
-                continue
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
-                if e.is_dir(follow_symlinks=True):
-                    key = _dir_id(e.path)
-                    if key is not None and key not in seen:
-                        seen.add(key)
-                        deeper.append(rel)
-                elif e.name.lower().endswith(exts) and e.is_file(follow_symlinks=True):
-                    out.append(rel)
-        level = deeper
-    return sorted(out)
 
 
 def scan_image_folder(

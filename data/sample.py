@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from data.loading import float_image_batch, loader_kwargs
-from data.transforms import to_float_images, to_uint8_images
+from data.transforms import to_float_images
+from tokenizer.metrics import to_uint8
 
 TRAIN_IMAGES = (
     "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -98,7 +99,7 @@ class RandomCrops(Dataset):
             gain = 1 + s * (2 * torch.rand(3, 1, 1) - 1)  # [3, 1, 1]
             offset = s * (torch.rand(3, 1, 1) - 0.5)
             crop = (crop * gain + offset).clamp(0, 1)
-        return (to_uint8_images(crop) if self.uint8 else crop.contiguous()), self.labels[photo]
+        return (to_uint8(crop) if self.uint8 else crop.contiguous()), self.labels[photo]
 
 
 def fixed_crops(photo: torch.Tensor, image_size: int, per_scale: int, scales=(1.0, 2.0, 3.0)) -> list[torch.Tensor]:
@@ -166,7 +167,7 @@ class SampleImagesDataModule(pl.LightningDataModule):
                 for i, photo in enumerate(photos):
                     c = fixed_crops(photo, self.image_size, self.val_crops_per_scale, scales=(scale,))
                     # rounded to uint8 like the training crops (and like the JPEG pixels of the real datasets)
-                    crops += [to_uint8_images(x) for x in c]
+                    crops += [to_uint8(x) for x in c]
                     labels += [len(TRAIN_IMAGES) + i] * len(c)
             self.val_set = FixedCrops(crops, labels)
 

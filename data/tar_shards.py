@@ -23,7 +23,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 
-from data.transforms import decode_image
+from tokenizer.images import decode_image
 
 log = logging.getLogger(__name__)
 

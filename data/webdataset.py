@@ -3,7 +3,7 @@
 Shards are given as a brace pattern (``/data/shards/train-{000000..001281}.tar``), several patterns joined
 with ``::``, or a list. Samples are ``{__key__, jpg|png|webp|..., cls}`` as written by
 ``data.convert_shards``; shards are read by ``data.tar_shards.iter_shard`` and any image extension is decoded
-by ``data.transforms.decode_image`` (any mode -> RGB). Corrupt/truncated images and the damaged tail of a
+by ``tokenizer.images.decode_image`` (any mode -> RGB). Corrupt/truncated images and the damaged tail of a
 truncated shard are skipped, counted (``WebDatasetDataModule.num_skipped``, shared by all workers, also sent
 to the trainer's loggers as ``data/skipped_images``) and logged as warnings naming the shard; they never
 crash. Shards without one decodable image are an error before the first step (``check_readable_shards``).
@@ -89,7 +89,8 @@ from data.tar_shards import (  # noqa: F401 (IMAGE_KEYS, count_shard_samples: pu
     sample_label,
     shard_sample_counts,
 )
-from data.transforms import eval_transform, train_transform
+from data.transforms import train_transform
+from tokenizer.images import eval_transform
 
 log = logging.getLogger(__name__)
 

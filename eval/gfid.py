@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.fidelity import inception_score, precision_recall  # noqa: E402
 from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
 from tokenizer.inception import feature_statistics, frechet_distance  # noqa: E402
+from tokenizer.metrics import to_uint8  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
 
 # uint8 images [B, 3, H, W] -> pool features [B, D], or {"pool": [B, D], "logits": [B, C]} (logits for IS)
@@ -100,10 +101,6 @@ def npz_images(path: str | Path, batch_size: int = 256, limit: int | None = None
         yield torch.from_numpy(arr[i : i + batch_size]).permute(0, 3, 1, 2).contiguous()
 
 
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def sample_source_images(
     num: int, image_size: int, seed: int = 1, batch_size: int = 256
 ) -> Iterator[torch.Tensor]:
@@ -112,7 +109,7 @@ def sample_source_images(
 
     crops = SampleCrops(image_size, num, seed=seed)
     for i in range(0, num, batch_size):
-        yield _to_uint8(torch.stack([crops[j][0] for j in range(i, min(i + batch_size, num))]))
+        yield to_uint8(torch.stack([crops[j][0] for j in range(i, min(i + batch_size, num))]))
 
 
 def folder_images(root: str, image_size: int, limit: int | None = None, batch_size: int = 64,
@@ -125,7 +122,7 @@ def folder_images(root: str, image_size: int, limit: int | None = None, batch_si
     if limit:
         items = items[:limit]
     for images, _, _ in batches_from_dataset(FolderImages(root, items, image_size), batch_size, num_workers):
-        yield _to_uint8(images)
+        yield to_uint8(images)
 
 
 def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor) -> dict[str, torch.Tensor]:

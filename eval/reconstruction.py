@@ -20,7 +20,7 @@ What it does. The tokenizer comes from a ``save_pretrained`` directory (``--toke
 checkpoint (``--checkpoint``, EMA weights when present). Images (``--source``): ``sample`` (default, the
 embedded held-out crops), ``folder --root DIR`` or ``webdataset --shards PATTERN``; folder/shard images are
 resized (shorter side, bicubic antialiased) and center cropped to the tokenizer's image size
-(``data.transforms.eval_transform``); ``--max-images N`` keeps the first N. References are those crops as
+(``tokenizer.images.eval_transform``); ``--max-images N`` keeps the first N. References are those crops as
 uint8. For every k (default 1, 2, 4, ..., K) the first k tokens are decoded and the reconstruction is
 quantised to uint8 exactly like the references BEFORE any metric. Per k: rFID, LPIPS, PSNR, SSIM
 (:mod:`eval.metrics`), codebook usage (fraction of the V codes used by the first k tokens of all images) and

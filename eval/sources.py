@@ -26,11 +26,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from tokenizer.metrics import to_uint8
+
 SOURCES = ("sample", "folder", "webdataset")
-
-
-def _to_uint8(image: torch.Tensor) -> torch.Tensor:
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _collate(items):
@@ -77,19 +75,19 @@ class _IndexedImages(Dataset):
 
 class _FolderLoad:
     def __init__(self, root: str, files: list[str], image_size: int):
-        from data.transforms import eval_transform
+        from tokenizer.images import eval_transform
 
         self.root, self.files, self.transform = root, files, eval_transform(image_size)
 
     def __call__(self, i: int):
         from data.skips import Skipped
-        from data.transforms import read_image
+        from tokenizer.images import read_image
 
         path = os.path.join(self.root, self.files[i])
         img = read_image(path)
         if img is None:
             return Skipped(path, "unreadable image")  # logged and counted by the loader, in the main process
-        return _to_uint8(self.transform(img))
+        return to_uint8(self.transform(img))
 
 
 class _ShardImages(IterableDataset):
@@ -103,7 +101,7 @@ class _ShardImages(IterableDataset):
     def __iter__(self) -> Iterator:
         from data.skips import Skipped
         from data.tar_shards import iter_shard, sample_image
-        from data.transforms import eval_transform
+        from tokenizer.images import eval_transform
 
         transform = eval_transform(self.image_size)
         pending: list[Skipped] = []  # what the shard reader skipped (a damaged tail), sent on with the batch
@@ -127,7 +125,7 @@ class _ShardImages(IterableDataset):
                 if img is None:
                     yield Skipped(f"{self.shards[j]}:{sample.get('__key__', '?')}", why)
                     continue
-                yield i, _to_uint8(transform(img))
+                yield i, to_uint8(transform(img))
             yield from pending
             pending.clear()
 
@@ -141,7 +139,7 @@ def make_source(source: str, image_size: int, *, rank: int = 0, world_size: int 
         from data.sample import VAL_IMAGES, SampleImagesDataModule
 
         crops = SampleImagesDataModule(image_size=image_size, val_crops_per_scale=val_crops_per_scale)
-        images = _to_uint8(crops.val_batch(max_images))
+        images = to_uint8(crops.val_batch(max_images))
         total = len(images)
         dataset = _IndexedImages(list(range(rank, total, world_size)), images.__getitem__)
         num_workers = 0  # already in memory
@@ -150,11 +148,11 @@ def make_source(source: str, image_size: int, *, rank: int = 0, world_size: int 
     elif source == "folder":
         if not root:
             raise ValueError("--source folder needs --root DIR")
-        from data.folder import walk_image_files
+        from tokenizer.images import walk_image_files
 
         files = walk_image_files(root)[:max_images]
         if not files:
-            raise ValueError(f"{root}: no image files found (extensions: data.transforms.IMAGE_EXTENSIONS)")
+            raise ValueError(f"{root}: no image files found (extensions: tokenizer.images.IMAGE_EXTENSIONS)")
         total = len(files)
         dataset = _IndexedImages(list(range(rank, total, world_size)), _FolderLoad(root, files, image_size))
         what = f"image files below {root} (sorted), resize shorter side + center crop to {image_size}px"

@@ -11,8 +11,10 @@ import torch
 from _data_helpers import make_awkward_tree
 
 from data.convert_shards import convert
-from data.transforms import decode_image, eval_transform, to_float_images, to_uint8_images, train_transform
+from data.transforms import to_float_images, train_transform
 from data.webdataset import ShardStream, expand_shards
+from tokenizer.images import decode_image, eval_transform
+from tokenizer.metrics import to_uint8
 
 
 @pytest.fixture()
@@ -109,9 +111,9 @@ def test_uint8_transforms_are_the_float_ones_before_division(converted):
             assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, 24, 24)
             assert torch.equal(to_float_images(as_uint8), as_float), (rel, make.__name__)
     levels = torch.arange(256, dtype=torch.uint8)
-    assert torch.equal(to_uint8_images(to_float_images(levels)), levels)  # lossless round trip of the 256 levels
+    assert torch.equal(to_uint8(to_float_images(levels)), levels)  # lossless round trip of the 256 levels
     x = torch.tensor([-0.1, 0.0, 0.3 / 255, 0.7 / 255, 0.5, 1.0, 1.2])
-    assert to_uint8_images(x).tolist() == [0, 0, 0, 1, 128, 255, 255]  # nearest level, clipped
+    assert to_uint8(x).tolist() == [0, 0, 0, 1, 128, 255, 255]  # nearest level, clipped
 
 
 def test_resume_rewrites_only_missing_shard(converted):

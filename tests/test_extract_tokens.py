@@ -78,8 +78,8 @@ def test_two_processes_folder_exactly_once(tok_dir, tmp_path):
     assert names == {"tokens-r000", "tokens-r001"}  # both processes wrote their share
 
     # ids equal a direct encode of the eval-transformed image (view 1 = the flip)
-    from data.transforms import decode_image, eval_transform
     from tokenizer import OneDTokenizer
+    from tokenizer.images import decode_image, eval_transform
 
     tok = OneDTokenizer.from_pretrained(tok_dir)
     key = keys[0]

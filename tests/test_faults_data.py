@@ -71,7 +71,7 @@ print(json.dumps({{"classes": classes, "items": items, "eval": total}}))
     assert got["items"] == [[f, 0 if f.startswith("cat_a/") else 1] for f in files]  # exact: 6 items, own labels
     assert got["eval"] == 6
 
-    from data.folder import walk_image_files
+    from tokenizer.images import walk_image_files
 
     assert walk_image_files(str(root)) == files
 

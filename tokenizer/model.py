@@ -146,8 +146,10 @@ class OneDTokenizer(nn.Module):
         return self.decode(self.encode(images, num_tokens))
 
     # ---- persistence (contract): safetensors + JSON, atomic, strict (tokenizer/persistence.py) ------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return save_model_dir(directory, self, self.config.to_dict(), FORMAT)
+    def save_pretrained(self, directory: str | Path, provenance: dict | None = None) -> Path:
+        """config.json + model.safetensors in `directory`; `provenance` (JSON-able: how it was trained) is kept
+        in config.json for `onedtok info`."""
+        return save_model_dir(directory, self, self.config.to_dict(), FORMAT, provenance)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> OneDTokenizer:

@@ -23,8 +23,11 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save_model_dir(directory: str | Path, model: nn.Module, config: dict[str, Any], format: str) -> Path:
-    """Write `model`'s state dict and `config` (a JSON-able dict) to `directory`, tagged with `format`."""
+def save_model_dir(directory: str | Path, model: nn.Module, config: dict[str, Any], format: str,
+                   provenance: dict[str, Any] | None = None) -> Path:
+    """Write `model`'s state dict and `config` (a JSON-able dict) to `directory`, tagged with `format`.
+    `provenance` (how the weights were made: run, step, objective...) goes into config.json beside the config,
+    for people and `onedtok info`; loading ignores it."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -32,8 +35,28 @@ def save_model_dir(directory: str | Path, model: nn.Module, config: dict[str, An
     config_text = json.dumps(config, sort_keys=True)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, tmp, metadata={"format": format, "config": config_text})
-    write_json(directory / CONFIG_NAME, {"format": format, "config": config})
+    meta = {"format": format, "config": config}
+    if provenance:
+        meta["provenance"] = provenance
+    write_json(directory / CONFIG_NAME, meta)
     return directory
+
+
+def read_provenance(directory: str | Path) -> dict[str, Any]:
+    """The `provenance` saved with the model ({} when there is none)."""
+    meta = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    return meta.get("provenance") or {}
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """SHA-256 of the weights file: what a token file records to name the tokenizer that made it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_model_config(directory: str | Path, format: str) -> dict[str, Any]:
@@ -89,4 +112,4 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_model_dir", "read_model_config", "load_model_state",
-           "load_state_strict"]
+           "load_state_strict", "read_provenance", "weights_sha256"]

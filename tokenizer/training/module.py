@@ -37,6 +37,7 @@ The frozen LPIPS network is not registered as a submodule: it is neither checkpo
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -401,7 +402,24 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
             # package's own source directory.
             has_run_dir = self.trainer.loggers and log_dir
             base = Path(log_dir) if has_run_dir else Path(self.trainer.default_root_dir) / "checkpoints"
-            self.eval_tokenizer.save_pretrained(self.hparams.export_dir or base / "tokenizer")
+            self.eval_tokenizer.save_pretrained(self.hparams.export_dir or base / "tokenizer", self.provenance())
+
+    def provenance(self) -> dict[str, Any]:
+        """How the exported weights were made, saved beside them (config.json) for `onedtok info`."""
+        import datetime
+
+        hp = {k: v for k, v in self.hparams.items() if k not in ("preset", "overrides")}
+        return {
+            "trained_by": "tokenizer.training.TokenizerModule",
+            "preset": self.hparams.preset,
+            "weights": "EMA" if self.ema_tokenizer is not None else "raw",
+            "optimizer_steps": int(self.global_step),
+            "batches": int(self.generator_steps),
+            "world_size": int(self.trainer.world_size),
+            "precision": str(self.trainer.precision),
+            "objective_and_optimizer": json.loads(json.dumps(hp, default=str)),
+            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
 
 
 def make_grid(rows: torch.Tensor, pad: int = 2) -> torch.Tensor:
