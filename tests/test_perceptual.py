@@ -77,7 +77,7 @@ def test_missing_weights_raise(no_weights):
         LPIPS()
     msg = str(exc.value)
     assert str(no_weights / "weights" / weights.VGG16_FILENAME) in msg
-    assert "make weights" in msg and "python -m tokenizer.weights" in msg
+    assert "make weights" in msg and "python scripts/fetch_weights.py" in msg
 
 
 def test_random_backbone_only_with_flag(no_weights):

