@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenizer import OneDTokenizer  # noqa: E402
-from tokenizer.training.module import default_eval_tokens  # noqa: E402
+from tokenizer.length import powers_of_two_upto as default_eval_tokens  # noqa: E402
 
 
 def sync(device: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tokenizer.atomic import atomic_open, is_partial, remove_stale_partials
-from tokenizer.training.checkpoints import CheckpointError, checkpoint_files, newest_loadable, read_checkpoint
+from tokenizer.checkpoints import CheckpointError, checkpoint_files, newest_loadable, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = "{image_size: 32, patch_size: 8, num_latent_tokens: 8, enc_width: 32, enc_depth: 1, enc_heads: 2, " \

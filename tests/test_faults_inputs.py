@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from tokenizer import OneDTokenizer
-from tokenizer.training.checkpoints import CheckpointError
-from tokenizer.training.module import tokenizer_from_checkpoint
+from tokenizer.checkpoints import CheckpointError, tokenizer_from_checkpoint
 
 SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
              dec_width=32, dec_depth=1, dec_heads=2, codebook_size=1024)

@@ -19,7 +19,7 @@ from eval.sample_generator import main as sample_main
 from eval.sample_generator import merge_parts, sample_grid
 from tokenizer import OneDTokenizer
 from tokenizer.generator import GPT, generate
-from tokenizer.training.module import default_eval_tokens
+from tokenizer.length import powers_of_two_upto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 3
@@ -41,7 +41,7 @@ def models(tmp_path_factory):
 def test_generated_ids_decode_at_every_k(models):
     tok, gpt, _, _ = models
     labels = torch.tensor([0, 2])
-    for k in default_eval_tokens(tok.max_tokens):  # 1, 2, 4, ..., 32
+    for k in powers_of_two_upto(tok.max_tokens):  # 1, 2, 4, ..., 32
         ids = generate(gpt, labels, num_tokens=k, cfg_scale=2.0, top_k=50,
                        generator=torch.Generator().manual_seed(k))  # fmt: skip
         assert ids.shape == (2, k) and ids.dtype == torch.int64

@@ -8,8 +8,9 @@ import torch
 
 from data.sample import TRAIN_IMAGES, VAL_IMAGES, SampleImagesDataModule
 from tokenizer import OneDTokenizer
+from tokenizer.checkpoints import tokenizer_from_checkpoint
+from tokenizer.length import powers_of_two_upto
 from tokenizer.training import TokenizerModule
-from tokenizer.training.module import default_eval_tokens, tokenizer_from_checkpoint
 from tokenizer.training.optim import param_groups, warmup_cosine
 
 SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_depth=2, enc_heads=4,
@@ -99,9 +100,9 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
 
-def test_default_eval_tokens():
-    assert default_eval_tokens(32) == [1, 2, 4, 8, 16, 32]
-    assert default_eval_tokens(12) == [1, 2, 4, 8, 12]
+def test_powers_of_two_upto():
+    assert powers_of_two_upto(32) == [1, 2, 4, 8, 16, 32]
+    assert powers_of_two_upto(12) == [1, 2, 4, 8, 12]
 
 
 def test_cli_trains_exports_and_resumes(tmp_path, monkeypatch):

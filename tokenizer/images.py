@@ -38,6 +38,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -192,3 +193,14 @@ def walk_image_files(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) ->
                     out.append(rel)
         level = deeper
     return sorted(out)
+
+
+def make_grid(rows: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """[R, C, 3, H, W] -> one image [3, R*(H+pad)+pad, C*(W+pad)+pad] with white padding."""
+    r, c, _, h, w = rows.shape
+    grid = torch.ones(3, r * (h + pad) + pad, c * (w + pad) + pad, dtype=rows.dtype, device=rows.device)
+    for i in range(r):
+        for j in range(c):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[:, top : top + h, left : left + w] = rows[i, j]
+    return grid

@@ -2,8 +2,7 @@
 
 - `AtomicCheckpointIO`: Lightning's checkpoint writer with the temp file beside the checkpoint instead of in
   `$TMPDIR` (`tokenizer/atomic.py` says why), and the temp files of killed writers removed on the next save.
-- `read_checkpoint` / `newest_loadable`: a checkpoint that cannot be read is named, with the reason, and
-  `--ckpt_path last` falls back to the newest checkpoint that does load instead of failing on a 0-byte file.
+- Reading checkpoints (named errors, the newest one that loads) is Lightning-free: `tokenizer/checkpoints.py`.
 - `ArchitectureGuard`: a LightningModule mixin that records `architecture()` in every checkpoint and refuses to
   restore one whose architecture differs, listing the fields. Shapes alone do not catch every change: 4 -> 8
   heads keeps every weight's shape and silently computes another function.
@@ -12,19 +11,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from tokenizer.atomic import is_partial, remove_stale_partials, torch_save
+from tokenizer.atomic import remove_stale_partials, torch_save
+from tokenizer.checkpoints import CheckpointError
 
 ARCHITECTURE_KEY = "architecture"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, or made by another architecture."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -42,52 +36,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             remove_stale_partials(directory)
             self._cleaned.add(directory)
         torch_save(checkpoint, path)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a Lightning checkpoint (memory-mapped, so cheap even for big files) or raise CheckpointError naming
-    the file and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its write was interrupted")
-    try:
-        # weights_only=False: Lightning checkpoints hold callback and hyperparameter objects, and resuming loads
-        # them the same way; these are the run's own files.
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # zipfile, pickle, EOF and runtime errors all mean "not a whole checkpoint"
-        raise CheckpointError(f"checkpoint {path} ({size} bytes) cannot be read, it is truncated or not a "
-                              f"checkpoint: {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict / global_step)")
-    return ckpt
-
-
-def checkpoint_files(directories: list[str | os.PathLike], pattern: str = "*.ckpt") -> list[Path]:
-    """Files matching `pattern` in `directories` (not recursive, no temp files), newest first; a `last*.ckpt`
-    wins ties. `save_last="link"` makes last.ckpt a link to a periodic checkpoint: each file counts once."""
-    found: dict[Path, Path] = {}
-    for d in directories:
-        for p in sorted(Path(d).glob(pattern)) if Path(d).is_dir() else ():
-            if not is_partial(p.name) and p.is_file():
-                found.setdefault(p.resolve(), p)
-    return sorted(found.values(), key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
-
-
-def newest_loadable(candidates: list[Path]) -> tuple[Path | None, list[str]]:
-    """The first of `candidates` (newest first, see checkpoint_files) that loads, and one line per candidate
-    before it that did not."""
-    rejected = []
-    for path in candidates:
-        try:
-            read_checkpoint(path)
-        except CheckpointError as e:
-            rejected.append(str(e))
-            continue
-        return path, rejected
-    return None, rejected
 
 
 def architecture_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -125,5 +73,4 @@ class ArchitectureGuard:
         super().on_load_checkpoint(checkpoint)
 
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "read_checkpoint", "checkpoint_files", "newest_loadable",
-           "architecture_diff", "check_architecture", "ArchitectureGuard", "ARCHITECTURE_KEY"]
+__all__ = ["AtomicCheckpointIO", "architecture_diff", "check_architecture", "ArchitectureGuard", "ARCHITECTURE_KEY"]

@@ -20,7 +20,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tokenizer.atomic import write_text
 
-from .checkpoints import CheckpointError, check_architecture, checkpoint_files, newest_loadable, read_checkpoint
+from ..checkpoints import CheckpointError, checkpoint_files, newest_loadable, read_checkpoint
+from .checkpoints import check_architecture
 from .config_files import expand_config_args
 
 

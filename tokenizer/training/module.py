@@ -37,8 +37,6 @@ The frozen LPIPS network is not registered as a submodule: it is neither checkpo
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -48,26 +46,15 @@ import torch.nn.functional as F
 from ..config import TokenizerOverrides
 from ..discriminator import PatchDiscriminator
 from ..distributed import average_gradients, broadcast_from_rank0
+from ..images import make_grid
+from ..length import powers_of_two_upto
 from ..losses import LeCamEMA, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+from ..metrics import psnr, to_uint8
 from ..model import OneDTokenizer
-from .checkpoints import ArchitectureGuard, CheckpointError, read_checkpoint
+from .checkpoints import ArchitectureGuard
 from .codebook import CodebookMonitor, usage_curve_figure
+from .export import export_tokenizer
 from .optim import clip_grad_norm, make_adamw, param_groups, warmup_cosine
-
-
-def default_eval_tokens(k_max: int) -> list[int]:
-    """1, 2, 4, ..., K (K included even when it is not a power of two)."""
-    ks, k = [], 1
-    while k < k_max:
-        ks.append(k)
-        k *= 2
-    return ks + [k_max]
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [0, 1]. [B, 3, H, W] x2 -> [B]."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(1.0 / mse)
 
 
 class TokenizerModule(ArchitectureGuard, pl.LightningModule):
@@ -118,7 +105,7 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
         if ema_decay is not None:
             self.ema_tokenizer = copy.deepcopy(self.tokenizer).requires_grad_(False).eval()
         k_max = self.tokenizer.max_tokens
-        self.eval_num_tokens = sorted(set(eval_num_tokens or default_eval_tokens(k_max)))
+        self.eval_num_tokens = sorted(set(eval_num_tokens or powers_of_two_upto(k_max)))
         if not all(1 <= k <= k_max for k in self.eval_num_tokens):
             raise ValueError(f"eval_num_tokens must be within 1..{k_max}, got {self.eval_num_tokens}")
         self.codebook_monitor = CodebookMonitor(self.tokenizer.codebook_size, codebook_window)
@@ -373,7 +360,9 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
         for k in self.eval_num_tokens:
             out = model(images, num_tokens=k)
             recon = ((out.recon + 1) / 2).clamp(0, 1)
-            self.log(f"val/psnr@{k}", psnr(recon, images).mean(), batch_size=b, sync_dist=True)
+            # the report's PSNR (uint8, tokenizer/metrics.py), so the training log and the report agree
+            self.log(f"val/psnr@{k}", psnr(to_uint8(recon), to_uint8(images)).mean().float(), batch_size=b,
+                     sync_dist=True)
             if k == model.max_tokens:
                 self.log("val/recon", self.reconstruction_loss(out.recon, images * 2 - 1), batch_size=b,
                          sync_dist=True, prog_bar=True)
@@ -393,59 +382,12 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
 
     # ---- export ---------------------------------------------------------------------------------------------
     def on_train_end(self) -> None:
-        # `trainer.log_dir` is a collective under DDP (broadcast from rank 0): every rank must evaluate it, or
-        # rank 0 waits in the broadcast while the others exit.
-        log_dir = self.trainer.log_dir
-        if self.trainer.is_global_zero:
-            # without a logger there is no run directory (and log_dir is default_root_dir itself): fall back to
-            # <root>/checkpoints/tokenizer, never to <root>/tokenizer, which from the repository root is this
-            # package's own source directory.
-            has_run_dir = self.trainer.loggers and log_dir
-            base = Path(log_dir) if has_run_dir else Path(self.trainer.default_root_dir) / "checkpoints"
-            self.eval_tokenizer.save_pretrained(self.hparams.export_dir or base / "tokenizer", self.provenance())
-
-    def provenance(self) -> dict[str, Any]:
-        """How the exported weights were made, saved beside them (config.json) for `onedtok info`."""
-        import datetime
-
-        hp = {k: v for k, v in self.hparams.items() if k not in ("preset", "overrides")}
-        return {
-            "trained_by": "tokenizer.training.TokenizerModule",
-            "preset": self.hparams.preset,
-            "weights": "EMA" if self.ema_tokenizer is not None else "raw",
-            "optimizer_steps": int(self.global_step),
-            "batches": int(self.generator_steps),
-            "world_size": int(self.trainer.world_size),
-            "precision": str(self.trainer.precision),
-            "objective_and_optimizer": json.loads(json.dumps(hp, default=str)),
-            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        export_tokenizer(self)  # tokenizer/training/export.py: where, and with which provenance
 
 
-def make_grid(rows: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """[R, C, 3, H, W] -> one image [3, R*(H+pad)+pad, C*(W+pad)+pad] with white padding."""
-    r, c, _, h, w = rows.shape
-    grid = torch.ones(3, r * (h + pad) + pad, c * (w + pad) + pad, dtype=rows.dtype, device=rows.device)
-    for i in range(r):
-        for j in range(c):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            grid[:, top : top + h, left : left + w] = rows[i, j]
-    return grid
+__all__ = ["TokenizerModule"]
 
+# Old import paths, kept only until eval/ and the benchmark scripts import the new homes (the next commits).
+from ..checkpoints import tokenizer_from_checkpoint  # noqa: E402, F401
 
-def tokenizer_from_checkpoint(path: str | Path, use_ema: bool = True) -> OneDTokenizer:
-    """Rebuild the tokenizer (EMA weights when present) from a Lightning checkpoint of TokenizerModule."""
-    ckpt = read_checkpoint(path)  # names the file when it is empty, truncated or not a checkpoint
-    hp = ckpt.get("hyper_parameters") or {}
-    if "preset" not in hp:
-        raise CheckpointError(f"{path} is not a TokenizerModule checkpoint (no tokenizer preset in its "
-                              "hyper_parameters)")
-    model = OneDTokenizer.from_preset(hp["preset"], **(hp.get("overrides") or {}))
-    prefix = "ema_tokenizer." if use_ema and any(k.startswith("ema_tokenizer.") for k in ckpt["state_dict"]) \
-        else "tokenizer."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict_strict(state, source=path)
-    return model.eval()
-
-
-__all__ = ["TokenizerModule", "tokenizer_from_checkpoint", "default_eval_tokens", "psnr", "make_grid"]
+default_eval_tokens = powers_of_two_upto
