@@ -1,4 +1,4 @@
-"""A small tokenizer and its training harness, shared by the training-path tests."""
+"""The small tokenizer of the tests and its training harness."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ import torch
 from data.sample import SampleImagesDataModule
 from tokenizer import OneDTokenizer
 
+# The one small tokenizer of the tests: 32 px, 8 tokens, one block each side. Big enough to exercise every code
+# path, small enough for CPU. A test that needs something else says so as a delta: {**SMALL, "codebook_size": 1024}.
 SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
              dec_width=32, dec_depth=1, dec_heads=2, codebook_size=64)
+
+
+def as_flag(overrides: dict) -> str:
+    """The overrides as the YAML mapping that `--model.init_args.overrides` takes on the train.py command line."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in overrides.items()) + "}"
 
 
 def trainer(steps: int, precision: str, callbacks=(), log_every: int = 4) -> pl.Trainer:

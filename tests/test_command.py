@@ -13,23 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _small_training import SMALL
 from PIL import Image
-from tokenizer.images import eval_transform, read_image
 
 from data.sample import load_photo
 from tokenizer import OneDTokenizer
 from tokenizer.command import load_tokens, main
+from tokenizer.images import eval_transform, read_image
 from tokenizer.metrics import to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
-             dec_width=32, dec_depth=1, dec_heads=2, codebook_size=256)
+SMALL_256 = {**SMALL, "codebook_size": 256}
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     torch.manual_seed(0)
-    return OneDTokenizer.from_preset("tiny", **SMALL).save_pretrained(tmp_path_factory.mktemp("tok") / "tokenizer")
+    return OneDTokenizer.from_preset("tiny", **SMALL_256).save_pretrained(tmp_path_factory.mktemp("tok") / "tokenizer")
 
 
 @pytest.fixture

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _small_training import SMALL, as_flag
 
 from tokenizer.atomic import atomic_open, is_partial, remove_stale_partials
 from tokenizer.checkpoints import CheckpointError, checkpoint_files, newest_loadable, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = "{image_size: 32, patch_size: 8, num_latent_tokens: 8, enc_width: 32, enc_depth: 1, enc_heads: 2, " \
-        "dec_width: 32, dec_depth: 1, dec_heads: 2, codebook_size: 64}"
+SMALL_FLAG = as_flag(SMALL)  # --model.init_args.overrides
 
 
-def cli_args(run: Path, steps: int, overrides: str = SMALL, every: int = 2) -> list[str]:
+def cli_args(run: Path, steps: int, overrides: str = SMALL_FLAG, every: int = 2) -> list[str]:
     return [
         "fit", "--config", str(REPO / "configs/tokenizer/tiny.yaml"),
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000000",
@@ -99,7 +99,7 @@ def test_failed_resume_with_another_architecture_keeps_config_yaml(trained_run):
     # K 8 -> 16 changes shapes; heads 2 -> 4 keeps every shape and would silently compute another function
     for change, field in (("num_latent_tokens: 8", "num_latent_tokens: checkpoint 8, config 16"),
                           ("enc_heads: 2", "enc_heads: checkpoint 2, config 4")):
-        other = SMALL.replace(change, change[:-1] + str(int(change[-1]) * 2))
+        other = SMALL_FLAG.replace(change, change[:-1] + str(int(change[-1]) * 2))
         with pytest.raises(CheckpointError, match=field):
             train.main(cli_args(trained_run, 6, overrides=other) + ["--ckpt_path", "last"])
         assert config.read_text() == before, "a failed resume rewrote the run's config.yaml"
@@ -149,7 +149,7 @@ def test_kill_during_checkpoint_write_loses_nothing(tmp_path):
     tmpdir = _other_tree_tmpdir(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir)}
     # A wide codebook makes each checkpoint a few MB, so a write lasts long enough to be caught in flight.
-    fat = SMALL.replace("codebook_size: 64", "codebook_size: 16384")
+    fat = SMALL_FLAG.replace("codebook_size: 64", "codebook_size: 16384")
     args = [sys.executable, "train.py", *cli_args(run, 100000, overrides=fat, every=1)]
     caught = False
 

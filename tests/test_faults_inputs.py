@@ -7,18 +7,19 @@ import json
 
 import pytest
 import torch
+from _small_training import SMALL
 
 from tokenizer import OneDTokenizer
 from tokenizer.checkpoints import CheckpointError, tokenizer_from_checkpoint
 
-SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
-             dec_width=32, dec_depth=1, dec_heads=2, codebook_size=1024)
+# ids up to 200 must be valid: a codebook larger than uint8's range
+SMALL_1K = {**SMALL, "codebook_size": 1024}
 
 
 @pytest.fixture(scope="module")
 def tok():
     torch.manual_seed(0)
-    return OneDTokenizer.from_preset("tiny", **SMALL).eval()
+    return OneDTokenizer.from_preset("tiny", **SMALL_1K).eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
@@ -46,7 +47,7 @@ def test_config_refuses_values_of_the_wrong_type(field, value):
 
 
 def test_config_accepts_ints_for_floats():
-    assert OneDTokenizer.from_preset("tiny", **SMALL, vq_dead_code_threshold=2).config.vq_dead_code_threshold == 2
+    assert OneDTokenizer.from_preset("tiny", **SMALL_1K, vq_dead_code_threshold=2).config.vq_dead_code_threshold == 2
 
 
 def test_from_pretrained_names_what_is_wrong_with_the_directory(tok, tmp_path):
@@ -63,7 +64,7 @@ def test_from_pretrained_names_what_is_wrong_with_the_directory(tok, tmp_path):
         OneDTokenizer.from_pretrained(good)
 
     # the two files of different saves (a kill between the two renames): refused, not loaded under the wrong config
-    other = OneDTokenizer.from_preset("tiny", **{**SMALL, "enc_heads": 4}).save_pretrained(tmp_path / "other")
+    other = OneDTokenizer.from_preset("tiny", **{**SMALL_1K, "enc_heads": 4}).save_pretrained(tmp_path / "other")
     config.write_text((other / "config.json").read_text())
     with pytest.raises(ValueError, match="come from different saves"):
         OneDTokenizer.from_pretrained(good)

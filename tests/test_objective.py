@@ -5,14 +5,12 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from _small_training import SMALL
 
 from data.sample import SampleImagesDataModule
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LeCamEMA, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from tokenizer.training import TokenizerModule
-
-SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
-             dec_width=32, dec_depth=1, dec_heads=2, codebook_size=64)
 
 
 class Recorder(pl.Callback):

@@ -12,13 +12,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _small_training import SMALL, as_flag
 
 from data.sample import SampleImagesDataModule
 from tokenizer.training import TokenizerModule
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = "{image_size: 32, patch_size: 8, num_latent_tokens: 8, enc_width: 32, enc_depth: 1, enc_heads: 2, " \
-        "dec_width: 32, dec_depth: 1, dec_heads: 2, codebook_size: 64}"
+SMALL_FLAG = as_flag(SMALL)  # --model.init_args.overrides
 
 
 class Probe(pl.Callback):
@@ -55,7 +55,7 @@ def test_resume_after_sigkill_restores_step_optimizer_and_ema(tmp_path):
         "--trainer.default_root_dir", str(run),  # without a logger, config.yaml goes here (not into the repo)
         "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"),
         "--trainer.callbacks.init_args.every_n_train_steps", "2",
-        "--model.init_args.overrides", SMALL, "--model.init_args.ema_decay", "0.9",
+        "--model.init_args.overrides", SMALL_FLAG, "--model.init_args.ema_decay", "0.9",
         "--model.init_args.gan_weight", "0.1", "--model.init_args.gan_start", "1",
         "--model.init_args.lecam_weight", "0.01", "--model.init_args.warmup_steps", "2",
         "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
