@@ -20,6 +20,8 @@ center crop; no random augmentation except the optional stored flip):
   key = ``__key__``.
 
 ``--flip`` stores two views per image, [N, 2, K]: the image and its horizontal flip (``data/tokens.py``).
+``--min-psnr X`` / ``--max-lpips Y`` store adaptive lengths: each image's fewest tokens meeting the target
+(``data/adaptive_records.py``; ``--num-tokens`` is then the cap).
 
 ``--precision fp32|bf16`` (default bf16 on CUDA, fp32 on CPU; recorded in meta.json): the encoder runs under
 that autocast (``tokenizer.precision``); the quantizer's nearest-code search stays fp32 inside. bf16 moves
@@ -55,6 +57,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.adaptive_records import add_adaptive_args, encode_adaptive_batch, length_target  # noqa: E402
 from data.skips import SkipCounter, Skipped, merge_reports  # noqa: E402
 from data.tokens import (  # noqa: E402
     TokenShardWriter,
@@ -283,15 +286,9 @@ class Source:
     def batches(self) -> Iterator[tuple]:
         a = self.args
         if a.source == "webdataset":
-            return webdataset_batches(
-                self.shards,
-                self.state.process_index,
-                self.state.num_processes,
-                self.done,
-                self.image_size,
-                a.batch_size,
-                self.skips,
-            )
+            st = self.state
+            return webdataset_batches(self.shards, st.process_index, st.num_processes, self.done, self.image_size,
+                                      a.batch_size, self.skips)  # fmt: skip
         return batches_from_dataset(self.dataset, a.batch_size, a.num_workers, self.skips)
 
     def describe(self) -> str:
@@ -354,6 +351,7 @@ def extract(args: argparse.Namespace) -> dict | None:
     if not 1 <= k <= tokenizer.max_tokens:
         raise SystemExit(f"--num-tokens must be in 1..{tokenizer.max_tokens}, got {k}")
     precision = resolve_precision(args.precision, device)
+    target = length_target(args)  # None: fixed-length records
 
     # every process validates a pre-existing meta.json (same K / codebook / views / flip) and reads the keys
     # already written; nothing is written before the barrier, so all processes see the same finished set.
@@ -368,6 +366,8 @@ def extract(args: argparse.Namespace) -> dict | None:
         tokenizer_dir=os.path.abspath(args.tokenizer),
         image_size=tokenizer.image_size,
         write_meta=False,
+        variable_length=target is not None,
+        length_target=target,
     )
     done = finished_keys(args.out)
     source = Source(args, tokenizer.image_size, state, done)
@@ -378,17 +378,10 @@ def extract(args: argparse.Namespace) -> dict | None:
         if os.path.exists(os.path.join(args.out, "meta.json")):
             meta["resumed_from_records"] = len(done)
         write_meta_json(args.out, meta)
-        log.warning(
-            "extracting %s -> %s: K=%d, codebook %d, flip=%s, %d process(es), %d record(s) already done%s",
-            args.source,
-            args.out,
-            k,
-            tokenizer.codebook_size,
-            args.flip,
-            n,
-            len(done),
-            f", {source.total_todo} to do" if source.total_todo is not None else "",
-        )
+        todo = f", {source.total_todo} to do" if source.total_todo is not None else ""
+        log.warning("extracting %s -> %s: K=%d, codebook %d, flip=%s, lengths %s, %d process(es), %d record(s) "
+                    "already done%s", args.source, args.out, k, tokenizer.codebook_size, args.flip, target or "fixed",
+                    n, len(done), todo)  # fmt: skip
     state.wait_for_everyone()
 
     t0, count = time.time(), 0
@@ -400,8 +393,12 @@ def extract(args: argparse.Namespace) -> dict | None:
         dynamic_ncols=True,
     )
     for images, labels, keys in source.batches():
-        ids = encode_batch(tokenizer, images.to(device, non_blocking=True), k, args.flip, precision)
-        count += writer.write(ids, labels, keys)
+        images = images.to(device, non_blocking=True)
+        if target is None:
+            ids, lengths = encode_batch(tokenizer, images, k, args.flip, precision), None
+        else:
+            ids, lengths = encode_adaptive_batch(tokenizer, images, k, args.flip, target, precision)
+        count += writer.write(ids, labels, keys, lengths)
         bar.update(len(keys))
     bar.close()
     writer.close()  # the last partial shard (meta is the main process's job)
@@ -445,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-crops", type=int, default=3000, help="sample source: number of random crops")
     p.add_argument("--seed", type=int, default=0, help="sample source: crop seed (part of every key)")
-    p.add_argument("--num-tokens", type=int, help="tokens per image k (default: the tokenizer's K)")
+    p.add_argument("--num-tokens", type=int, help="tokens per image k (default: the tokenizer's K; adaptive: the cap)")
+    add_adaptive_args(p)
     p.add_argument("--flip", action="store_true", help="store [N, 2, k]: the image and its horizontal flip")
     p.add_argument("--batch-size", type=int, default=64, help="images per encode call (per process)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (sample/folder sources)")

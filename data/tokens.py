@@ -1,129 +1,43 @@
 """Token shards: the tokenizer ids of a data set, written once and read by the generator's DataModule.
 
-Format (one directory, version 1)
----------------------------------
-    <root>/meta.json             what produced the shards and how many records there are (see below)
-    <root>/tokens-000000.npz     uncompressed numpy archives, written atomically (tokenizer.atomic)
-    <root>/tokens-000001.npz     ...
-
-Every shard holds three arrays with the same first dimension N (records in that shard):
-    ids     int16 when codebook_size <= 32767, else int32;  [N, K] or [N, A, K] (A views per image, e.g. A=2
-            for the original and its horizontal flip; `num_views` in meta.json)
-    labels  int64 [N]  class index (-1 when the data set has none)
-    keys    unicode [N] the source image keys; each key appears exactly once over all shards
-
-meta.json:
-    {"format": "onedtok-token-shards", "version": 1, "num_tokens": K, "codebook_size": V, "dtype": "int16",
-     "num_views": A, "flip": true|false, "num_classes": C|null, "tokenizer_dir": "...", "image_size": 256,
-     "num_records": N_total, "num_shards": S, "complete": true|false, ...extra fields given to the writer}
-    data.extract_tokens adds "skipped": {"count": images it could not read, "paths": the first 100
-    [{"path", "reason"}]}.
-
-Reading checks every shard: a damaged file (truncated, overwritten) is a TokenShardError naming it and what to
-do, and ids outside [0, codebook_size) of meta.json are rejected at load, naming the file and the range.
+The files (meta.json + .npz shards, fixed or variable length) are described in `data/token_format.py`.
 Keys are file names and may hold non-UTF-8 bytes (as lone surrogates); they are hashed through `key_bytes`.
 
 `complete` is false while an extraction runs (or after a crash); `TokenShardWriter` on the same root resumes:
 finished shards are kept and their keys are skipped, a leftover temp file is removed.
 Multi-process extraction: give each process its own `prefix` (e.g. "tokens-r03") and, when all are done,
 run `finalize_meta(root)` once; readers glob every `*.npz`.
+
+Variable-length records (`TokenShardWriter(..., variable_length=True, length_target={...})`, `write(ids,
+labels, keys, lengths)`): the ids are stored padded to K with the lengths beside them; `TokenDataset` then
+yields (ids, label, length) and the generator learns an end-of-image token (tokenizer/generator/end_token.py).
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import pickle
 import re
 import warnings
-import zipfile
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from data.token_format import (
+    FORMAT,
+    VERSION,
+    TokenShardError,
+    finalize_meta,
+    ids_dtype,
+    length_stats,
+    load_shard,
+    read_meta,
+    shard_paths,
+    write_meta_json,
+)
 from tokenizer import atomic
-
-FORMAT = "onedtok-token-shards"
-VERSION = 1
-
-
-def ids_dtype(codebook_size: int) -> np.dtype:
-    """The smallest signed integer type the ids are stored in."""
-    return np.dtype(np.int16) if codebook_size <= 32767 else np.dtype(np.int32)
-
-
-def shard_paths(root: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(root, "*.npz")))
-
-
-def read_meta(root: str) -> dict[str, Any]:
-    path = os.path.join(root, "meta.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no token-shard meta.json in {root!r}; write shards with TokenShardWriter")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} meta file")
-    return meta
-
-
-def write_meta_json(root: str, meta: dict) -> None:
-    """meta.json, atomically (temp file in `root`, then rename: tokenizer.atomic)."""
-    atomic.write_json(os.path.join(root, "meta.json"), meta, indent=2, sort_keys=True)
-
-
-class TokenShardError(ValueError):
-    """A token shard that cannot be used; the message names the file and what to do."""
-
-
-# what numpy/zipfile raise for a damaged .npz: truncated (BadZipFile, EOFError), flipped bytes (CRC: BadZipFile,
-# zlib.error), not an archive at all (ValueError / UnpicklingError: numpy takes unknown bytes for a pickle)
-_LOAD_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError)
-_REDO = ("delete that file and re-run the same `python -m data.extract_tokens ... --out` command: it keeps the "
-         "other shards and re-extracts only the missing records")
-
-
-def load_shard(path: str, codebook_size: int | None = None) -> dict[str, np.ndarray]:
-    """One shard's arrays {"ids", "labels", "keys"}. A damaged file raises a TokenShardError naming it (never
-    numpy's bare BadZipFile/EOFError, nor its advice to load with allow_pickle, which would run code from the
-    file). With `codebook_size`, ids outside [0, codebook_size) are an error naming the file and the range."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {"ids": z["ids"], "labels": z["labels"], "keys": z["keys"]}
-    except _LOAD_ERRORS as exc:
-        if isinstance(exc, (ValueError, pickle.UnpicklingError)) and "pickle" in str(exc):
-            why = "not a numpy .npz archive (unknown bytes)"  # numpy's own text recommends allow_pickle: unsafe
-        else:
-            why = f"{type(exc).__name__}: {exc}"
-        raise TokenShardError(f"token shard {path} is damaged or not a token shard ({why}); {_REDO}") from None
-    ids = out["ids"]
-    if codebook_size is not None and ids.size:
-        lo, hi = int(ids.min()), int(ids.max())  # python ints: no wrap-around in the ids' own dtype
-        if lo < 0 or hi >= int(codebook_size):
-            raise TokenShardError(
-                f"token shard {path} holds ids in [{lo}, {hi}], outside the codebook [0, {codebook_size}) of "
-                f"meta.json: the shard was written by another tokenizer or is damaged; {_REDO}"
-            )
-    return out
-
-
-def finalize_meta(root: str, **updates) -> dict[str, Any]:
-    """Count the records of every shard, check keys are unique, and mark meta.json complete."""
-    meta = read_meta(root)
-    seen: set[str] = set()
-    for path in shard_paths(root):
-        keys = load_shard(path)["keys"].tolist()
-        dup = seen.intersection(keys)
-        if dup or len(set(keys)) != len(keys):
-            raise ValueError(f"duplicate keys in {path}: {sorted(dup)[:5] or 'within the shard'}")
-        seen.update(keys)
-    meta.update(num_records=len(seen), num_shards=len(shard_paths(root)), complete=True, **updates)
-    write_meta_json(root, meta)
-    return meta
 
 
 class TokenShardWriter:
@@ -136,6 +50,8 @@ class TokenShardWriter:
 
     `write` also drops records whose key is in a finished shard (resume) and raises on a key repeated within
     this run. Records still buffered when the process dies are lost and re-extracted on resume.
+    `variable_length=True`: every `write` also takes lengths [N] (or [N, A]) in 1..K and the ids past them are
+    stored as 0; `length_target` (what chose the lengths, e.g. {"min_psnr": 20.0}) goes into meta.json.
     """
 
     def __init__(
@@ -151,6 +67,8 @@ class TokenShardWriter:
         tokenizer_dir: str | None = None,
         image_size: int | None = None,
         write_meta: bool = True,
+        variable_length: bool = False,
+        length_target: dict | None = None,
         **extra_meta,
     ):
         if shard_size < 1:
@@ -158,7 +76,9 @@ class TokenShardWriter:
         self.root, self.prefix, self.shard_size = root, prefix, shard_size
         self.num_tokens, self.codebook_size, self.num_views = num_tokens, codebook_size, num_views
         self.dtype = ids_dtype(codebook_size)
-        self.write_meta = write_meta
+        self.write_meta, self.variable_length = write_meta, bool(variable_length)
+        if length_target is not None and not variable_length:
+            raise ValueError(f"length_target {length_target} given for fixed-length shards: set variable_length")
         os.makedirs(root, exist_ok=True)
         # this prefix's shard that was being written when the last run died (tokenizer.atomic's temp name, or
         # ".<prefix>-NNNNNN.npz.tmp" from writers before it)
@@ -182,14 +102,16 @@ class TokenShardWriter:
             complete=False,
             **extra_meta,
         )
+        if variable_length:
+            self.meta.update(variable_length=True, length_target=length_target)
         meta_path = os.path.join(root, "meta.json")
         if os.path.exists(meta_path):
             old = read_meta(root)
-            for field in ("num_tokens", "codebook_size", "num_views", "flip"):
-                if old.get(field) != self.meta[field]:
+            for field in ("num_tokens", "codebook_size", "num_views", "flip", "variable_length", "length_target"):
+                if old.get(field) != self.meta.get(field):
                     raise ValueError(
                         f"{root} holds shards with {field}={old.get(field)!r}, this writer has "
-                        f"{self.meta[field]!r}; use a new directory"
+                        f"{self.meta.get(field)!r}; use a new directory"
                     )
         if write_meta:
             write_meta_json(root, self.meta)
@@ -206,15 +128,28 @@ class TokenShardWriter:
         self.num_skipped = 0
         self._new_keys: set[str] = set()
         self._buf: dict[str, list[np.ndarray]] = {"ids": [], "labels": [], "keys": []}
+        if self.variable_length:
+            self._buf["lengths"] = []
         self._buffered = 0
 
     def is_done(self, key: str) -> bool:
         return key in self.done_keys or key in self._new_keys
 
-    def write(self, ids, labels, keys) -> int:
-        """ids [N, K] or [N, A, K] (tensor or array), labels [N], N string keys. Returns records accepted."""
+    def write(self, ids, labels, keys, lengths=None) -> int:
+        """ids [N, K] or [N, A, K] (tensor or array), labels [N], N string keys, lengths [N] or [N, A] (only and
+        always for variable-length shards). Returns records accepted."""
         ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
         labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        if (lengths is None) == self.variable_length:
+            raise ValueError("variable-length shards need lengths with every write, fixed-length shards take none; "
+                             f"this writer has variable_length={self.variable_length}")  # fmt: skip
+        if lengths is not None:
+            lengths = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths)
+            K = ids.shape[-1]
+            if lengths.shape != ids.shape[:-1] or (lengths.size and not 1 <= lengths.min() <= lengths.max() <= K):
+                got = f"{lengths.shape}" + (f" in [{lengths.min()}, {lengths.max()}]" if lengths.size else "")
+                raise ValueError(f"lengths must have shape {ids.shape[:-1]} with values in 1..{K}, got {got}")
+            ids = np.where(np.arange(ids.shape[-1]) < lengths[..., None], ids, 0)  # padding is 0 whatever came in
         keys = [str(k) for k in keys]
         want = (self.num_tokens,) if self.num_views == 1 else (self.num_views, self.num_tokens)
         if ids.shape[1:] != want or len(labels) != len(ids) or len(keys) != len(ids):
@@ -237,6 +172,8 @@ class TokenShardWriter:
             self._buf["ids"].append(ids[keep].astype(self.dtype))
             self._buf["labels"].append(labels[keep].astype(np.int64))
             self._buf["keys"].append(np.array([keys[i] for i in keep], dtype=str))
+            if lengths is not None:
+                self._buf["lengths"].append(lengths[keep].astype(np.int16 if ids.shape[-1] <= 32767 else np.int32))
             self._buffered += len(keep)
         while self._buffered >= self.shard_size:
             self._flush(self.shard_size)
@@ -268,8 +205,23 @@ class TokenShardWriter:
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
+class TokenRecords(NamedTuple):
+    ids: np.ndarray  # [N, (A,) K] in the stored dtype; padded with 0 past each length
+    labels: np.ndarray  # int64 [N]
+    keys: np.ndarray  # [N]
+    lengths: np.ndarray | None  # [N, (A,)] tokens per record (variable-length shards), None when all have K
+    meta: dict
+
+
 def load_token_shards(root: str, check_keys: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """All shards of root in memory: ids [N, (A,) K] (stored dtype), labels int64 [N], keys [N], meta."""
+    """All shards of root in memory: ids [N, (A,) K] (stored dtype), labels int64 [N], keys [N], meta (the
+    lengths of variable-length shards: `load_token_records`)."""
+    ids, labels, keys, _, meta = load_token_records(root, check_keys)
+    return ids, labels, keys, meta
+
+
+def load_token_records(root: str, check_keys: bool = True) -> TokenRecords:
+    """All shards of root in memory, with the per-record lengths of variable-length shards."""
     meta = read_meta(root)
     paths = shard_paths(root)
     if not paths:
@@ -282,13 +234,19 @@ def load_token_shards(root: str, check_keys: bool = True) -> tuple[np.ndarray, n
     ids = np.concatenate([s["ids"] for s in shards])
     labels = np.concatenate([s["labels"] for s in shards]).astype(np.int64)
     keys = np.concatenate([s["keys"] for s in shards])
+    lengths = None
+    if meta.get("variable_length"):
+        if missing := [p for p, s in zip(paths, shards) if "lengths" not in s]:
+            raise TokenShardError(f"{root}/meta.json says variable_length but {missing[0]} has no lengths: it was "
+                                  "written by another (fixed-length) extraction; move it out of this directory")
+        lengths = np.concatenate([s["lengths"] for s in shards]).astype(np.int64)
     if check_keys and len(np.unique(keys)) != len(keys):
         raise ValueError(f"{root}: some image keys appear in more than one record")
     if ids.shape[-1] != meta["num_tokens"]:
         raise ValueError(
             f"{root}: shards hold {ids.shape[-1]} tokens per record, meta.json says {meta['num_tokens']}"
         )
-    return ids, labels, keys, meta
+    return TokenRecords(ids, labels, keys, lengths, meta)
 
 
 def key_bytes(key: str) -> bytes:
@@ -310,33 +268,37 @@ def split_by_key(keys: np.ndarray, val_fraction: float, seed: int = 0) -> np.nda
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """(ids int64 [k], label int64) per record; k = num_tokens prefix. With A views per record, training
-    picks one at random, evaluation always view 0 (the unflipped image)."""
+    """(ids int64 [k], label int64) per record, + length int64 (min(L, k)) when `lengths` are given (variable-
+    length shards); k = num_tokens prefix. With A views per record, training picks one at random, evaluation
+    always view 0 (the unflipped image)."""
 
-    def __init__(
-        self, ids: np.ndarray, labels: np.ndarray, num_tokens: int | None = None, random_view: bool = True
-    ):
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, num_tokens: int | None = None, random_view: bool = True,
+                 lengths: np.ndarray | None = None):  # fmt: skip
         K = ids.shape[-1]
         k = K if num_tokens is None else num_tokens
         if not 1 <= k <= K:
             raise ValueError(f"num_tokens must be in 1..{K}, got {k}")
-        self.ids, self.labels, self.k, self.random_view = ids, labels, k, random_view
+        if lengths is not None and lengths.shape != ids.shape[:-1]:
+            raise ValueError(f"lengths {lengths.shape} do not match ids {ids.shape} (one per record and view)")
+        self.ids, self.labels, self.k, self.random_view, self.lengths = ids, labels, k, random_view, lengths
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         row = self.ids[i]  # [K] or [A, K]
-        if row.ndim == 2:
-            v = int(torch.randint(row.shape[0], ())) if self.random_view else 0
-            row = row[v]
-        return torch.from_numpy(row[: self.k].astype(np.int64)), torch.tensor(
-            self.labels[i], dtype=torch.long
-        )
+        v = int(torch.randint(row.shape[0], ())) if row.ndim == 2 and self.random_view else 0
+        row = row[v] if row.ndim == 2 else row
+        out = (torch.from_numpy(row[: self.k].astype(np.int64)), torch.tensor(self.labels[i], dtype=torch.long))
+        if self.lengths is None:
+            return out
+        length = self.lengths[i][v] if self.lengths.ndim == 2 else self.lengths[i]
+        return (*out, torch.tensor(min(int(length), self.k), dtype=torch.long))  # L >= k: no end in the window
 
 
 class TokenDataModule(pl.LightningDataModule):
-    """Batches (ids int64 [B, k], labels int64 [B]) from token shards (see the module docstring).
+    """Batches (ids int64 [B, k], labels int64 [B]) from token shards (see the module docstring), plus lengths
+    int64 [B] from variable-length shards (`variable_length`; the GPT then needs `end_token: true`).
 
     Validation: `val_root` (another shard directory), else a `val_fraction` of the records chosen by a hash of
     their keys, else none. `num_tokens` trains on a prefix k <= K of every sequence.
@@ -372,27 +334,32 @@ class TokenDataModule(pl.LightningDataModule):
         return self._meta
 
     @property
+    def variable_length(self) -> bool:
+        return bool(self.meta.get("variable_length"))
+
+    @property
     def seq_len(self) -> int:
         return self.meta["num_tokens"] if self.num_tokens is None else self.num_tokens
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        ids, labels, keys, self._meta = load_token_shards(self.root)
+        ids, labels, keys, lengths, self._meta = load_token_records(self.root)
         if self.val_root is not None:
-            vids, vlabels, _, vmeta = load_token_shards(self.val_root)
-            for field in ("num_tokens", "codebook_size"):
-                if vmeta[field] != self.meta[field]:
-                    raise ValueError(
-                        f"val shards have {field}={vmeta[field]}, train shards {self.meta[field]}"
-                    )
-            self.val_set = TokenDataset(vids, vlabels, self.num_tokens, random_view=False)
+            val = load_token_records(self.val_root)
+            for field in ("num_tokens", "codebook_size", "variable_length"):
+                if val.meta.get(field) != self.meta.get(field):
+                    raise ValueError(f"val shards have {field}={val.meta.get(field)}, train shards "
+                                     f"{self.meta.get(field)}: extract both the same way")  # fmt: skip
+            self.val_set = TokenDataset(val.ids, val.labels, self.num_tokens, False, val.lengths)
         else:
             is_val = split_by_key(keys, self.val_fraction, self.split_seed)
             if is_val.any():
-                self.val_set = TokenDataset(ids[is_val], labels[is_val], self.num_tokens, random_view=False)
+                val_lengths = None if lengths is None else lengths[is_val]
+                self.val_set = TokenDataset(ids[is_val], labels[is_val], self.num_tokens, False, val_lengths)
             ids, labels = ids[~is_val], labels[~is_val]
-        self.train_set = TokenDataset(ids, labels, self.num_tokens, random_view=True)
+            lengths = None if lengths is None else lengths[~is_val]
+        self.train_set = TokenDataset(ids, labels, self.num_tokens, True, lengths)
 
     def _loader(self, ds: TokenDataset, train: bool) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
@@ -410,3 +377,9 @@ class TokenDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         return [] if self.val_set is None else self._loader(self.val_set, train=False)
+
+
+# the file-format names are part of this module's interface (tests and tools import them from here)
+__all__ = ["FORMAT", "VERSION", "TokenShardError", "finalize_meta", "ids_dtype", "length_stats", "load_shard",
+           "read_meta", "shard_paths", "write_meta_json", "TokenShardWriter", "TokenRecords", "load_token_shards",
+           "load_token_records", "key_bytes", "split_by_key", "TokenDataset", "TokenDataModule"]

@@ -30,6 +30,10 @@ when the reference has images (``--no-precision-recall`` skips them). Features a
 in fp32; sampling is distributed (see
 ``eval.sample_generator``; ``--precision fp32|bf16`` is its autocast for the GPT and the decoder, default bf16
 on CUDA). Results: ``gfid.json`` and ``gfid.md`` in ``--out`` and a table on stdout.
+
+``--num-tokens 8 16 natural``: the row "natural" scores samples that stopped at the generator's own end token
+(a GPT trained with ``end_token: true``), beside fixed k; every row also gives the generated lengths (mean,
+median, histogram: ``eval/generated_lengths.py``), the natural row's mean in its label.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.token_format import length_stats  # noqa: E402
 from eval.fidelity import inception_score, precision_recall  # noqa: E402
+from eval.generated_lengths import NATURAL, k_order, npz_lengths, parse_num_tokens  # noqa: E402
 from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
 from tokenizer.inception import feature_statistics, frechet_distance  # noqa: E402
 from tokenizer.metrics import to_uint8  # noqa: E402
@@ -226,11 +232,13 @@ def reference(args: argparse.Namespace, extractor: FeatureExtractor, image_size:
     return Reference(mu, sigma, desc, features if need_features else None)
 
 
-def gfid(samples: dict[int, str | Path], ref: Reference, extractor: FeatureExtractor) -> dict[int, dict]:
+def gfid(samples: dict[int | str, str | Path], ref: Reference, extractor: FeatureExtractor) -> dict[int | str, dict]:
     """{k: {"fid", "inception_score" (None without logits), "precision", "recall" (None without reference
-    features), "num_samples", "samples"}} for ADM-format sample npz files."""
+    features), "num_samples", "samples", "lengths" (stats of the stored lengths, None when the file has none)}}
+    for ADM-format sample npz files; k is a token count or "natural"."""
     rows = {}
-    for k, path in sorted(samples.items()):
+    for k, path in sorted(samples.items(), key=lambda kv: k_order(kv[0])):
+        lengths = npz_lengths(path)
         f = features_of(npz_images(path), extractor)
         mu, sigma = feature_statistics(f["pool"])
         p_r = (None, None)  # precision/recall need reference features and more than k = 3 points on each side
@@ -243,12 +251,15 @@ def gfid(samples: dict[int, str | Path], ref: Reference, extractor: FeatureExtra
             "recall": p_r[1],
             "num_samples": len(f["pool"]),
             "samples": str(path),
+            "lengths": None if lengths is None else length_stats(lengths),
         }
     return rows
 
 
-def _k_of(path: str) -> int:
-    """k from a samples_k<k>.npz name (0 when the name does not say)."""
+def _k_of(path: str) -> int | str:
+    """k from a samples_k<k>.npz name, "natural" from samples_natural.npz (0 when the name does not say)."""
+    if NATURAL in os.path.basename(path):
+        return NATURAL
     m = re.search(r"k(\d+)", os.path.basename(path))
     return int(m.group(1)) if m else 0
 
@@ -258,12 +269,19 @@ def fmt_metric(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(rows: dict[int, dict], reference: str) -> str:
+def k_label(k: int | str, row: dict) -> str:
+    """A table's k cell: the count, or "natural (mean L)" for samples that stopped at their end token."""
+    lengths = row.get("lengths")
+    return f"{NATURAL} (mean {lengths['mean']:.1f})" if k == NATURAL and lengths else str(k)
+
+
+def markdown(rows: dict[int | str, dict], reference: str) -> str:
     lines = [f"gFID against {reference}", "", "| k tokens | samples | gFID | IS | precision | recall |",
              "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for k, r in sorted(rows.items()):
-        lines.append(f"| {k} | {r['num_samples']} | {r['fid']:.2f} | {fmt_metric(r.get('inception_score'), 1)} | "
-                     f"{fmt_metric(r.get('precision'), 3)} | {fmt_metric(r.get('recall'), 3)} |")  # fmt: skip
+    for k, r in sorted(rows.items(), key=lambda kv: k_order(kv[0])):
+        lines.append(f"| {k_label(k, r)} | {r['num_samples']} | {r['fid']:.2f} | "
+                     f"{fmt_metric(r.get('inception_score'), 1)} | {fmt_metric(r.get('precision'), 3)} | "
+                     f"{fmt_metric(r.get('recall'), 3)} |")  # fmt: skip
     if any(r.get("inception_score") is None for r in rows.values()):
         lines += ["", f"IS: -, {NO_LOGITS}."]
     return "\n".join(lines)
@@ -277,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--num-samples", type=int, default=5000, help="samples per k when generating")
-    p.add_argument("--num-tokens", type=int, nargs="+", help="token counts k when generating (default 1..K)")
+    p.add_argument("--num-tokens", type=parse_num_tokens, nargs="+",
+                   help="token counts k and/or 'natural' when generating (default 1, 2, 4, .., K (+ natural))")
     p.add_argument("--batch-size", type=int, default=64, help="sampling batch per process")
     p.add_argument("--ref-batch", help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz (mu/sigma + arr_0)")
     p.add_argument("--ref-stats", help="reference mu/sigma .npz")

@@ -12,7 +12,8 @@ kept, not resampled (an interrupted sweep resumes). The main process then comput
 per (cfg, k), gFID, Inception Score (when the Inception has logits) and precision/recall (`eval.gfid`).
 
 Writes OUT/sweep.json (every row and the protocol), OUT/sweep.md (one table, rows cfg x k) and OUT/gfid_vs_k.png
-(gFID against k, log2 axis, one line per cfg scale).
+(gFID against k, log2 axis, one line per cfg scale). With `--num-tokens ... natural` (a GPT with an end token) the
+"natural" row scores samples that stopped at their own end token; the plot marks it with a star at its mean length.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval import gfid  # noqa: E402
+from eval.generated_lengths import NATURAL, k_name, k_order  # noqa: E402
 from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
 
@@ -47,21 +49,21 @@ def sample_all(args, scales: list[float]) -> tuple[dict[float, dict[int, Path]],
     out, sets = Path(args.out), {}
     for scale in scales:
         folder = out / f"cfg{scale:g}"
-        todo = [k for k in ks if not complete(folder / f"samples_k{k:03d}.npz", args.num_samples)]
+        todo = [k for k in ks if not complete(folder / f"samples_{k_name(k)}.npz", args.num_samples)]
         sampling = {**sampling_kwargs(args), "cfg_scale": scale}
         if todo:
             sample_eval_sets(gpt, tok, todo, args.num_samples, folder, state, args.batch_size, args.seed, ("npz",),
                              not args.no_progress, precision, **sampling)  # fmt: skip
-        sets[scale] = {k: folder / f"samples_k{k:03d}.npz" for k in ks}
+        sets[scale] = {k: folder / f"samples_{k_name(k)}.npz" for k in ks}
     return sets, tok.image_size, state
 
 
-def markdown(rows: dict[float, dict[int, dict]], reference: str) -> str:
+def markdown(rows: dict[float, dict[int | str, dict]], reference: str) -> str:
     lines = [f"gFID against {reference}", "", "| cfg | k tokens | samples | gFID | IS | precision | recall |",
              "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for scale, by_k in sorted(rows.items()):
-        for k, r in sorted(by_k.items()):
-            lines.append(f"| {scale:g} | {k} | {r['num_samples']} | {r['fid']:.2f} | "
+        for k, r in sorted(by_k.items(), key=lambda kv: k_order(kv[0])):
+            lines.append(f"| {scale:g} | {gfid.k_label(k, r)} | {r['num_samples']} | {r['fid']:.2f} | "
                          f"{gfid.fmt_metric(r['inception_score'], 1)} | {gfid.fmt_metric(r['precision'], 3)} | "
                          f"{gfid.fmt_metric(r['recall'], 3)} |")  # fmt: skip
     if any(r["inception_score"] is None for by_k in rows.values() for r in by_k.values()):
@@ -77,8 +79,12 @@ def plot(rows: dict[float, dict[int, dict]], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for scale, by_k in sorted(rows.items()):
-        ks = sorted(by_k)
-        ax.plot(ks, [by_k[k]["fid"] for k in ks], marker="o", label=f"cfg {scale:g}")
+        ks = sorted(k for k in by_k if k != NATURAL)
+        (line,) = ax.plot(ks, [by_k[k]["fid"] for k in ks], marker="o", label=f"cfg {scale:g}")
+        natural = by_k.get(NATURAL)
+        if natural and natural.get("lengths"):  # samples that stopped by themselves, at their mean length
+            ax.plot([natural["lengths"]["mean"]], [natural["fid"]], marker="*", markersize=12, linestyle="none",
+                    color=line.get_color(), label=f"cfg {scale:g}, natural length")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens k")
     ax.set_ylabel("gFID (lower is better)")

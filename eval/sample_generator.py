@@ -27,6 +27,11 @@ Precision (`--precision fp32|bf16`, default bf16 on CUDA, fp32 on CPU): the GPT'
 tokenizer's decoder run under that autocast (`tokenizer.precision`); the sampler itself, the quantizer's code
 lookup and the conversion to uint8 (clamp to [0, 1], round) are fp32. bf16 changes the sampled ids (a logit
 difference of a few 1e-3 flips a draw now and then), so compare sample sets at equal precision.
+Natural lengths (`--num-tokens ... natural`, the default beside 1, 2, 4, .., K for a GPT with an end token): each
+sample stops where the GPT draws its end-of-image token and is decoded at that length
+(`tok.decode(ids, lengths=...)`); a fixed k never stops early. Every sample npz holds `lengths` [N], and
+`lengths.md` / sampling.json's "lengths" give their mean, median and histogram per k
+(eval/generated_lengths.py). The grid shows the fixed k only.
 `--compile-step` runs tokens 1.. through the compiled static decode step (tokenizer/generator/decode_step.py):
 the same computation, so the same ids up to kernel-level rounding; worth it on a GPU, where each token of an
 eager step is a few hundred small kernel launches.
@@ -47,7 +52,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenizer.atomic import atomic_open, write_json
+from eval.generated_lengths import NATURAL, k_name, k_order, length_report, lengths_markdown, parse_num_tokens  # noqa: E402
+from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
 from tokenizer.generator import GPT, generate, preset_config  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
@@ -91,14 +97,16 @@ def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def decode(tok, ids: torch.Tensor, precision: str | None = None) -> torch.Tensor:
-    """ids [B, k] -> float32 images [B, 3, H, W] in [0, 1]; the decoder runs under `precision` autocast."""
+def decode(tok, ids: torch.Tensor, precision: str | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """ids [B, k] -> float32 images [B, 3, H, W] in [0, 1]; the decoder runs under `precision` autocast; with
+    lengths [B], image b from its first lengths[b] tokens."""
     with autocast(precision, ids.device):
-        images = tok.decode(ids)
+        images = tok.decode(ids) if lengths is None else tok.decode(ids, lengths=lengths)
     return images.float().clamp(0, 1)
 
 
-def _seed(*parts) -> int:
+def sample_seed(*parts) -> int:
+    """The seed of one sampling batch: a hash of its parts ("eval", seed, k, chunk), whatever the process count."""
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
@@ -143,9 +151,9 @@ def sample_grid(
         row_labels = [c for c in classes for _ in range(rows_per_class)]
         labels = torch.tensor(row_labels, dtype=torch.long)  # on the CPU: generate checks, then moves them
         batch = len(row_labels)
-    gen = torch.Generator(device=device).manual_seed(_seed("grid", seed))
+    gen = torch.Generator(device=device).manual_seed(sample_seed("grid", seed))
     ids = generate(gpt, labels, num_tokens=k_max, generator=gen, batch_size=batch, precision=precision,
-                   **sampling)  # [R, k_max]  # fmt: skip
+                   stop_at_end=False, **sampling)  # [R, k_max]  # fmt: skip
     cols = [decode(tok, ids[:, :k], precision).cpu() for k in sorted(ks)]  # each [R, 3, H, W]
     return torch.stack(cols, dim=1), row_labels
 
@@ -202,22 +210,25 @@ def sample_eval_sets(
     parts_dir = out / ".parts"
     result: dict[int, Path] = {}
     for k in ks:
-        png_dir = out / f"k{k:03d}"
+        png_dir = out / k_name(k)
         if "png" in formats:
             png_dir.mkdir(parents=True, exist_ok=True)
         if "npz" in formats:
             parts_dir.mkdir(parents=True, exist_ok=True)
-        arrays, all_idx, all_labels = [], [], []
+        arrays, all_idx, all_labels, all_lengths = [], [], [], []
         bar = tqdm(my_chunks, desc=f"k={k} (process {rank}/{world})", disable=not (show_progress and
                    state.is_local_main_process), dynamic_ncols=True)  # fmt: skip
         for c in bar:
             idx = np.arange(c * batch_size, min((c + 1) * batch_size, num_samples))
             labels = sample_labels(gpt, idx)
-            gen = torch.Generator(device=device).manual_seed(_seed("eval", seed, k, c))
+            gen = torch.Generator(device=device).manual_seed(sample_seed("eval", seed, k, c))
             # labels stay on the CPU: generate range-checks them there (no host sync), then moves them
-            ids = generate(gpt, labels, num_tokens=k, generator=gen, batch_size=len(idx), precision=precision,
-                           **sampling)  # fmt: skip
-            images = to_uint8_hwc(decode(tok, ids, precision))  # [b, H, W, 3]
+            natural = k == NATURAL  # up to K tokens, each sample stops at its end token
+            out_ids = generate(gpt, labels, num_tokens=None if natural else k, generator=gen, batch_size=len(idx),
+                               precision=precision, stop_at_end=natural, **sampling)  # fmt: skip
+            ids, lengths = out_ids if natural else (out_ids, torch.full((len(idx),), k))
+            images = to_uint8_hwc(decode(tok, ids, precision, lengths if natural else None))  # [b, H, W, 3]
+            all_lengths.append(lengths.cpu().numpy())
             if "png" in formats:
                 from PIL import Image
 
@@ -228,19 +239,20 @@ def sample_eval_sets(
             all_labels.append(np.full(len(idx), -1) if labels is None else labels.numpy())
         if "npz" in formats:
             size = tok.image_size
-            part = parts_dir / f"k{k:03d}-r{rank:05d}.npz"
+            part = parts_dir / f"{k_name(k)}-r{rank:05d}.npz"
             with atomic_open(part) as f:
                 np.savez(
                     f,
                     arr=np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8),
                     idx=np.concatenate(all_idx) if all_idx else np.zeros(0, np.int64),
                     labels=np.concatenate(all_labels) if all_labels else np.zeros(0, np.int64),
+                    lengths=np.concatenate(all_lengths) if all_lengths else np.zeros(0, np.int64),
                 )
         state.wait_for_everyone()
         if state.is_main_process:
             if "npz" in formats:
-                result[k] = merge_parts(sorted(glob.glob(str(parts_dir / f"k{k:03d}-r*.npz"))),
-                                        out / f"samples_k{k:03d}.npz", num_samples)  # fmt: skip
+                result[k] = merge_parts(sorted(glob.glob(str(parts_dir / f"{k_name(k)}-r*.npz"))),
+                                        out / f"samples_{k_name(k)}.npz", num_samples)  # fmt: skip
             else:
                 result[k] = png_dir
         state.wait_for_everyone()
@@ -258,8 +270,9 @@ def merge_parts(parts: list[str], path: Path, num_samples: int) -> Path:
         raise RuntimeError(f"parts {parts} hold {len(idx)} samples, not exactly indices 0..{num_samples - 1}")
     arr = np.concatenate([z["arr"] for z in loaded])[order]
     labels = np.concatenate([z["labels"] for z in loaded])[order].astype(np.int64)
+    lengths = np.concatenate([z["lengths"] for z in loaded])[order].astype(np.int64)
     with atomic_open(path) as f:
-        np.savez(f, arr_0=arr, arr_1=labels)  # the ADM evaluator reads arr_0 (uint8 [N, H, W, 3])
+        np.savez(f, arr_0=arr, arr_1=labels, lengths=lengths)  # the ADM evaluator reads arr_0 (uint8 [N, H, W, 3])
     for p in parts:
         os.remove(p)
     return path
@@ -310,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--num-tokens", type=int, nargs="+", help="token counts k (default 1, 2, 4, ..., K)")
+    p.add_argument("--num-tokens", type=parse_num_tokens, nargs="+",
+                   help="token counts k and/or 'natural' (default 1, 2, 4, ..., K, + natural with an end token)")
     add_sampling_args(p)
     p.add_argument("--no-grid", action="store_true", help="skip grid.png")
     p.add_argument("--grid-classes", type=int, nargs="+", help="grid rows: these classes")
@@ -336,9 +350,14 @@ def setup(args: argparse.Namespace):
     tok = load_tokenizer(tok_dir)
     check_pair(gpt, tok)
     gpt, tok = gpt.to(state.device), tok.to(state.device)
-    ks = sorted(set(args.num_tokens or default_eval_tokens(gpt.cfg.block_size)))
-    if ks[0] < 1 or ks[-1] > gpt.cfg.block_size:
-        raise SystemExit(f"--num-tokens must be in 1..{gpt.cfg.block_size}, got {ks}")
+    default = [*default_eval_tokens(gpt.cfg.block_size), *([NATURAL] if gpt.cfg.end_token else [])]
+    ks = sorted(set(args.num_tokens or default), key=k_order)
+    fixed = [k for k in ks if k != NATURAL]
+    if fixed and fixed[-1] > gpt.cfg.block_size:
+        raise SystemExit(f"--num-tokens must be in 1..{gpt.cfg.block_size} or '{NATURAL}', got {ks}")
+    if NATURAL in ks and not gpt.cfg.end_token:
+        raise SystemExit(f"--num-tokens {NATURAL} needs a GPT trained with an end token (overrides.end_token: true "
+                         "on variable-length token shards); this one always samples a fixed k")  # fmt: skip
     return state, gpt, tok, ks
 
 
@@ -349,13 +368,14 @@ def main(argv: list[str] | None = None) -> dict:
     sampling = sampling_kwargs(args)
     precision = resolve_precision(args.precision, state.device)
     written: dict = {"num_tokens": ks, **sampling, "seed": args.seed, "precision": precision}
-    if not args.no_grid and state.is_main_process:
+    grid_ks = [k for k in ks if k != NATURAL]  # a grid column is a prefix of one sample: fixed k only
+    if not args.no_grid and state.is_main_process and grid_ks:
         classes = grid_classes(gpt, args.grid_classes)
-        rows, row_labels = sample_grid(gpt, tok, ks, classes, args.grid_rows_per_class, args.grid_rows,
+        rows, row_labels = sample_grid(gpt, tok, grid_ks, classes, args.grid_rows_per_class, args.grid_rows,
                                        args.seed, state.device, precision, **sampling)  # fmt: skip
         written["grid"] = str(save_grid_png(rows, out / "grid.png"))
         written["grid_rows"] = row_labels
-        print(f"grid ({len(row_labels)} rows = classes {row_labels}, columns = k {ks}) -> {written['grid']}")
+        print(f"grid ({len(row_labels)} rows = classes {row_labels}, columns = k {grid_ks}) -> {written['grid']}")
     if args.num_samples > 0:
         formats = ("npz", "png") if args.format == "both" else (args.format,)
         sets = sample_eval_sets(gpt, tok, ks, args.num_samples, out, state, args.batch_size, args.seed,
@@ -365,6 +385,10 @@ def main(argv: list[str] | None = None) -> dict:
         if state.is_main_process:
             for k, p in sets.items():
                 print(f"k={k}: {args.num_samples} samples -> {p}")
+            if report := length_report(sets):
+                written["lengths"] = report
+                write_text(out / "lengths.md", lengths_markdown(report) + "\n")
+                print(lengths_markdown(report))
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "sampling.json", written)

@@ -190,3 +190,48 @@ def test_bf16_extraction_ids_mostly_equal_fp32(tmp_path):
     assert ids["bf16"].shape == (24, 2, 32)
     agree = (ids["bf16"] == ids["default"]).mean()
     assert 0.75 <= agree < 1.0, agree  # observed 0.85; exactly 1.0 would mean autocast was not applied
+
+
+def test_adaptive_extraction_lengths_equal_encode_adaptive(tmp_path):
+    """--min-psnr: every record (and its flip) holds tok.encode_adaptive's ids and length, meta.json says the
+    target and the length statistics, a resume with another target is refused, and the DataModule yields the
+    lengths. The tokenizer is briefly trained on the photographs, so the chosen lengths differ per crop."""
+    from _tokenizer_helpers import briefly_trained_tokenizer
+
+    from data.tokens import TokenDataModule, load_token_records
+    from tokenizer.metrics import psnr, to_uint8
+
+    tok = briefly_trained_tokenizer()
+    tok_dir = tok.save_pretrained(tmp_path / "tok")
+    n = 12
+    crops = SampleCrops(tok.image_size, n, seed=0)
+    x = torch.stack([crops[i][0] for i in range(n)])  # [12, 3, 64, 64], what `--source sample` encodes
+    by_k = torch.stack([psnr(to_uint8(tok.reconstruct(x, k)), to_uint8(x)) for k in (2, 8)])  # [2, 12]
+    target = round(float(by_k.mean()), 2)  # between the qualities of 2 and 8 tokens: lengths in between
+    out = tmp_path / "adaptive"
+    common = ["--tokenizer", str(tok_dir), "--out", str(out), "--source", "sample", "--num-crops", str(n),
+              "--batch-size", "5", "--flip", "--no-progress", "--cpu"]  # fmt: skip
+    meta = main([*common, "--min-psnr", str(target)])
+
+    ids, labels, keys, lengths, _ = load_token_records(str(out))
+    order = np.argsort(keys)
+    ids, lengths = torch.from_numpy(ids[order].astype(np.int64)), torch.from_numpy(lengths[order])  # key order
+    assert [crops[i][2] for i in range(n)] == sorted(crops[i][2] for i in range(n))  # keys sort as indices
+    for view, images in enumerate((x, x.flip(-1))):
+        want_ids, want_lengths = tok.encode_adaptive(images, min_psnr=target)
+        assert torch.equal(lengths[:, view], want_lengths), (view, lengths[:, view], want_lengths)
+        assert torch.equal(ids[:, view], want_ids)
+    assert len(set(lengths.flatten().tolist())) >= 3, lengths  # the test means something: lengths vary
+    assert meta["variable_length"] and meta["length_target"] == {"min_psnr": target}
+    stats = meta["lengths"]
+    assert stats["mean"] == pytest.approx(float(lengths.float().mean()))
+    assert sum(stats["histogram"].values()) == 2 * n and stats["max"] == int(lengths.max())
+
+    with pytest.raises(ValueError, match="length_target"):  # resuming with another target would mix lengths
+        main([*common, "--min-psnr", str(target + 1)])
+    with pytest.raises(SystemExit, match="min_psnr"):
+        main([*common[:3], str(tmp_path / "bad"), *common[4:], "--min-psnr", "-3"])
+    dm = TokenDataModule(str(out), batch_size=4)
+    dm.setup("fit")
+    batch_ids, _, batch_lengths = next(iter(dm.train_dataloader()))
+    assert batch_ids.shape == (4, tok.max_tokens) and batch_lengths.min() >= 1

@@ -54,10 +54,10 @@ def test_grid_prefixes_equal_sampling_k_tokens(models):
     tok, gpt, _, _ = models
     rows, row_labels = sample_grid(gpt, tok, [2, 8], [1, 2], seed=5, temperature=1.0)
     assert rows.shape == (2, 2, 3, 64, 64) and row_labels == [1, 2]
-    from eval.sample_generator import _seed
+    from eval.sample_generator import sample_seed
 
     labels = torch.tensor([1, 2])
-    short = generate(gpt, labels, num_tokens=2, generator=torch.Generator().manual_seed(_seed("grid", 5)))
+    short = generate(gpt, labels, num_tokens=2, generator=torch.Generator().manual_seed(sample_seed("grid", 5)))
     torch.testing.assert_close(rows[:, 0], tok.decode(short))
 
 

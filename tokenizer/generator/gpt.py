@@ -6,7 +6,16 @@ The sequence the transformer sees for K image tokens is
     input:     [class]      id_0     id_1     ...   id_{K-2}
     predicts:  id_0         id_1     id_2     ...   id_{K-1}
 
-so the output at position 0 (the class token) predicts the first image token. Classifier-free guidance uses an
+so the output at position 0 (the class token) predicts the first image token.
+
+End-of-image token (`end_token=True`, for variable-length records, e.g. adaptive extraction): the vocabulary
+gains one id, `end_id` = vocab_size, in the embedding and the head. A record of length L (ids[:, L:] padding)
+has targets id_0 .. id_{L-1}, END, and the positions after END are ignored in the loss; the inputs after
+position L are END (whatever the padding held). A record of length L = T (the full sequence) has no END target:
+sampling stops at K anyway, so no position K + 1 is needed and block_size stays K. Sampling
+(`sampling.generate`) then stops each sample where it draws END.
+
+Classifier-free guidance uses an
 extra "null" class (index `num_classes`): during training a label is replaced by it with probability
 `class_dropout_prob`; an unconditional model always uses it.
 
@@ -33,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..persistence import WEIGHTS_NAME, load_model_state, load_state_strict, read_model_config, save_model_dir
+from .end_token import check_lengths, end_token_sequences
 from .layers import Block, RMSNorm, rope_cache
-from .loss import linear_cross_entropy
+from .loss import IGNORE_INDEX, linear_cross_entropy
 
 FORMAT = "onedtok-gpt/1"
 
@@ -59,6 +69,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0  # residual/attention dropout (LlamaGen uses 0.1 resid dropout only for XL+)
     init_std: float = 0.02
+    end_token: bool = False  # one more id, end_id = vocab_size: "this image is done" (variable-length records)
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -78,6 +89,18 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
+
+    @property
+    def end_id(self) -> int:
+        """The end-of-image id (only with end_token): the first id after the codebook."""
+        if not self.end_token:
+            raise ValueError("this GPT has no end-of-image token (GPTConfig.end_token is False)")
+        return self.vocab_size
+
+    @property
+    def num_ids(self) -> int:
+        """Rows of the token embedding and the output head: the codebook, plus END with end_token."""
+        return self.vocab_size + int(self.end_token)
 
     @property
     def null_class(self) -> int:
@@ -141,10 +164,10 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # last entry: null class
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_emb = nn.Embedding(cfg.num_ids, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.dim, cfg.num_ids, bias=False)
         # RoPE tables are not buffers so that model.to(bfloat16) cannot round them; built per device/dtype.
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
@@ -282,12 +305,15 @@ class GPT(nn.Module):
         return_logits: bool = True,
         check_values: bool = True,
         max_loss_logits: int | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> GPTOutput:
         """Teacher-forced logits for image ids [B, T] (T <= block_size); logits[:, t] predicts ids[:, t].
 
         return_logits=False: no logits (None); the loss is the chunked `linear_cross_entropy` (at most
         `max_loss_logits` fp32 logit values alive at once). check_values=False: no CPU range check of ids and
-        labels (it reads their values; training checks the data once, at setup)."""
+        labels (it reads their values; training checks the data once, at setup). lengths [B] (end_token models
+        only): record b is ids[b, :lengths[b]], then END (end_token.py); the loss is the mean over the
+        positions up to and including END."""
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}")
         B, T = ids.shape
@@ -295,13 +321,21 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} must be in 1..block_size={self.cfg.block_size}")
         if check_values and _check_values(ids):
             self.check_ids(ids)
-        ids = ids.long()
+        ids = targets = ids.long()
+        if lengths is not None:
+            if not self.cfg.end_token:
+                raise ValueError("lengths (variable-length records) need a GPT with end_token=True: without an end "
+                                 "token it would learn the padding; set GPTConfig.end_token")  # fmt: skip
+            if check_values and _check_values(lengths):
+                check_lengths(lengths, B)
+            ids, targets = end_token_sequences(ids, lengths, self.cfg.end_id)  # [B, T] each
         cond = self.condition_labels(labels, B, ids.device, drop=drop_labels, check=check_values)  # [B]
         h = self.hidden(self.embed(cond, ids[:, :-1]))  # [B, T, C]
         logits = self.head(h).float() if return_logits else None  # [B, T, V]
         loss = None
         if compute_loss and logits is not None:
-            loss = F.cross_entropy(logits.reshape(B * T, -1), ids.reshape(B * T))
+            loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=IGNORE_INDEX)
         elif compute_loss:
-            loss = linear_cross_entropy(h.reshape(B * T, -1), self.head.weight, ids.reshape(B * T), max_loss_logits)
+            flat = targets.reshape(B * T)
+            loss = linear_cross_entropy(h.reshape(B * T, -1), self.head.weight, flat, max_loss_logits, IGNORE_INDEX)
         return GPTOutput(logits, loss)

@@ -14,6 +14,10 @@ optimizers under mixed precision); metrics are logged, and so read, only on Ligh
 `log_every_n_steps`); ids and labels are range-checked once, at setup, not per batch. `compile=True` compiles
 each transformer block in place (parameter names and checkpoints unchanged). Multi-GPU: plain DDP
 (`trainer.strategy: ddp`), every parameter takes part in every loss.
+
+Variable-length token shards (adaptive extraction, `data/adaptive_records.py`) give batches (ids, labels,
+lengths); the GPT must then have `overrides.end_token: true` (it learns the end-of-image token, end_token.py)
+and the validation samples stop where they draw it.
 """
 
 from __future__ import annotations
@@ -102,6 +106,11 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
                 f"training sequences have {k} tokens > model block_size {cfg.block_size}; set "
                 "overrides.block_size or data.num_tokens"
             )
+        if getattr(dm, "variable_length", False) and not cfg.end_token:
+            raise ValueError(
+                f"token shards at {getattr(dm, 'root', '?')} have variable lengths ({meta.get('length_target')}) "
+                "but the GPT has no end token: set model.init_args.overrides.end_token: true"
+            )
         nc = meta.get("num_classes")
         if nc and not cfg.is_unconditional and nc > cfg.num_classes:
             raise ValueError(f"token shards have {nc} classes > model num_classes {cfg.num_classes}")
@@ -150,35 +159,43 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        ids, labels = batch  # [B, k] int64, [B] int64
-        loss = self.loss(ids, labels)
+        ids, labels, *lengths = batch  # [B, k] int64, [B] int64, variable-length shards: lengths [B] int64
+        loss = self.loss(ids, labels, lengths=lengths[0] if lengths else None)
         if self.is_logging_step():
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
-    def loss(self, ids: torch.Tensor, labels: torch.Tensor, drop_labels: bool | None = None) -> torch.Tensor:
-        """Mean next-token cross-entropy, chunked, without a host read (values were checked at setup)."""
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, drop_labels: bool | None = None,
+             lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Mean next-token cross-entropy, chunked, without a host read (values were checked at setup); with
+        lengths, up to and including each record's end token."""
         out = self.gpt(ids, labels, drop_labels=drop_labels, return_logits=False, check_values=False,
-                       max_loss_logits=self.hparams.max_loss_logits)  # fmt: skip
+                       max_loss_logits=self.hparams.max_loss_logits, lengths=lengths)  # fmt: skip
         return out.loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        ids, labels = batch
-        loss = self.loss(ids, labels, drop_labels=False)
+        ids, labels, *lengths = batch
+        loss = self.loss(ids, labels, drop_labels=False, lengths=lengths[0] if lengths else None)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(ids))
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or self.hparams.num_val_samples <= 0:
             return
-        ids = self.sample(self.hparams.num_val_samples)  # same samples on every rank (seeded)
-        unique = torch.tensor([len(torch.unique(row)) / row.numel() for row in ids]).mean()
+        out = self.sample(self.hparams.num_val_samples)  # same samples on every rank (seeded)
+        ids, lengths = out if self.gpt.cfg.end_token else (out, None)  # an end-token model stops by itself
+        n_tok = [ids.shape[1]] * len(ids) if lengths is None else lengths.tolist()
+        unique = torch.tensor([len(torch.unique(row[:n])) / n for row, n in zip(ids, n_tok)]).mean()
         self.log("val/sample_unique_frac", unique, on_epoch=True)
+        if lengths is not None:
+            self.log("val/sample_mean_length", lengths.float().mean(), on_epoch=True)
         tok = self._load_tokenizer()
         if tok is None or not self.trainer.is_global_zero:
             return
         with torch.no_grad():
-            images = tok.decode(ids.to(self.device)).float().clamp(0, 1).cpu()  # [n, 3, H, W]
+            ids = ids.to(self.device)
+            images = tok.decode(ids) if lengths is None else tok.decode(ids, lengths=lengths.to(self.device))
+            images = images.float().clamp(0, 1).cpu()  # [n, 3, H, W]
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_images("val/samples", images, self.global_step)
@@ -191,8 +208,9 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
         return (torch.arange(n) * max(1, nc // n)) % nc  # classes spread over the label range
 
     @torch.no_grad()
-    def sample(self, n: int, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """ids [n, k] with the module's sampling settings (kwargs override them, see `generate`)."""
+    def sample(self, n: int, labels: torch.Tensor | None = None, **kwargs):
+        """ids [n, k] with the module's sampling settings (kwargs override them, see `generate`); an end-token
+        model returns `Sampled(ids, lengths)` (stopping at END) unless kwargs say stop_at_end=False."""
         hp = self.hparams
         labels = self.sample_labels(n) if labels is None else labels
         gen = torch.Generator(device=self.device).manual_seed(hp.sample_seed)

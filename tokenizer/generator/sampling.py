@@ -14,11 +14,16 @@ from softmax(logits / temperature) exactly, with top-k/top-p as -inf masks built
 Everything that reads values on the host (label checks) happens once, before the loop.
 `precision` ("fp32" | "bf16", default bf16 on CUDA, fp32 on CPU) is an autocast region around the model
 calls (`tokenizer.precision`); the KV cache (kv_cache.py) is kept in the compute dtype and the sampler works in
-fp32. `compile_step=True` runs every token after the first through the torch.compile'd static decode step
+fp32. An end-token model (`GPTConfig.end_token`) stops each sample where it draws END and returns
+`Sampled(ids, lengths)` (ids padded with 0 past each length; decode with `tok.decode(ids, lengths=lengths)`);
+`stop_at_end=False` forbids END instead and samples exactly k tokens. `compile_step=True` runs every token
+after the first through the torch.compile'd static decode step
 (decode_step.py; CUDA graphs on CUDA by default, `compile_options` overrides torch.compile's arguments).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -96,6 +101,13 @@ def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -
 
 
 # ---- generation -------------------------------------------------------------------------------------------
+class Sampled(NamedTuple):
+    """What `generate` returns when samples stop at the end token."""
+
+    ids: torch.Tensor  # [B, k] int64; ids[b, lengths[b]:] are padding (0)
+    lengths: torch.Tensor  # [B] int64 in 1..k: tokens before END (k when END was never drawn)
+
+
 @torch.no_grad()
 def next_token_logits(
     model: GPT, labels: torch.Tensor, ids: torch.Tensor, cfg_scale: float = 1.0, cache: KVCache | None = None
@@ -139,8 +151,18 @@ def generate(
     precision: str | None = None,
     compile_step: bool = False,
     compile_options: dict | None = None,
-) -> torch.Tensor:
+    stop_at_end: bool | None = None,
+    end_check_every: int = 8,
+) -> torch.Tensor | Sampled:
     """Sample ids [B, k] (int64), k = num_tokens (default: block_size K).
+
+    End token (models with `end_token=True`): `stop_at_end` (None: True for such models) stops each sample
+    where it draws END and returns `Sampled(ids [B, k] padded with 0, lengths [B])`; END is never drawn first
+    (every image has >= 1 token), a finished row is fed END (what training showed it) and CFG's null-class
+    half shares the rows' stopping (it is fed the same ids). The loop ends when every sample has ended or k
+    tokens are drawn: whether all ended is read on the host every `end_check_every` tokens, so such a call
+    makes about k / end_check_every host syncs (none per token otherwise). stop_at_end=False: END is masked
+    out and exactly k tokens are drawn (a plain tensor is returned, as for models without the end token).
 
     class_labels [B] int64, or None for unconditional sampling (null class; then `batch_size` gives B and
     cfg_scale is ignored). Labels may live on the CPU: they are range-checked there, then moved to the model's
@@ -155,6 +177,11 @@ def generate(
         raise ValueError(f"num_tokens must be in 1..{cfg.block_size}, got {k}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    stop = cfg.end_token if stop_at_end is None else bool(stop_at_end)
+    if stop and not cfg.end_token:
+        raise ValueError("stop_at_end=True needs a GPT trained with an end token (GPTConfig.end_token)")
+    if end_check_every < 1:
+        raise ValueError(f"end_check_every must be >= 1, got {end_check_every}")
     if compile_step and not use_kv_cache:
         raise ValueError("compile_step=True needs use_kv_cache=True (the compiled step is the cached decode step)")
     param = next(model.parameters())
@@ -185,8 +212,10 @@ def generate(
                 cache = reusable_cache(model, rows, k, cache_dtype, mark_static=graphs)
             else:
                 cache = KVCache(model, rows, max_len=k, dtype=cache_dtype) if use_kv_cache else None
-            ids = torch.empty(B, k, dtype=torch.long, device=device)  # [B, k], filled left to right
+            ids = torch.zeros(B, k, dtype=torch.long, device=device)  # [B, k], filled left to right
             positions = torch.arange(k, device=device)  # [k]: the static step's position tensors, made once
+            lengths = torch.full((B,), k, dtype=torch.long, device=device)  # [B]: k until END is drawn
+            ended = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
             # the loop only launches device work: no .item(), no tensors from Python data, no data-dependent
             # shapes (tests/test_sampling.py counts such ops and checks the count does not grow with k)
             for t in range(k):
@@ -196,11 +225,24 @@ def generate(
                     logits = step(model, ids[:, t - 1 : t], positions[t : t + 1], cache, cfg_scale)  # [B, V]
                 else:
                     logits = next_token_logits(model, labels, ids[:, :t], cfg_scale, cache)  # [B, V] fp32
-                ids[:, t] = sample_from_logits(logits, temperature, top_k, top_p, greedy, generator)  # [B]
+                if cfg.end_token and (not stop or t == 0):
+                    logits = logits[:, : cfg.vocab_size]  # END not allowed: fixed k, or the first token
+                new = sample_from_logits(logits, temperature, top_k, top_p, greedy, generator)  # [B]
+                if stop:
+                    is_end = new == cfg.end_id  # [B]
+                    lengths = torch.where(is_end & ~ended, positions[t], lengths)  # tokens before the first END
+                    ended |= is_end
+                    new = new.masked_fill(ended, cfg.end_id)  # a finished row is fed END, as in training
+                ids[:, t] = new
+                # one host read every end_check_every tokens (see the docstring), none on the last token
+                if stop and (t + 1) % end_check_every == 0 and t + 1 < k and bool(ended.all()):
+                    break
     finally:
         model.train(was_training)
-    return ids
+    if not stop:
+        return ids
+    return Sampled(ids.masked_fill(positions >= lengths[:, None], 0), lengths)  # padding: 0, a valid code
 
 
-__all__ = ["KVCache", "LayerKVCache", "cfg_mix", "top_k_filter", "top_p_filter", "sample_from_logits",
+__all__ = ["KVCache", "LayerKVCache", "Sampled", "cfg_mix", "top_k_filter", "top_p_filter", "sample_from_logits",
            "gumbel_noise", "next_token_logits", "generate"]
