@@ -161,7 +161,7 @@ def sample_grid(
 def save_grid_png(rows: torch.Tensor, path: str | Path, scale: int = 2) -> Path:
     from PIL import Image
 
-    from tokenizer.training.module import make_grid
+    from tokenizer.images import make_grid
 
     grid = make_grid(rows)  # [3, H', W']
     array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup(args: argparse.Namespace):
     """(state, gpt, tokenizer, ks) on this process's device."""
-    from tokenizer.training.module import default_eval_tokens
+    from tokenizer.length import powers_of_two_upto
 
     state = _SingleState("cpu") if args.cpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 else None
     state = state or distributed_state(cpu=args.cpu)
@@ -350,7 +350,7 @@ def setup(args: argparse.Namespace):
     tok = load_tokenizer(tok_dir)
     check_pair(gpt, tok)
     gpt, tok = gpt.to(state.device), tok.to(state.device)
-    default = [*default_eval_tokens(gpt.cfg.block_size), *([NATURAL] if gpt.cfg.end_token else [])]
+    default = [*powers_of_two_upto(gpt.cfg.block_size), *([NATURAL] if gpt.cfg.end_token else [])]
     ks = sorted(set(args.num_tokens or default), key=k_order)
     fixed = [k for k in ks if k != NATURAL]
     if fixed and fixed[-1] > gpt.cfg.block_size:
