@@ -21,13 +21,13 @@ The loaders yield uint8 images from persistent workers; ``on_after_batch_transfe
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 
-from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs, log_skipped
+from data.datamodule import ImageDataModule
+from data.loading import PREFETCH_FACTOR
 from data.skips import SkipCounter, Skipped
 from data.transforms import train_transform
 from tokenizer.images import IMAGE_EXTENSIONS, eval_transform, read_image, walk_image_files
@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 # How many files check_readable tries before it calls a tree unreadable (a healthy tree stops at the first).
 PROBE_LIMIT = 1000
 
-try:  # keep this module importable (scan_image_folder is used by the converter) without Lightning
-    from lightning.pytorch import LightningDataModule
-except ImportError:  # pragma: no cover
-    LightningDataModule = object  # type: ignore[misc,assignment]
 
 
 def scan_image_folder(
@@ -130,7 +126,7 @@ class SkipCorruptCollate:
         return images, labels
 
 
-class FolderDataModule(LightningDataModule):
+class FolderDataModule(ImageDataModule):
     """ImageFolder-style train/val directories -> ``(images, labels)`` batches (uint8 out of the loaders, float32
     in [0, 1] after ``on_after_batch_transfer``).
 
@@ -156,23 +152,10 @@ class FolderDataModule(LightningDataModule):
         pin_memory: bool = True,
         prefetch_factor: int = PREFETCH_FACTOR,
     ):
-        super().__init__()
-        self.train_dir = train_dir
-        self.val_dir = val_dir
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.drop_last = drop_last
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self._skipped = None  # multiprocessing.Value, created lazily (keeps the module picklable/copyable)
+        super().__init__(image_size, batch_size, num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+        self.train_dir, self.val_dir, self.drop_last = train_dir, val_dir, drop_last
         self.train_set: ImageFolderDataset | None = None
         self.val_set: ImageFolderDataset | None = None
-
-    @property
-    def num_skipped(self) -> int:
-        """Number of unreadable images skipped so far (all splits, all workers)."""
-        return 0 if self._skipped is None else int(self._skipped.value)
 
     @property
     def classes(self) -> list[str]:
@@ -181,14 +164,14 @@ class FolderDataModule(LightningDataModule):
         return self.train_set.classes
 
     def setup(self, stage: str | None = None) -> None:
-        if self._skipped is None:
-            self._skipped = mp.Value("l", 0)
         if self.train_set is None:
-            train_set = ImageFolderDataset(self.train_dir, train_transform(self.image_size, uint8=True), self._skipped)
+            train_set = ImageFolderDataset(self.train_dir, train_transform(self.image_size, uint8=True),
+                                           self.skip_counter())
             train_set.check_readable()  # before the first step: a tree of corrupt files is an error, not NaN
             self.train_set = train_set
         if self.val_dir is not None and self.val_set is None:
-            self.val_set = ImageFolderDataset(self.val_dir, eval_transform(self.image_size, uint8=True), self._skipped)
+            self.val_set = ImageFolderDataset(self.val_dir, eval_transform(self.image_size, uint8=True),
+                                              self.skip_counter())
             self.val_set.check_readable()
             if self.val_set.classes != self.train_set.classes:
                 log.warning("val classes differ from train classes; labels follow each tree's sorted folders")
@@ -200,12 +183,7 @@ class FolderDataModule(LightningDataModule):
             shuffle=shuffle,
             collate_fn=SkipCorruptCollate(self.image_size),
             drop_last=drop_last,
-            **loader_kwargs(
-                self.num_workers,
-                pin_memory=self.pin_memory,
-                prefetch_factor=self.prefetch_factor,
-                trainer=getattr(self, "trainer", None),  # None without Lightning
-            ),
+            **self.loader_kwargs(),
         )
 
     def train_dataloader(self):
@@ -217,11 +195,3 @@ class FolderDataModule(LightningDataModule):
         if self.val_set is None:
             return []
         return self._loader(self.val_set, shuffle=False, drop_last=False)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        log_skipped(self)  # the running skip count reaches the trainer's loggers (data/skipped_images)
-        return float_image_batch(batch)  # uint8 -> float32 [0, 1], on the device the batch was moved to
-
-    def teardown(self, stage: str | None = None) -> None:
-        if self.num_skipped:
-            log.warning("FolderDataModule: %d unreadable images were skipped", self.num_skipped)

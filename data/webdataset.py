@@ -68,12 +68,11 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import multiprocessing as mp
 
 import torch
-from lightning.pytorch import LightningDataModule
 
-from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs, log_skipped
+from data.datamodule import ImageDataModule
+from data.loading import PREFETCH_FACTOR
 from data.shard_stream import (  # noqa: F401 (ShardStream: public, importable from here as before)
     EpochLoader,
     EvenLoader,
@@ -98,7 +97,7 @@ SHARD_MODES = ("auto", "split", "resampled")
 
 
 # -------------------------------------------------------------------------------------- data module
-class WebDatasetDataModule(LightningDataModule):
+class WebDatasetDataModule(ImageDataModule):
     """Webdataset tar shards -> ``(images, labels)`` (see the module docstring for the DDP design).
 
     Args:
@@ -139,38 +138,22 @@ class WebDatasetDataModule(LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
     ):
-        super().__init__()
+        super().__init__(image_size, batch_size, num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         if shard_mode not in SHARD_MODES:
             raise ValueError(f"shard_mode must be one of {SHARD_MODES}, got {shard_mode!r}")
         self.train_shards = train_shards
         self.val_shards = val_shards
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.epoch_length = epoch_length
         self.shard_mode = shard_mode
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.return_keys = return_keys
         self.val_pad = val_pad
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.prefetch_factor = prefetch_factor
         self.rank = rank
         self.world_size = world_size
-        self._skipped = None  # multiprocessing.Value, created lazily (keeps the module picklable)
 
     # helpers --------------------------------------------------------------------------------------
-    @property
-    def num_skipped(self) -> int:
-        """Samples skipped so far (corrupt images / unreadable tar data), all workers of this process."""
-        return 0 if self._skipped is None else int(self._skipped.value)
-
-    def _counter(self):
-        if self._skipped is None:
-            self._skipped = mp.Value("l", 0)
-        return self._skipped
-
     def dist_info(self) -> tuple[int, int]:
         """(rank, world_size): forced values, else the attached Trainer, else torch.distributed, else 0/1."""
         rank, world = self.rank, self.world_size
@@ -205,15 +188,6 @@ class WebDatasetDataModule(LightningDataModule):
         log.warning("%s; falling back to shard_mode='resampled'", msg)
         return "resampled"
 
-    def _loader_kwargs(self) -> dict:
-        return loader_kwargs(
-            self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            prefetch_factor=self.prefetch_factor,
-            trainer=self.trainer,
-        )
-
     # loaders --------------------------------------------------------------------------------------
     def train_dataloader(self) -> EpochLoader:
         rank, world = self.dist_info()
@@ -237,7 +211,7 @@ class WebDatasetDataModule(LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             return_keys=self.return_keys,
-            skipped_counter=self._counter(),
+            skipped_counter=self.skip_counter(),
         )
         log.info(
             "train: rank %d/%d, %d shards, mode=%s, %d batches/epoch",
@@ -247,7 +221,7 @@ class WebDatasetDataModule(LightningDataModule):
             mode,
             num_batches,
         )
-        return EpochLoader(dataset, num_batches, epoch_fn=self._epoch, **self._loader_kwargs())
+        return EpochLoader(dataset, num_batches, epoch_fn=self._epoch, **self.loader_kwargs())
 
     def val_dataloader(self):
         if not self.val_shards:
@@ -268,17 +242,7 @@ class WebDatasetDataModule(LightningDataModule):
             seed=self.seed,
             return_keys=self.return_keys,
             offsets=offsets,
-            skipped_counter=self._counter(),
+            skipped_counter=self.skip_counter(),
         )
         num_samples = math.ceil(total / world) if self.val_pad else mine
-        return EvenLoader(dataset, num_samples, self.batch_size, **self._loader_kwargs())
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        log_skipped(self)  # the running skip count reaches the trainer's loggers (data/skipped_images)
-        return float_image_batch(batch)  # uint8 -> float32 [0, 1], on the device the batch was moved to
-
-    def teardown(self, stage: str | None = None) -> None:
-        if self.num_skipped:
-            log.warning(
-                "WebDatasetDataModule: %d samples were skipped (corrupt or unreadable)", self.num_skipped
-            )
+        return EvenLoader(dataset, num_samples, self.batch_size, **self.loader_kwargs())

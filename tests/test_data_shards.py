@@ -11,8 +11,9 @@ import torch
 from _data_helpers import make_awkward_tree
 
 from data.convert_shards import convert
+from data.shard_stream import ShardStream
+from data.tar_shards import expand_shards
 from data.transforms import to_float_images, train_transform
-from data.webdataset import ShardStream, expand_shards
 from tokenizer.images import decode_image, eval_transform
 from tokenizer.metrics import to_uint8
 

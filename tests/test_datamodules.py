@@ -13,7 +13,8 @@ from _data_helpers import make_awkward_tree, make_plain_tree
 
 from data.convert_shards import convert
 from data.folder import FolderDataModule
-from data.webdataset import WebDatasetDataModule, expand_shards
+from data.tar_shards import expand_shards
+from data.webdataset import WebDatasetDataModule
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +237,8 @@ def test_folder_workers_send_uint8_equal_to_float_pipeline(tmp_path):
 
 
 def test_webdataset_workers_send_uint8_equal_to_float_pipeline(uneven_shards):
+    from data.shard_stream import EpochLoader, ShardStream
     from data.transforms import train_transform
-    from data.webdataset import EpochLoader, ShardStream, expand_shards
 
     dm = _dm(uneven_shards, 1, 2, num_workers=2)
     torch.manual_seed(3)

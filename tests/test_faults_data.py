@@ -95,13 +95,13 @@ def truncated_shards(tmp_path):
 
 
 def test_truncated_shard_without_meta_is_skipped_and_named(truncated_shards, caplog):
-    from data.webdataset import expand_shards, shard_sample_counts
+    from data.tar_shards import expand_shards, shard_sample_counts
 
     pattern, damaged = truncated_shards
     urls = expand_shards(pattern)
     with caplog.at_level("WARNING"):
         counts = shard_sample_counts(urls)  # the old reader: tarfile.ReadError, naming no shard
-    from data.webdataset import iter_shard
+    from data.tar_shards import iter_shard
 
     assert counts == [6, 3]  # the damaged shard: its 3 complete samples before the cut
     assert any(damaged in r.getMessage() for r in caplog.records)
