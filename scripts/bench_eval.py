@@ -4,7 +4,7 @@
     PYTHONPATH=. python scripts/bench_eval.py --preset B --num-tokens 32 256 --batch-size 64 --device cuda \
         --precision bf16
 
-Times the per-batch work of ``eval.reconstruction.evaluate`` with its own functions (best of ``--repeats``
+Times the per-batch work of ``eval.recon_eval.evaluate`` with its own functions (best of ``--repeats``
 after a warm-up, the device synchronised around every call):
 
 - ``encode``: the K tokens of a batch (``--precision`` autocast);
@@ -37,10 +37,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval.metrics import LPIPSReference  # noqa: E402
-from eval.reconstruction import image_metrics, reconstruct  # noqa: E402
+from eval.recon_eval import image_metrics, reconstruct  # noqa: E402
 from tokenizer import OneDTokenizer, weights  # noqa: E402
+from tokenizer.length import powers_of_two_upto as default_eval_tokens  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
-from tokenizer.training.module import default_eval_tokens  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ joint training, NesTok: every step decodes all K tokens and one drawn prefix). T
 schedule are those of `--config` (default: the `make demo` config), with the steps set by `--steps`.
 
 Evaluation, on the held-out crops of the embedded photographs: for every k (1, 2, 4, ..., K), PSNR and LPIPS of
-the uint8-quantised k-token reconstructions (eval.reconstruction, as in the report). Usage per position, the
+the uint8-quantised k-token reconstructions (eval.recon_eval, as in the report). Usage per position, the
 fraction of the codebook each token position uses, is measured by encoding `USAGE_CROPS` random training crops
 (a fixed seed) with the trained tokenizer: over the few held-out crops it could not exceed N / V.
 Writes DIR/length_ablation.json and DIR/length_ablation.md (one row per mechanism and k, with the train time),
@@ -33,12 +33,12 @@ import torch  # noqa: E402
 
 from data.sample import SampleImagesDataModule  # noqa: E402
 from eval.metrics import LPIPSReference, to_uint8  # noqa: E402
-from eval.reconstruction import image_metrics, reconstruct  # noqa: E402
+from eval.recon_eval import image_metrics, reconstruct  # noqa: E402
 from tokenizer.atomic import write_text  # noqa: E402
+from tokenizer.length import powers_of_two_upto as default_eval_tokens  # noqa: E402
 from tokenizer.quantizer import position_histogram, usage_per_position  # noqa: E402
 from tokenizer.training import TokenizerModule  # noqa: E402
 from tokenizer.training.config_files import load_config  # noqa: E402
-from tokenizer.training.module import default_eval_tokens  # noqa: E402
 
 USAGE_CROPS = 4096  # training crops (fixed seed, no jitter) over which usage per position is measured
 MECHANISMS = ("fixed", "tail_token_drop", "nested_dropout", "tail_token_drop+joint", "nested_dropout+joint")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _eval_helpers import OneProcess as _OneProcess
+from _eval_helpers import free_port as _free_port
 
 from eval import codecs, metrics
-from eval import reconstruction as rec
+from eval import recon_eval as rec
+from eval import recon_report as report
 from tokenizer import OneDTokenizer, weights
 from tokenizer.inception import fid_from_features
 
@@ -114,22 +116,6 @@ def test_codec_bits_are_reported_and_matched(name):
 
 
 # ---------------------------------------------------------------------------------------------- report
-class _OneProcess:
-    """The parts of accelerate.Accelerator that evaluate() uses, for one process."""
-
-    device = torch.device("cpu")
-    process_index, num_processes, is_main_process = 0, 1, True
-
-    def pad_across_processes(self, t, dim=0, pad_index=0):
-        return t
-
-    def gather(self, t):
-        return t
-
-    def reduce(self, t, reduction="sum"):
-        return t
-
-
 def _tiny_tokenizer() -> OneDTokenizer:
     torch.manual_seed(0)
     return OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=32)
@@ -157,7 +143,7 @@ def test_report_files_and_columns(tmp_path):
     rows, grid, per = rec.evaluate(_OneProcess(), tok, loader, 6, ks, ["jpeg", "webp"], fid=False)
     meta = {"description": "tiny", "num_images": 6, "source": "test", "num_processes": 1,
             "protocol": rec.PROTOCOL}
-    rec.write_report(rows, grid, tmp_path, meta, per)
+    report.write_report(rows, grid, tmp_path, meta, per)
     for name in ("metrics.md", "metrics.json", "metrics_vs_tokens.png", "metrics_vs_bits.png",
                  "reconstructions.png", "reconstructions_jpeg.png", "reconstructions_webp.png",
                  "per_image.npz"):
@@ -187,7 +173,7 @@ def test_position_usage_counts_distinct_codes_per_position():
     assert usage["values"] == [1 / 8, 4 / 8, 2 / 8]  # one code, four codes, two codes
     assert usage["mean"] == pytest.approx(7 / 24) and (usage["min"], usage["max"]) == (1 / 8, 4 / 8)
     assert usage["bound"] == 4 / 8 and usage["num_images"] == 4 and usage["codebook_size"] == 8
-    line = rec.usage_line(usage)
+    line = report.usage_line(usage)
     assert "min 0.1250 (position 1)" in line and "max 0.5000 (position 2)" in line and "N/V) = 0.5000" in line
     assert rec.position_usage(ids % 2, 2)["bound"] == 1.0  # more images than codes: the ceiling is the codebook
     with pytest.raises(ValueError, match=r"\[N, K\].*\(4,\)"):
@@ -210,7 +196,7 @@ def test_report_thumbnail_rows_and_position_usage(tmp_path):
     usage = rec.position_usage(per["ids"], tok.codebook_size)
     meta = {"description": "tiny", "num_images": 6, "source": "test", "num_processes": 1,
             "protocol": rec.PROTOCOL}
-    rec.write_report(rows, grid, tmp_path, meta, per, usage)
+    report.write_report(rows, grid, tmp_path, meta, per, usage)
     for name in ("usage_per_position.png", "reconstructions_thumbnail.png", "metrics_vs_tokens.png",
                  "metrics_vs_bits.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -303,12 +289,6 @@ def test_bf16_reconstruction_metrics_close_to_fp32(trained_tok):
 
 
 # ---------------------------------------------------------------------------------------------- 1 vs 2 procs
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_lpips
 @needs_inception
 @pytest.mark.slow
