@@ -9,11 +9,13 @@
     accelerate launch -m data.extract_tokens --tokenizer TOK --out OUT --source webdataset \\
         --shards '/data/shards/train-{000000..001281}.tar'
 
-Sources (all images go through the eval transform at the tokenizer's image_size: shorter side resized,
-center crop; no random augmentation except the optional stored flip):
+Sources (``data/sources.py``; all images go through the eval transform at the tokenizer's image_size: shorter
+side resized, center crop, as uint8, made float on the device; no random augmentation except the optional
+stored flip):
 - ``sample``: the embedded photographs (``data.sample.TRAIN_IMAGES``): ``--num-crops`` random crops of the
   training photos (random scale, random position), label = photo index. Crop ``i`` is a pure function of
   ``(--seed, i)``, so any process computes any crop and a rerun reproduces the same crops for the same keys.
+  Crops are rounded to uint8 like every other image (and like the training loaders' crops).
 - ``folder``: an ImageFolder tree (``root/<class>/<image>``); label = index of the sorted class folder,
   key = relative path. Unreadable images are skipped (warned and counted).
 - ``webdataset``: tar shards (``data.convert_shards`` format); label = ``cls`` (-1 when absent),
@@ -32,13 +34,12 @@ a resumed extraction should keep the precision it started with.
 Exactly once, resumable
 -----------------------
 Every process first reads the keys of all finished shards in ``--out`` (whatever process wrote them), then
-the remaining images are split deterministically by ``process_index`` (image ``j`` of the remaining list goes
-to process ``j % num_processes``: disjoint, complete, no padding, any number of images). Each process writes
-its own shards (prefix ``tokens-r{process_index:03d}``); after ``wait_for_everyone()`` the main process runs
+the remaining images are split by ``data.sources.split_for_process`` (image ``j`` of the remaining list goes
+to process ``j % num_processes``: disjoint, complete, no padding, any number of images; tar shards are split
+whole when there are at least as many as processes, else by record). Each process writes its own shards
+(prefix ``tokens-r{process_index:03d}``); after ``wait_for_everyone()`` the main process runs
 ``finalize_meta`` (which also rejects duplicate keys). An interrupted run keeps its finished shards; rerunning
-the same command skips their keys, even with a different number of processes. Webdataset sources split
-whole shards between processes when there are at least as many shards as processes (each process reads only
-its shards), else every process reads all shards and keeps every ``num_processes``-th sample.
+the same command skips their keys, even with a different number of processes.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ import os
 import sys
 import time
 import warnings
-import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,7 +57,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.adaptive_records import add_adaptive_args, encode_adaptive_batch, length_target  # noqa: E402
-from data.skips import SkipCounter, Skipped, merge_reports  # noqa: E402
+from data.processes import gather_objects, process_state  # noqa: E402
+from data.skips import merge_reports  # noqa: E402
+from data.sources import ImageLoader, PhotoCrops, TarShards, process_dataset, remaining  # noqa: E402
 from data.tokens import (  # noqa: E402
     TokenShardWriter,
     finalize_meta,
@@ -67,233 +68,33 @@ from data.tokens import (  # noqa: E402
     shard_paths,
     write_meta_json,
 )
+from data.transforms import to_float_images  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
 log = logging.getLogger("extract_tokens")
 
 
-# ---- distributed state -----------------------------------------------------------------------------------
-class _Single:
-    """Stand-in for accelerate's PartialState when accelerate is unavailable (one process)."""
+# ---- sources --------------------------------------------------------------------------------------------
+def open_source(args: argparse.Namespace, image_size: int):
+    """(the ``data.sources`` source of the flags, meta.json fields describing it, number of classes or None)."""
+    from data.sources import FolderImages
 
-    process_index, num_processes = 0, 1
-    is_main_process = is_local_main_process = True
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.source == "sample":
+        source = PhotoCrops(image_size, args.num_crops, args.seed)
+        return source, dict(num_crops=args.num_crops, seed=args.seed, classes=source.classes), len(source.classes)
+    if args.source == "folder":
+        if not args.root:
+            raise SystemExit("--source folder needs --root DIR (root/<class>/<image>)")
+        source = FolderImages(args.root, image_size)
+        return source, dict(root=os.path.abspath(args.root), classes=source.classes), len(source.classes)
+    if not args.shards:
+        raise SystemExit("--source webdataset needs --shards PATTERN")
+    from data.tar_shards import expand_shards
 
-    def wait_for_everyone(self) -> None:
-        pass
-
-
-def partial_state(cpu: bool = False):
-    """accelerate's PartialState. Without a GPU it is asked for CPU processes explicitly: otherwise processes
-    started by torchrun / `accelerate launch --multi_gpu` on a CPU-only machine would each believe they are
-    alone and all encode everything."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        from accelerate import PartialState
-    except ImportError:  # pragma: no cover
-        if world > 1:
-            raise SystemExit("multi-process extraction needs accelerate (pip install accelerate)") from None
-        return _Single()
-    state = PartialState(cpu=cpu or not torch.cuda.is_available())
-    if world > 1 and state.num_processes != world:
-        raise SystemExit(
-            f"WORLD_SIZE={world} but accelerate sees {state.num_processes} process(es); refusing "
-            "to run (every process would encode every image)"
-        )
-    return state
-
-
-def split_for_process(items: list, process_index: int, num_processes: int) -> list:
-    """Item j goes to process j % num_processes: disjoint, covering, sizes differ by at most one."""
-    return items[process_index::num_processes]
-
-
-# ---- sources ---------------------------------------------------------------------------------------------
-def _crop_seed(seed: int, index: int) -> int:
-    return zlib.crc32(f"crop:{seed}:{index}".encode())
-
-
-class SampleCrops(torch.utils.data.Dataset):
-    """Deterministic random crops of the embedded training photographs: item i is a function of (seed, i).
-
-    Returns (image float32 [3, S, S] in [0, 1], label = photo index, key "crop-<seed>-<i>")."""
-
-    def __init__(self, image_size: int, num_crops: int, seed: int = 0, indices: list[int] | None = None):
-        from data.sample import TRAIN_IMAGES, RandomCrops, load_photo
-
-        photos = [load_photo(n) for n in TRAIN_IMAGES]
-        self.crops = RandomCrops(photos, list(range(len(TRAIN_IMAGES))), image_size, num_crops)  # its pyramid
-        self.classes = list(TRAIN_IMAGES)
-        self.image_size, self.seed = image_size, seed
-        self.indices = list(range(num_crops)) if indices is None else list(indices)
-
-    @staticmethod
-    def key(seed: int, index: int) -> str:
-        return f"crop-{seed}-{index:07d}"
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, j: int):
-        i = self.indices[j]
-        g = torch.Generator().manual_seed(_crop_seed(self.seed, i))
-        pyramid = self.crops.pyramid
-        photo = int(torch.randint(len(pyramid), (), generator=g))
-        image = pyramid[photo][int(torch.randint(len(pyramid[photo]), (), generator=g))]
-        h, w = image.shape[-2:]
-        s = self.image_size
-        top = int(torch.randint(h - s + 1, (), generator=g))
-        left = int(torch.randint(w - s + 1, (), generator=g))
-        crop = image[:, top : top + s, left : left + s].clamp(0, 1)  # antialiased resizing overshoots a bit
-        return crop, photo, self.key(self.seed, i)
-
-
-class FolderImages(torch.utils.data.Dataset):
-    """Listed ImageFolder items (relative path, label) -> (image, label, key), or a ``Skipped`` record when
-    unreadable (counted and logged in the main process by ``batches_from_dataset``)."""
-
-    def __init__(self, root: str, items: list[tuple[str, int]], image_size: int):
-        from tokenizer.images import eval_transform
-
-        self.root, self.items, self.transform = root, items, eval_transform(image_size)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, j: int):
-        from tokenizer.images import read_image
-
-        rel, label = self.items[j]
-        path = os.path.join(self.root, rel)
-        img = read_image(path)
-        if img is None:
-            return Skipped(path, "unreadable image")
-        return self.transform(img), label, rel
-
-
-def _collate(batch):
-    """[(image, label, key) | Skipped] -> ((images [B,3,S,S], labels [B], keys) or None when B = 0, [Skipped])."""
-    skipped = [b for b in batch if isinstance(b, Skipped)]
-    batch = [b for b in batch if b is not None and not isinstance(b, Skipped)]
-    if not batch:
-        return None, skipped
-    images = torch.stack([b[0] for b in batch])
-    labels = torch.as_tensor([int(b[1]) for b in batch], dtype=torch.long)
-    return (images, labels, [b[2] for b in batch]), skipped
-
-
-def batches_from_dataset(ds, batch_size: int, num_workers: int, skips: SkipCounter | None = None) -> Iterator[tuple]:
-    """(images, labels, keys) batches of a map-style dataset of (image, label, key) | Skipped items, in order.
-    Skipped items travel with the batches to this (main) process and are recorded in `skips` (a new
-    SkipCounter when None): logged with their path and counted, also when they came from a worker."""
-    skips = SkipCounter() if skips is None else skips
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
-    )
-    for batch, skipped in loader:
-        skips.record(skipped)
-        if batch is not None:
-            yield batch
-
-
-
-
-def webdataset_batches(
-    shards: list[str],
-    process_index: int,
-    num_processes: int,
-    done: set[str],
-    image_size: int,
-    batch_size: int,
-    skips: SkipCounter | None = None,
-) -> Iterator[tuple]:
-    """This process's (images, labels, keys) batches from tar shards, skipping keys in `done`; unreadable
-    samples and damaged shard tails are recorded in `skips`."""
-    from data.tar_shards import iter_shard, sample_image, sample_label
-    from tokenizer.images import eval_transform
-
-    transform = eval_transform(image_size)
-    skips = SkipCounter() if skips is None else skips
-    by_shard = len(shards) >= num_processes
-    mine = split_for_process(shards, process_index, num_processes) if by_shard else shards
-    index, buf = 0, []
-    for url in mine:
-        for sample in iter_shard(url, skips):
-            j, index = index, index + 1
-            if not by_shard and j % num_processes != process_index:
-                continue
-            key = sample.get("__key__")
-            if key is None or key in done:
-                continue
-            img, why = sample_image(sample)
-            if img is None:
-                skips(f"{url}:{key}", why)
-                continue
-            buf.append((transform(img), sample_label(sample), key))
-            if len(buf) == batch_size:
-                yield _collate(buf)[0]
-                buf = []
-    if buf:
-        yield _collate(buf)[0]
-
-
-class Source:
-    """A data source split for one process: `batches()` yields (images [B,3,S,S], labels [B], keys)."""
-
-    def __init__(self, args, image_size: int, state, done: set[str]):
-        self.args, self.image_size, self.state, self.done = args, image_size, state, done
-        self.skips = SkipCounter()  # this process's unreadable images (count + first paths, for meta.json)
-        self.num_classes: int | None = None
-        self.extra: dict[str, Any] = {"source": args.source}
-        pi, n = state.process_index, state.num_processes
-        self.total_todo: int | None = None  # over all processes, when known up front
-        if args.source == "sample":
-            keys = [SampleCrops.key(args.seed, i) for i in range(args.num_crops)]
-            todo = [i for i, k in enumerate(keys) if k not in done]
-            self.total_todo = len(todo)
-            self.dataset = SampleCrops(image_size, args.num_crops, args.seed, split_for_process(todo, pi, n))
-            self.num_classes = len(self.dataset.classes)
-            self.extra.update(num_crops=args.num_crops, seed=args.seed, classes=self.dataset.classes)
-        elif args.source == "folder":
-            from data.folder import scan_image_folder
-
-            if not args.root:
-                raise SystemExit("--source folder needs --root DIR (root/<class>/<image>)")
-            classes, items = scan_image_folder(args.root)
-            todo = [it for it in items if it[0] not in done]
-            self.total_todo = len(todo)
-            self.dataset = FolderImages(args.root, split_for_process(todo, pi, n), image_size)
-            self.num_classes = len(classes)
-            self.extra.update(root=os.path.abspath(args.root), classes=classes)
-        elif args.source == "webdataset":
-            from data.webdataset import expand_shards
-
-            if not args.shards:
-                raise SystemExit("--source webdataset needs --shards PATTERN")
-            self.shards = expand_shards(args.shards)
-            if not self.shards:
-                raise SystemExit(f"no shards match {args.shards!r}")
-            self.num_classes = args.num_classes
-            self.extra.update(shards=args.shards)
-        else:  # pragma: no cover (argparse choices)
-            raise ValueError(args.source)
-
-    def num_images(self) -> int | None:
-        """Images this process will encode (None when not known before reading: webdataset)."""
-        return len(self.dataset) if self.args.source != "webdataset" else None
-
-    def batches(self) -> Iterator[tuple]:
-        a = self.args
-        if a.source == "webdataset":
-            st = self.state
-            return webdataset_batches(self.shards, st.process_index, st.num_processes, self.done, self.image_size,
-                                      a.batch_size, self.skips)  # fmt: skip
-        return batches_from_dataset(self.dataset, a.batch_size, a.num_workers, self.skips)
-
-    def describe(self) -> str:
-        a = self.args
-        return {"folder": f"folder {a.root}", "webdataset": f"shards {a.shards}"}.get(a.source, a.source)
+    urls = expand_shards(args.shards)
+    if not urls:
+        raise SystemExit(f"no shards match {args.shards!r}: check the --shards pattern")
+    return TarShards(urls, image_size, description=f"shards {args.shards}"), dict(shards=args.shards), args.num_classes
 
 
 # ---- encoding --------------------------------------------------------------------------------------------
@@ -327,22 +128,13 @@ def _labels_num_classes(root: str) -> int | None:
     return top + 1 if top >= 0 else None
 
 
-def _gather(state, obj) -> list:
-    """`obj` from every process (accelerate's gather_object), in process order."""
-    if state.num_processes == 1:
-        return [obj]
-    from accelerate.utils import gather_object
-
-    return gather_object([obj])
-
-
 def extract(args: argparse.Namespace) -> dict | None:
     """Run the extraction in this process; returns the final meta (main process) or None."""
     from tqdm.auto import tqdm
 
     from tokenizer import OneDTokenizer
 
-    state = partial_state(cpu=args.cpu)
+    state = process_state(cpu=args.cpu)
     pi, n = state.process_index, state.num_processes
     device = state.device
     tokenizer = OneDTokenizer.from_pretrained(args.tokenizer, map_location="cpu").to(device).eval()
@@ -370,15 +162,16 @@ def extract(args: argparse.Namespace) -> dict | None:
         length_target=target,
     )
     done = finished_keys(args.out)
-    source = Source(args, tokenizer.image_size, state, done)
+    source, described, num_classes = open_source(args, tokenizer.image_size)
+    loader = ImageLoader(process_dataset(source, pi, n, done), args.batch_size, args.num_workers)
     state.wait_for_everyone()
     if state.is_main_process:
-        meta = dict(writer.meta, num_classes=source.num_classes, num_processes=n, precision=precision,
-                    **source.extra)  # fmt: skip
+        meta = dict(writer.meta, num_classes=num_classes, num_processes=n, precision=precision,
+                    source=args.source, **described)  # fmt: skip
         if os.path.exists(os.path.join(args.out, "meta.json")):
             meta["resumed_from_records"] = len(done)
         write_meta_json(args.out, meta)
-        todo = f", {source.total_todo} to do" if source.total_todo is not None else ""
+        todo = "" if isinstance(source, TarShards) else f", {len(remaining(source, done))} to do"
         log.warning("extracting %s -> %s: K=%d, codebook %d, flip=%s, lengths %s, %d process(es), %d record(s) "
                     "already done%s", args.source, args.out, k, tokenizer.codebook_size, args.flip, target or "fixed",
                     n, len(done), todo)  # fmt: skip
@@ -386,32 +179,32 @@ def extract(args: argparse.Namespace) -> dict | None:
 
     t0, count = time.time(), 0
     bar = tqdm(
-        total=source.num_images(),
+        total=None if isinstance(source, TarShards) else len(loader.dataset),  # shards: not known up front
         unit="img",
         disable=not state.is_local_main_process or args.no_progress,
         desc=f"extract (process {pi}/{n})",
         dynamic_ncols=True,
     )
-    for images, labels, keys in source.batches():
-        images = images.to(device, non_blocking=True)
+    for batch in loader:
+        images = to_float_images(batch.images.to(device, non_blocking=True))  # [B, 3, S, S] in [0, 1]
         if target is None:
             ids, lengths = encode_batch(tokenizer, images, k, args.flip, precision), None
         else:
             ids, lengths = encode_adaptive_batch(tokenizer, images, k, args.flip, target, precision)
-        count += writer.write(ids, labels, keys, lengths)
-        bar.update(len(keys))
+        count += writer.write(ids, batch.labels, batch.keys, lengths)
+        bar.update(len(batch.keys))
     bar.close()
     writer.close()  # the last partial shard (meta is the main process's job)
-    log.info("process %d wrote %d records in %.1fs (%d skipped)", pi, count, time.time() - t0, source.skips.count)
+    log.info("process %d wrote %d records in %.1fs (%d skipped)", pi, count, time.time() - t0, loader.skips.count)
 
     state.wait_for_everyone()
-    written = _gather(state, {"records": count, "skipped": source.skips.report()})
+    written = gather_objects(state, {"records": count, "skipped": loader.skips.report()})
     meta = None
     if state.is_main_process:
         skipped = merge_reports([w["skipped"] for w in written])
         if not done and not sum(w["records"] for w in written):
             raise SystemExit(
-                f"no readable image in {source.describe()}: {skipped['count']} skipped (e.g. "
+                f"no readable image in {source.description}: {skipped['count']} skipped (e.g. "
                 f"{', '.join(p['path'] for p in skipped['paths'][:3])}); nothing extracted, {args.out} is left "
                 "incomplete"
             )

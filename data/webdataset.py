@@ -73,21 +73,8 @@ import torch
 
 from data.datamodule import ImageDataModule
 from data.loading import PREFETCH_FACTOR
-from data.shard_stream import (  # noqa: F401 (ShardStream: public, importable from here as before)
-    EpochLoader,
-    EvenLoader,
-    ShardStream,
-    check_readable_shards,
-)
-from data.tar_shards import (  # noqa: F401 (IMAGE_KEYS, count_shard_samples: public names, importable here too)
-    IMAGE_KEYS,
-    count_shard_samples,
-    expand_shards,
-    iter_shard,
-    sample_image,
-    sample_label,
-    shard_sample_counts,
-)
+from data.shard_stream import EpochLoader, EvenLoader, ShardStream, check_readable_shards
+from data.tar_shards import expand_shards, shard_sample_counts
 from data.transforms import train_transform
 from tokenizer.images import eval_transform
 

@@ -37,7 +37,9 @@ PROTOCOL_ADAPTIVE = (
     "then decoded from its own k tokens and scored like the fixed-k reconstructions. met: the fraction whose "
     "scored reconstruction meets the target. Fixed k at equal quality: where the tokenizer's fixed-k mean curve "
     "(the table) first reaches the adaptive mean of the target's metric, linear in log2 k between evaluated k; "
-    "savings = that k / mean tokens. bits: mean tokens * log2(V), the length itself not counted. Default "
+    "savings = that k / mean tokens. Fixed k for the same fraction met: the smallest evaluated k at which as "
+    "many images meet the target with a fixed k (the comparison for a quality guarantee). bits: mean tokens "
+    "* log2(V), the length itself not counted. Default "
     "targets: 25/50/75 % of the way from the mean PSNR at the smallest evaluated k to that at the largest, "
     "rounded to 0.1 dB"
 )
@@ -166,8 +168,25 @@ def matched_k(curve: list[tuple[int, float]], quality: float, higher_is_better: 
     return None, f"better than every evaluated k (up to k = {pts[-1][0]})" if pts else "no fixed-k curve"
 
 
+def guarantee_k(fixed: dict | None, target: Target, fraction: float) -> int | None:
+    """The smallest evaluated fixed k at which at least `fraction` of the images meet `target` (from the fixed-k
+    pass's per-image metrics): what a fixed token count must spend to give as many images the target quality.
+    This, not the k at equal *mean* quality, is the comparison for a quality target: a per-image target evens
+    out the worst images, a fixed k the average."""
+    if fixed is None:
+        return None
+    col = list(fixed["fields"]).index(target.metric)
+    ks = sorted(int(name.split("@")[1]) for name in fixed["settings"] if str(name).startswith("tokenizer@"))
+    names = [str(n) for n in fixed["settings"]]
+    for k in ks:
+        values = torch.as_tensor(fixed["metrics"][:, names.index(f"tokenizer@{k}"), col])  # [N]
+        if len(values) and float(target.met(values).double().mean()) >= fraction - 1e-12:
+            return k
+    return None
+
+
 def summarize(per_image: dict, fids: dict[str, float], targets: list[Target], rows: list[Row], k_max: int,
-              codebook_size: int) -> list[dict]:
+              codebook_size: int, fixed_per_image: dict | None = None) -> list[dict]:
     """One JSON-able row per target (None where a number does not exist: no FID, no matching fixed k).
     k_histogram[k - 1]: images that chose k tokens (k = 1..K); median_tokens: the usual median (the mean of the
     two middle lengths for even N); unmet_at_k_max: images that miss the target and use all K tokens."""
@@ -192,13 +211,16 @@ def summarize(per_image: dict, fids: dict[str, float], targets: list[Target], ro
             "bits_per_image": mean_tokens * math.log2(codebook_size),
             "matched_k": k_eq, "match_note": why,
             "savings": k_eq / mean_tokens if k_eq is not None and mean_tokens > 0 else None,
+            "guarantee_k": (k_g := guarantee_k(fixed_per_image, target, float(met.double().mean()) if n else 1.0)),
+            "guarantee_savings": k_g / mean_tokens if k_g is not None and mean_tokens > 0 else None,
             "k_histogram": torch.bincount(lengths.long() - 1, minlength=k_max).tolist() if n else [0] * k_max,
         })  # fmt: skip
     return out
 
 
 def adaptive_section(accelerator, tokenizer, loader, total: int, rows: list[Row] | None,
-                     targets: list[Target] | None, fid: bool = True, precision: str | None = None):
+                     targets: list[Target] | None, fid: bool = True, precision: str | None = None,
+                     fixed_per_image: dict | None = None):
     """The whole section, on every process: targets (None: ``default_targets`` from the fixed-k rows), the
     second pass and its summary. Returns (section, per-image arrays) on the main process, (None, None)
     elsewhere: section {"targets", "default_targets", "k_max", "rows"} (``summarize``), or {"skipped": why}
@@ -213,9 +235,10 @@ def adaptive_section(accelerator, tokenizer, loader, total: int, rows: list[Row]
     if not accelerator.is_main_process:
         return None, None
     section = {"targets": [t.label for t in targets], "default_targets": not given, "k_max": tokenizer.max_tokens,
-               "rows": summarize(per, fids, targets, rows, tokenizer.max_tokens, tokenizer.codebook_size)}
+               "rows": summarize(per, fids, targets, rows, tokenizer.max_tokens, tokenizer.codebook_size,
+                                 fixed_per_image)}
     return section, {f"adaptive_{key}": per[key] for key in ("targets", "lengths", "metrics")}
 
 
-__all__ = ["adaptive_section", "ADAPTIVE_FIELDS", "PROTOCOL_ADAPTIVE", "Target", "make_targets", "default_targets",
-           "evaluate_adaptive", "matched_k", "summarize"]
+__all__ = ["adaptive_section", "guarantee_k", "ADAPTIVE_FIELDS", "PROTOCOL_ADAPTIVE", "Target", "make_targets",
+           "default_targets", "evaluate_adaptive", "matched_k", "summarize"]

@@ -57,7 +57,6 @@ from eval.fidelity import inception_score, precision_recall  # noqa: E402
 from eval.generated_lengths import NATURAL, k_order, npz_lengths, parse_num_tokens  # noqa: E402
 from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
 from tokenizer.inception import feature_statistics, frechet_distance  # noqa: E402
-from tokenizer.metrics import to_uint8  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
 
 # uint8 images [B, 3, H, W] -> pool features [B, D], or {"pool": [B, D], "logits": [B, C]} (logits for IS)
@@ -107,28 +106,29 @@ def npz_images(path: str | Path, batch_size: int = 256, limit: int | None = None
         yield torch.from_numpy(arr[i : i + batch_size]).permute(0, 3, 1, 2).contiguous()
 
 
+def source_images(source, batch_size: int = 64, num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """uint8 [B, 3, S, S] batches of a ``data.sources`` source, in its order (one process: the main one)."""
+    from data.sources import ImageLoader, process_dataset
+
+    for batch in ImageLoader(process_dataset(source), batch_size, num_workers):
+        yield batch.images
+
+
 def sample_source_images(
     num: int, image_size: int, seed: int = 1, batch_size: int = 256
 ) -> Iterator[torch.Tensor]:
-    """`num` random crops of the embedded training photographs (data.extract_tokens.SampleCrops) as uint8."""
-    from data.extract_tokens import SampleCrops
+    """`num` random crops of the embedded training photographs (``data.sources.PhotoCrops``) as uint8."""
+    from data.sources import PhotoCrops
 
-    crops = SampleCrops(image_size, num, seed=seed)
-    for i in range(0, num, batch_size):
-        yield to_uint8(torch.stack([crops[j][0] for j in range(i, min(i + batch_size, num))]))
+    return source_images(PhotoCrops(image_size, num, seed), batch_size)
 
 
 def folder_images(root: str, image_size: int, limit: int | None = None, batch_size: int = 64,
                   num_workers: int = 0) -> Iterator[torch.Tensor]:  # fmt: skip
     """An ImageFolder tree through the eval transform (resize + center crop), as uint8."""
-    from data.extract_tokens import FolderImages, batches_from_dataset
-    from data.folder import scan_image_folder
+    from data.sources import FolderImages
 
-    _, items = scan_image_folder(root)
-    if limit:
-        items = items[:limit]
-    for images, _, _ in batches_from_dataset(FolderImages(root, items, image_size), batch_size, num_workers):
-        yield to_uint8(images)
+    return source_images(FolderImages(root, image_size, limit=limit or None), batch_size, num_workers)
 
 
 def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor) -> dict[str, torch.Tensor]:

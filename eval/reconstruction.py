@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
     if args.adaptive:
         loader.skips = SkipCounter()  # the second pass meets the same unreadable files: counted once, above
         adaptive, adaptive_per_image = adaptive_section(accelerator, tokenizer, loader, total, rows, targets,
-                                                        fid=args.fid, precision=precision)
+                                                        fid=args.fid, precision=precision,
+                                                        fixed_per_image=per_image)
     if accelerator.is_main_process:
         meta = report_meta(tokenizer, num_images=n, source=what, skipped=skipped,
                            num_processes=accelerator.num_processes, device=str(accelerator.device),

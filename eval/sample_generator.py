@@ -52,6 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.processes import SingleProcess, process_state  # noqa: E402
 from eval.generated_lengths import NATURAL, k_name, k_order, length_report, lengths_markdown, parse_num_tokens  # noqa: E402
 from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
 from tokenizer.generator import GPT, generate, preset_config  # noqa: E402
@@ -83,10 +84,10 @@ def load_tokenizer(tokenizer_dir: str):
 
 def check_pair(gpt: GPT, tok) -> None:
     cfg = gpt.cfg
-    if tok.codebook_size != cfg.vocab_size or tok.max_tokens < cfg.block_size:
+    if tok.codebook_size != cfg.vocab_size or tok.max_tokens < cfg.max_tokens:
         raise SystemExit(
             f"tokenizer (codebook {tok.codebook_size}, K {tok.max_tokens}) does not fit the GPT "
-            f"(vocab {cfg.vocab_size}, block_size {cfg.block_size})"
+            f"(vocab {cfg.vocab_size}, max_tokens {cfg.max_tokens})"
         )
 
 
@@ -201,7 +202,7 @@ def sample_eval_sets(
     also when only PNGs are written the dict maps k to the PNG folder). Every process must call it."""
     from tqdm.auto import tqdm
 
-    state = state or _single_state()
+    state = state or SingleProcess()
     out = Path(out)
     device = state.device
     rank, world = state.process_index, state.num_processes
@@ -278,28 +279,6 @@ def merge_parts(parts: list[str], path: Path, num_samples: int) -> Path:
     return path
 
 
-class _SingleState:
-    process_index, num_processes = 0, 1
-    is_main_process = is_local_main_process = True
-
-    def __init__(self, device=None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-
-def _single_state():
-    return _SingleState()
-
-
-def distributed_state(cpu: bool = False):
-    """accelerate's PartialState (CPU processes when there is no GPU, as in data.extract_tokens)."""
-    from data.extract_tokens import partial_state
-
-    return partial_state(cpu=cpu)
-
-
 # ---- CLI --------------------------------------------------------------------------------------------------
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
@@ -341,8 +320,7 @@ def setup(args: argparse.Namespace):
     """(state, gpt, tokenizer, ks) on this process's device."""
     from tokenizer.length import powers_of_two_upto
 
-    state = _SingleState("cpu") if args.cpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 else None
-    state = state or distributed_state(cpu=args.cpu)
+    state = process_state(cpu=args.cpu)
     gpt, tok_hint = load_generator(args.checkpoint, args.gpt)
     tok_dir = args.tokenizer or tok_hint
     if not tok_dir:
@@ -350,11 +328,11 @@ def setup(args: argparse.Namespace):
     tok = load_tokenizer(tok_dir)
     check_pair(gpt, tok)
     gpt, tok = gpt.to(state.device), tok.to(state.device)
-    default = [*powers_of_two_upto(gpt.cfg.block_size), *([NATURAL] if gpt.cfg.end_token else [])]
+    default = [*powers_of_two_upto(gpt.cfg.max_tokens), *([NATURAL] if gpt.cfg.end_token else [])]
     ks = sorted(set(args.num_tokens or default), key=k_order)
     fixed = [k for k in ks if k != NATURAL]
-    if fixed and fixed[-1] > gpt.cfg.block_size:
-        raise SystemExit(f"--num-tokens must be in 1..{gpt.cfg.block_size} or '{NATURAL}', got {ks}")
+    if fixed and fixed[-1] > gpt.cfg.max_tokens:
+        raise SystemExit(f"--num-tokens must be in 1..{gpt.cfg.max_tokens} or '{NATURAL}', got {ks}")
     if NATURAL in ks and not gpt.cfg.end_token:
         raise SystemExit(f"--num-tokens {NATURAL} needs a GPT trained with an end token (overrides.end_token: true "
                          "on variable-length token shards); this one always samples a fixed k")  # fmt: skip

@@ -15,12 +15,12 @@ from tokenizer import OneDTokenizer
 
 def briefly_trained_tokenizer(steps: int = 60, seed: int = 0) -> OneDTokenizer:
     """Tiny preset (64 px, K=32, 1024 codes, one encoder and one decoder block), eval mode, deterministic."""
-    from data.extract_tokens import SampleCrops
+    from data.sources import PhotoCrops
 
     torch.manual_seed(seed)
     tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=32)
-    crops = SampleCrops(tok.image_size, 128, seed=seed)  # training photographs only (tests use held-out ones)
-    data = torch.stack([crops[i][0] for i in range(len(crops))])  # [128, 3, 64, 64] in [0, 1]
+    crops = PhotoCrops(tok.image_size, 128, seed=seed)  # training photographs only (tests use held-out ones)
+    data = torch.stack([crops.crop(i) for i in range(len(crops))])  # [128, 3, 64, 64] in [0, 1]
     opt = torch.optim.Adam(tok.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
     full = torch.full((16,), tok.max_tokens)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from _data_helpers import make_awkward_tree
 
-from data.extract_tokens import SampleCrops, encode_batch, main, split_for_process
+from data.extract_tokens import encode_batch, main
+from data.sources import PhotoCrops
 from data.tokens import load_token_shards, read_meta, shard_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,15 +45,6 @@ def _launch(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def test_split_for_process_is_disjoint_and_complete():
-    for n_items in (0, 1, 5, 7, 16):
-        for world in (1, 2, 3, 8):
-            parts = [split_for_process(list(range(n_items)), r, world) for r in range(world)]
-            flat = sorted(i for p in parts for i in p)
-            assert flat == list(range(n_items))
-            assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 @pytest.mark.slow
@@ -97,10 +89,10 @@ def test_sample_source_two_processes_then_resume(tok_dir, tmp_path):
               "--shard-size", "2", "--batch-size", "2", "--seed", "3"]  # fmt: skip
     _launch(2, common)
     ids, labels, keys, meta = load_token_shards(str(out))
-    want = [SampleCrops.key(3, i) for i in range(n)]
+    crops = PhotoCrops(64, n, seed=3)
+    want = [crops.key(i) for i in range(n)]
     assert sorted(keys.tolist()) == want and meta["num_records"] == n and ids.shape == (n, 32)
-    crops = SampleCrops(64, n, seed=3)
-    by_key = {crops[i][2]: crops[i][1] for i in range(n)}
+    by_key = {crops.key(i): crops.label(i) for i in range(n)}
     assert [int(lbl) for lbl in labels] == [by_key[k] for k in keys.tolist()]  # label = photo index
     assert meta["num_classes"] == 14 and len(meta["classes"]) == 14
 
@@ -144,8 +136,12 @@ def test_webdataset_source_splits_exactly_once(tok_dir, tmp_path):
     from _data_helpers import make_plain_tree
 
     from data.convert_shards import convert
-    from data.extract_tokens import webdataset_batches
-    from data.webdataset import expand_shards
+    from data.sources import ImageLoader, TarShards, process_dataset
+    from data.tar_shards import expand_shards
+
+    def process_keys(rank: int, world: int, done: set, batch_size: int) -> list[str]:
+        loader = ImageLoader(process_dataset(TarShards(shards, 16), rank, world, done), batch_size)
+        return [k for batch in loader for k in batch.keys]
 
     src = tmp_path / "tree"
     make_plain_tree(str(src), n_per_class=3)  # 9 images, 3 classes
@@ -156,11 +152,10 @@ def test_webdataset_source_splits_exactly_once(tok_dir, tmp_path):
     for world in (1, 2, 3, 4, 5):  # 4, 5 > 3 shards: split by sample index
         seen = []
         for rank in range(world):
-            for _, _, keys in webdataset_batches(shards, rank, world, set(), 16, batch_size=2):
-                seen += keys
+            seen += process_keys(rank, world, set(), batch_size=2)
         assert len(seen) == 9 and len(set(seen)) == 9, (world, seen)
     done = set(seen[:4])
-    left = [k for rank in range(2) for b in webdataset_batches(shards, rank, 2, done, 16, 4) for k in b[2]]
+    left = [k for rank in range(2) for k in process_keys(rank, 2, done, batch_size=4)]
     assert sorted(left) == sorted(set(seen) - done)
 
     out = tmp_path / "tokens"
@@ -199,13 +194,14 @@ def test_adaptive_extraction_lengths_equal_encode_adaptive(tmp_path):
     from _tokenizer_helpers import briefly_trained_tokenizer
 
     from data.tokens import TokenDataModule, load_token_records
+    from data.transforms import to_float_images
     from tokenizer.metrics import psnr, to_uint8
 
     tok = briefly_trained_tokenizer()
     tok_dir = tok.save_pretrained(tmp_path / "tok")
     n = 12
-    crops = SampleCrops(tok.image_size, n, seed=0)
-    x = torch.stack([crops[i][0] for i in range(n)])  # [12, 3, 64, 64], what `--source sample` encodes
+    crops = PhotoCrops(tok.image_size, n, seed=0)
+    x = to_float_images(torch.stack([crops.load(i) for i in range(n)]))  # [12, 3, 64, 64]: what it encodes
     by_k = torch.stack([psnr(to_uint8(tok.reconstruct(x, k)), to_uint8(x)) for k in (2, 8)])  # [2, 12]
     target = round(float(by_k.mean()), 2)  # between the qualities of 2 and 8 tokens: lengths in between
     out = tmp_path / "adaptive"
@@ -216,7 +212,7 @@ def test_adaptive_extraction_lengths_equal_encode_adaptive(tmp_path):
     ids, labels, keys, lengths, _ = load_token_records(str(out))
     order = np.argsort(keys)
     ids, lengths = torch.from_numpy(ids[order].astype(np.int64)), torch.from_numpy(lengths[order])  # key order
-    assert [crops[i][2] for i in range(n)] == sorted(crops[i][2] for i in range(n))  # keys sort as indices
+    assert [crops.key(i) for i in range(n)] == sorted(crops.key(i) for i in range(n))  # keys sort as indices
     for view, images in enumerate((x, x.flip(-1))):
         want_ids, want_lengths = tok.encode_adaptive(images, min_psnr=target)
         assert torch.equal(lengths[:, view], want_lengths), (view, lengths[:, view], want_lengths)

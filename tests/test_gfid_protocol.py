@@ -118,12 +118,39 @@ def test_gfid_reads_the_adm_reference_batch(tmp_path):
                   extractor=stub_features)  # fmt: skip
 
 
+def test_folder_reference_is_the_eval_transformed_tree(tmp_path):
+    """--ref-source folder: every readable image of the ImageFolder tree once, through the eval transform as
+    uint8 (data.sources, the same images extraction encodes); --ref-num keeps the first N."""
+    from _data_helpers import make_awkward_tree
+
+    from data.folder import scan_image_folder
+    from tokenizer.images import eval_transform, read_image
+
+    root = tmp_path / "tree"
+    special = make_awkward_tree(str(root))
+    _, items = scan_image_folder(str(root))
+    want = torch.stack([eval_transform(16, uint8=True)(read_image(str(root / rel))) for rel, _ in items
+                        if rel != special["corrupt"]])  # fmt: skip
+    got = torch.cat(list(gfid.folder_images(str(root), 16, batch_size=4)))
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
+    assert sum(len(b) for b in gfid.folder_images(str(root), 16, limit=3)) == 3
+    res = gfid.main(["--samples", str(_npz(tmp_path, images(8, seed=0))), "--ref-source", "folder", "--ref-root",
+                     str(root), "--image-size", "16"], extractor=stub_features)  # fmt: skip
+    assert res["rows"][8]["num_samples"] == 8 and "folder" in res["reference"]
+
+
+def _npz(tmp_path, arr: np.ndarray):
+    path = tmp_path / "samples_k008.npz"
+    np.savez(path, arr_0=arr)
+    return path
+
+
 # ---- the sweep command -------------------------------------------------------------------------------------
 def test_sweep_writes_table_and_plot_and_resumes(tmp_path):
     torch.manual_seed(0)
     tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=8)
     tok.save_pretrained(tmp_path / "tok")
-    GPT.from_preset("tiny", vocab_size=tok.codebook_size, block_size=8, num_classes=3, dim=32, depth=1,
+    GPT.from_preset("tiny", vocab_size=tok.codebook_size, max_tokens=8, num_classes=3, dim=32, depth=1,
                     heads=2).save_pretrained(str(tmp_path / "gpt"))  # fmt: skip
     ref = write_ref_batch(tmp_path / "ref.npz", images(12, seed=3, size=tok.image_size))
     out = tmp_path / "sweep"

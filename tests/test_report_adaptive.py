@@ -98,8 +98,15 @@ def test_cli_adaptive_section_is_consistent(tok_dir, tmp_path):
             expected = 2 ** (math.log2(k0) + (r["psnr"] - v0) / (v1 - v0) * (math.log2(k1) - math.log2(k0)))
             assert r["matched_k"] == pytest.approx(expected)
             assert r["savings"] == pytest.approx(expected / r["mean_tokens"])
-        # an image decoded from its own k tokens scores what the fixed-k pass scored for that k
+        # the fixed k with as many images meeting the target, by hand from the fixed pass's per-image PSNR
         settings = list(per["settings"])
+        met_at = {kk: (per["metrics"][:, settings.index(f"tokenizer@{kk}"), 0] >= r["target"]).mean()
+                  for kk, _ in fixed}
+        expected_g = next((kk for kk, _ in fixed if met_at[kk] >= r["fraction_met"] - 1e-12), None)
+        assert r["guarantee_k"] == expected_g
+        if expected_g is not None:
+            assert r["guarantee_savings"] == pytest.approx(expected_g / r["mean_tokens"])
+        # an image decoded from its own k tokens scores what the fixed-k pass scored for that k
         for b in range(n):
             if f"tokenizer@{k[b]}" in settings:
                 fixed_psnr = per["metrics"][b, settings.index(f"tokenizer@{k[b]}"), 0]

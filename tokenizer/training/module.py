@@ -386,8 +386,3 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
 
 
 __all__ = ["TokenizerModule"]
-
-# Old import paths, kept only until eval/ and the benchmark scripts import the new homes (the next commits).
-from ..checkpoints import tokenizer_from_checkpoint  # noqa: E402, F401
-
-default_eval_tokens = powers_of_two_upto
