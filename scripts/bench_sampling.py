@@ -76,11 +76,11 @@ def sync_check(model: GPT, device: str, **sampling) -> str | None:
     if not device.startswith("cuda"):
         return None
     labels = (torch.arange(2) % max(1, model.cfg.num_classes)).to(device)  # on the device: no CPU check, no copy
-    generate(model, labels, min(8, model.cfg.block_size), **sampling)  # compile/capture these shapes first
+    generate(model, labels, min(8, model.cfg.max_tokens), **sampling)  # compile/capture these shapes first
     torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        generate(model, labels, min(8, model.cfg.block_size), **sampling)
+        generate(model, labels, min(8, model.cfg.max_tokens), **sampling)
         return "passed"
     except RuntimeError as e:
         return "failed: " + str(e).strip().splitlines()[0][:300]
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32", choices=sorted(PRECISION_OF_DTYPE),
                    help="compute dtype (autocast over fp32 weights, as generate(precision=...))")
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--block-size", type=int, default=None, help="GPT block size K (default: the largest k)")
+    p.add_argument("--max-tokens", type=int, default=None, help="the GPT's K (default: the largest k)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--num-tokens", type=int, nargs="+", default=[32, 128])
@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.block_size is None:
-        args.block_size = max(args.num_tokens)
+    if args.max_tokens is None:
+        args.max_tokens = max(args.num_tokens)
 
     torch.manual_seed(0)
     model = GPT.from_preset(
-        args.preset, vocab_size=args.vocab_size, block_size=args.block_size, num_classes=args.num_classes
+        args.preset, vocab_size=args.vocab_size, max_tokens=args.max_tokens, num_classes=args.num_classes
     )
     model = model.to(args.device).eval()
     precision = PRECISION_OF_DTYPE[args.dtype]
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                     precision=precision, compile_step=args.compile)  # fmt: skip
     print(
         f"preset {args.preset}: {model.num_params() / 1e6:.1f}M params, vocab {args.vocab_size}, K "
-        f"{args.block_size}, device {args.device}, dtype {args.dtype} (precision {precision}), cfg_scale "
+        f"{args.max_tokens}, device {args.device}, dtype {args.dtype} (precision {precision}), cfg_scale "
         f"{args.cfg_scale}, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
         f"compile {args.compile}, threads {torch.get_num_threads()}, torch {torch.__version__}"
     )
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for B in args.batch_sizes:
         for k in args.num_tokens:
-            if k > args.block_size:
+            if k > args.max_tokens:
                 continue
             for cache in (True, False):
                 if not cache and (args.compile or (args.no_cache_max_tokens is not None
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     peaks = [r["peak_mem_gb"] for r in rows if r["peak_mem_gb"] is not None]
     result = dict(
         bench="sampling", preset=args.preset, params_m=model.num_params() / 1e6, vocab_size=args.vocab_size,
-        block_size=args.block_size, num_classes=args.num_classes, device=args.device, dtype=args.dtype,
+        max_tokens=args.max_tokens, num_classes=args.num_classes, device=args.device, dtype=args.dtype,
         precision=precision, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, compile=args.compile, repeats=args.repeats, threads=torch.get_num_threads(),
         torch=torch.__version__,

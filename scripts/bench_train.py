@@ -21,8 +21,8 @@ tail-drop k at each step: k sets the decoder's cost). MFU is against the device'
 
 A generator config (model `GeneratorModule`) times `GeneratorModule.training_step` the same way, on random ids
 [batch, K] and labels (an "image" is one sequence of K tokens): forward with the chunked loss, backward, sync-free
-clipping, AdamW (fused with --check-syncs or on CUDA); `--vocab-size` / `--block-size` override the config's
-(e.g. 65536 for an LFQ codebook). Its JSON adds tokens_per_s, params_m, vocab_size and block_size.
+clipping, AdamW (fused with --check-syncs or on CUDA); `--vocab-size` / `--max-tokens` override the config's
+(e.g. 65536 for an LFQ codebook). Its JSON adds tokens_per_s, params_m, vocab_size and max_tokens.
 
 The last line printed is one JSON object: img_per_s, tflop_per_img, achieved_tflops, mfu, peak_mem_gb, ...
 """
@@ -115,7 +115,7 @@ def generator_bench(a, config: dict, device: torch.device, precision: str) -> di
 
     args = dict(config["model"]["init_args"])
     overrides = dict(args.get("overrides") or {})
-    overrides.update({k: v for k, v in (("vocab_size", a.vocab_size), ("block_size", a.block_size)) if v})
+    overrides.update({k: v for k, v in (("vocab_size", a.vocab_size), ("max_tokens", a.max_tokens)) if v})
     args.update(overrides=overrides, tokenizer_dir=None, num_val_samples=0)
     if a.compile_ is not None:
         args["compile"] = a.compile_
@@ -127,7 +127,7 @@ def generator_bench(a, config: dict, device: torch.device, precision: str) -> di
     pl.seed_everything(0, verbose=False)
     module = GeneratorModule(**args)
     cfg = module.gpt.cfg
-    ids = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size))  # [B, K]
+    ids = torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_tokens))  # [B, K]
     labels = torch.randint(0, max(1, cfg.num_classes), (batch_size,))  # [B]
     if device.type == "cuda":
         ids, labels = ids.pin_memory(), labels.pin_memory()
@@ -154,9 +154,9 @@ def generator_bench(a, config: dict, device: torch.device, precision: str) -> di
     flops = per_step[-1] / batch_size
     return dict(batch_size=batch_size, timed_steps=timer.timed, step_s=elapsed / timer.timed,
                 img_per_s=batch_size * timer.timed / elapsed,
-                tokens_per_s=batch_size * cfg.block_size * timer.timed / elapsed, flop_per_img=flops,
+                tokens_per_s=batch_size * cfg.max_tokens * timer.timed / elapsed, flop_per_img=flops,
                 compile=bool(module.hparams.compile), params_m=module.gpt.num_params() / 1e6,
-                vocab_size=cfg.vocab_size, block_size=cfg.block_size, model="generator")  # fmt: skip
+                vocab_size=cfg.vocab_size, max_tokens=cfg.max_tokens, model="generator")  # fmt: skip
 
 
 def module_args(config: dict, tokenizer_only: bool, compile_: bool | None) -> dict:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--random-lpips", action="store_true")
     p.add_argument("--check-syncs", action="store_true")
     p.add_argument("--vocab-size", type=int, default=None, help="generator configs: override the vocabulary")
-    p.add_argument("--block-size", type=int, default=None, help="generator configs: override K")
+    p.add_argument("--max-tokens", type=int, default=None, help="generator configs: override K")
     a = p.parse_args(argv)
 
     config = load_config(a.config)  # bases merged (configs/base)

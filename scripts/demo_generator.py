@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tokenizer.atomic import write_json
 
     # the whole dict (a dict flag replaces the config's): the tokenizer's vocabulary and K, 14 photo classes
-    overrides = dict(vocab_size=V, block_size=K, num_classes=len(TRAIN_IMAGES), class_dropout_prob=0.1)
+    overrides = dict(vocab_size=V, max_tokens=K, num_classes=len(TRAIN_IMAGES), class_dropout_prob=0.1)
     train = [py, "train.py", "fit", "--config", CONFIG,
              "--data.init_args.root", f"{out}/tokens",
              "--model.init_args.tokenizer_dir", tok,

@@ -154,7 +154,7 @@ def test_non_utf8_file_name_through_extraction_and_generator_training(tok_dir, t
     split_by_key(keys, 0.3)  # the old split_by_key: UnicodeEncodeError
 
     dm = TokenDataModule(out, batch_size=4, val_fraction=0.3)
-    module = GeneratorModule(overrides=dict(vocab_size=meta["codebook_size"], block_size=meta["num_tokens"],
+    module = GeneratorModule(overrides=dict(vocab_size=meta["codebook_size"], max_tokens=meta["num_tokens"],
                                             num_classes=2, dim=32, depth=1, heads=2),
                              warmup_steps=1, num_val_samples=0)  # fmt: skip
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

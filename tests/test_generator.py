@@ -24,7 +24,7 @@ from tokenizer.generator.sampling import KVCache, cfg_mix
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-SMALL = dict(vocab_size=64, block_size=16, num_classes=4, dim=64, depth=2, heads=4)
+SMALL = dict(vocab_size=64, max_tokens=16, num_classes=4, dim=64, depth=2, heads=4)
 
 
 def small_gpt(seed: int = 0, **kw) -> GPT:
@@ -58,7 +58,7 @@ def test_causal_and_position0_predicts_first_token():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets(name):
-    cfg = preset_config(name, vocab_size=16384, block_size=256)
+    cfg = preset_config(name, vocab_size=16384, max_tokens=256)
     assert cfg.dim % cfg.heads == 0 and cfg.mlp_hidden % 64 == 0
     if name == "tiny":
         assert GPT(cfg).num_params() < 10e6
@@ -73,7 +73,7 @@ def test_preset_param_counts_match_llamagen():
     # (shapes only, nothing allocated)
     for name, expected in (("B", 111e6), ("L", 343e6)):
         with torch.device("meta"):
-            model = GPT(preset_config(name, vocab_size=16384, block_size=256))
+            model = GPT(preset_config(name, vocab_size=16384, max_tokens=256))
         n = sum(p.numel() for p in model.parameters())
         assert abs(n - expected) / expected < 0.01, (name, n)
 
@@ -236,7 +236,7 @@ def test_generate_validates_and_restores_mode():
 def test_overfit_reproduces_sequences_from_class_prefix():
     torch.manual_seed(0)
     m = GPT.from_preset(
-        "tiny", vocab_size=64, block_size=16, num_classes=4, dim=64, depth=2, heads=4, class_dropout_prob=0.0
+        "tiny", vocab_size=64, max_tokens=16, num_classes=4, dim=64, depth=2, heads=4, class_dropout_prob=0.0
     )
     data = torch.randint(0, 64, (4, 16))
     labels = torch.arange(4)
@@ -284,7 +284,7 @@ def test_lightning_training_loss_drops(tmp_path):
     dm = TokenDataModule(str(tmp_path / "tokens"), batch_size=32, val_fraction=0.1)
     module = GeneratorModule(
         preset="tiny",
-        overrides=dict(vocab_size=32, block_size=16, num_classes=4, dim=64, depth=2, heads=4),
+        overrides=dict(vocab_size=32, max_tokens=16, num_classes=4, dim=64, depth=2, heads=4),
         lr=3e-3,
         warmup_steps=5,
         num_val_samples=4,
@@ -335,7 +335,7 @@ def test_lightning_module_rejects_mismatched_data(tmp_path):
 
     write_synthetic_shards(str(tmp_path / "tokens"), n=40)
     module = GeneratorModule(
-        overrides=dict(vocab_size=16, block_size=16, num_classes=4, dim=64, depth=1, heads=4)
+        overrides=dict(vocab_size=16, max_tokens=16, num_classes=4, dim=64, depth=1, heads=4)
     )
     trainer = pl.Trainer(
         max_steps=1,
@@ -361,7 +361,7 @@ def test_lightning_checks_token_values_once_at_setup(tmp_path):
     root = str(tmp_path / "tokens")
     with TokenShardWriter(root, num_tokens=16, codebook_size=16, shard_size=100) as w:
         w.write(np.zeros((20, 16), np.int64), np.full(20, -1), [f"s{i}" for i in range(20)])
-    module = GeneratorModule(overrides=dict(vocab_size=16, block_size=16, num_classes=4, dim=64, depth=1, heads=4))
+    module = GeneratorModule(overrides=dict(vocab_size=16, max_tokens=16, num_classes=4, dim=64, depth=1, heads=4))
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"labels must be in \[0, 4\].*got \[-1, -1\]") as err:
@@ -371,3 +371,26 @@ def test_lightning_checks_token_values_once_at_setup(tmp_path):
     with pytest.raises(ValueError, match=r"ids must be in \[0, 64\), got \[0, 64\]"):
         m.check_ids(torch.tensor([[0, 64]]))
     m.check_labels(torch.tensor([0, 4]))  # 4 = the null class is a valid label
+
+
+def test_models_saved_with_the_old_field_name_still_load(tmp_path):
+    """block_size was renamed max_tokens (one word for K across the project); old saves and configs load."""
+    import json
+
+    m = small_gpt().eval()
+    m.save_pretrained(tmp_path / "gpt")
+    for name in ("config.json",):
+        meta = json.loads((tmp_path / "gpt" / name).read_text())
+        meta["config"]["block_size"] = meta["config"].pop("max_tokens")
+        (tmp_path / "gpt" / name).write_text(json.dumps(meta))
+    # the weights' own metadata carries the config as saved then: rewrite it the old way too
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "gpt" / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "onedtok-gpt/1",
+                                                               "config": json.dumps(meta["config"], sort_keys=True)})
+    old = GPT.from_pretrained(tmp_path / "gpt").eval()
+    assert old.cfg == m.cfg
+    assert preset_config("tiny", block_size=8).max_tokens == 8
+    with pytest.raises(ValueError, match="both 'block_size'"):
+        preset_config("tiny", block_size=8, max_tokens=8)

@@ -55,7 +55,7 @@ def test_end_token_targets_and_loss(one_thread):
     assert targets.tolist() == [[5, 6, 7, 16, IGNORE_INDEX], [1, 2, 3, 4, 9]]  # full length: no END target
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=16, block_size=5, num_classes=2, dim=32, depth=1, heads=2, end_token=True))
+    model = GPT(GPTConfig(vocab_size=16, max_tokens=5, num_classes=2, dim=32, depth=1, heads=2, end_token=True))
     assert model.head.out_features == model.tok_emb.num_embeddings == 17
     model.eval()
     labels, lengths = torch.tensor([0, 1]), torch.tensor([3, 5])
@@ -67,7 +67,7 @@ def test_end_token_targets_and_loss(one_thread):
     chunked = model(ids, labels, lengths=lengths, return_logits=False, max_loss_logits=17 * 3)
     torch.testing.assert_close(chunked.loss, out.loss)
     with pytest.raises(ValueError, match="end_token=True"):
-        GPT(GPTConfig(vocab_size=16, block_size=5, num_classes=2, dim=32, depth=1, heads=2))(ids, labels,
+        GPT(GPTConfig(vocab_size=16, max_tokens=5, num_classes=2, dim=32, depth=1, heads=2))(ids, labels,
                                                                                              lengths=lengths)
     with pytest.raises(ValueError, match=">= 1"):
         model(ids, labels, lengths=torch.tensor([0, 5]))
@@ -96,7 +96,7 @@ def trained(tmp_path_factory, one_thread):
     written = write_variable_length_shards(root)
     torch.manual_seed(0)
     dm = TokenDataModule(root, batch_size=64, val_fraction=0.1)
-    module = GeneratorModule(preset="tiny", overrides=dict(vocab_size=VOCAB, block_size=K, num_classes=CLASSES,
+    module = GeneratorModule(preset="tiny", overrides=dict(vocab_size=VOCAB, max_tokens=K, num_classes=CLASSES,
                              dim=64, depth=2, heads=4, end_token=True, class_dropout_prob=0.1),
                              lr=3e-3, warmup_steps=10, num_val_samples=6, sample_cfg_scale=2.0)  # fmt: skip
     trainer = pl.Trainer(max_steps=250, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -164,7 +164,7 @@ def test_stopping_is_per_sample_and_fixed_k_never_ends(trained):
                      generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert isinstance(fixed, torch.Tensor) and fixed.shape == (64, 6) and int(fixed.max()) < VOCAB
     with pytest.raises(ValueError, match="end token"):
-        generate(GPT(GPTConfig(vocab_size=VOCAB, block_size=K, num_classes=CLASSES, dim=32, depth=1, heads=2)),
+        generate(GPT(GPTConfig(vocab_size=VOCAB, max_tokens=K, num_classes=CLASSES, dim=32, depth=1, heads=2)),
                  labels, stop_at_end=True)  # fmt: skip
 
 
@@ -175,7 +175,7 @@ def test_variable_length_shards_need_an_end_token_model(trained, tmp_path):
     dm.setup("fit")
     ids, labels, lengths = next(iter(dm.train_dataloader()))
     assert ids.shape == (8, K) and lengths.shape == (8,) and lengths.dtype == torch.int64
-    module = GeneratorModule(preset="tiny", overrides=dict(vocab_size=VOCAB, block_size=K, num_classes=CLASSES,
+    module = GeneratorModule(preset="tiny", overrides=dict(vocab_size=VOCAB, max_tokens=K, num_classes=CLASSES,
                              dim=32, depth=1, heads=2), num_val_samples=0)  # fmt: skip
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
@@ -220,7 +220,7 @@ def test_sample_and_gfid_commands_at_natural_lengths(trained, tmp_path):
     assert sum(report["natural"]["histogram"].values()) == 30 and report["2"]["histogram"] == {"2": 30}
     assert "| natural | " in (out / "lengths.md").read_text()
     with pytest.raises(SystemExit, match="end token"):  # a fixed-length GPT has no natural length
-        GPT(GPTConfig(vocab_size=VOCAB, block_size=K, num_classes=CLASSES, dim=32, depth=1, heads=2)).save_pretrained(
+        GPT(GPTConfig(vocab_size=VOCAB, max_tokens=K, num_classes=CLASSES, dim=32, depth=1, heads=2)).save_pretrained(
             tmp_path / "plain")
         sample_main(["--gpt", str(tmp_path / "plain"), *common[2:], "--out", str(tmp_path / "x"), "--num-tokens",
                      "natural"])  # fmt: skip

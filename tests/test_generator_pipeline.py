@@ -32,7 +32,7 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=32)
     tok.save_pretrained(d / "tok")
-    gpt = GPT.from_preset("tiny", vocab_size=tok.codebook_size, block_size=tok.max_tokens,
+    gpt = GPT.from_preset("tiny", vocab_size=tok.codebook_size, max_tokens=tok.max_tokens,
                           num_classes=NUM_CLASSES, dim=32, depth=1, heads=2)  # fmt: skip
     gpt.save_pretrained(str(d / "gpt"))
     return tok.eval(), gpt.eval(), str(d / "tok"), str(d / "gpt")

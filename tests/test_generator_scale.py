@@ -26,7 +26,7 @@ from tokenizer.training.config_files import load_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHRINK = dict(vocab_size=32, block_size=16, num_classes=4, dim=64, depth=2, heads=4)
+SHRINK = dict(vocab_size=32, max_tokens=16, num_classes=4, dim=64, depth=2, heads=4)
 
 
 def small_gpt(seed: int = 0, **kw) -> GPT:
@@ -271,6 +271,6 @@ def test_bench_train_times_the_generator_step():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["model"] == "generator" and out["syncs_checked"] and out["vocab_size"] == 512
-    assert out["tokens_per_s"] == pytest.approx(out["img_per_s"] * out["block_size"]) and out["img_per_s"] > 0
+    assert out["tokens_per_s"] == pytest.approx(out["img_per_s"] * out["max_tokens"]) and out["img_per_s"] > 0
     # FLOPs per sequence are at least 6 x (non-embedding parameters) x tokens (forward + backward of the matmuls)
-    assert out["tflop_per_img"] * 1e12 >= 6 * 0.9 * (out["params_m"] * 1e6 - 2 * 512 * 192) * out["block_size"]
+    assert out["tflop_per_img"] * 1e12 >= 6 * 0.9 * (out["params_m"] * 1e6 - 2 * 512 * 192) * out["max_tokens"]

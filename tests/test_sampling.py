@@ -125,7 +125,7 @@ def test_sampler_edge_cases():
 # ---- no host sync in the token loop ------------------------------------------------------------------------
 def _small_gpt() -> GPT:
     torch.manual_seed(0)
-    return GPT.from_preset("tiny", vocab_size=64, block_size=16, num_classes=4, dim=32, depth=2, heads=2)
+    return GPT.from_preset("tiny", vocab_size=64, max_tokens=16, num_classes=4, dim=32, depth=2, heads=2)
 
 
 def _record(fn) -> Counter:
@@ -211,7 +211,7 @@ def test_bench_sampling_ends_with_json():
     """scripts/bench_sampling.py at tiny settings in a subprocess: the last line is one JSON object."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "scripts/bench_sampling.py", "--vocab-size", "64", "--block-size", "8",
+    proc = subprocess.run([sys.executable, "scripts/bench_sampling.py", "--vocab-size", "64", "--max-tokens", "8",
                            "--num-classes", "4", "--batch-sizes", "2", "--num-tokens", "4", "8", "--repeats", "1",
                            "--cfg-scale", "2.0", "--top-k", "8", "--dtype", "bfloat16", "--threads", "1"],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

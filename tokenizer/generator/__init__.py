@@ -1,7 +1,7 @@
 """Autoregressive generator over 1D tokenizer ids (LlamaGen-style GPT, class-conditional, CFG sampling).
 
     from tokenizer.generator import GPT, generate
-    model = GPT.from_preset("tiny", vocab_size=tok.codebook_size, block_size=tok.max_tokens, num_classes=1000)
+    model = GPT.from_preset("tiny", vocab_size=tok.codebook_size, max_tokens=tok.max_tokens, num_classes=1000)
     ids = generate(model, torch.tensor([1, 2]), num_tokens=32, cfg_scale=2.0)   # [2, 32]
     images = tok.decode(ids)
     # a GPT trained with end_token=True on variable-length records stops by itself:

@@ -12,7 +12,7 @@ End-of-image token (`end_token=True`, for variable-length records, e.g. adaptive
 gains one id, `end_id` = vocab_size, in the embedding and the head. A record of length L (ids[:, L:] padding)
 has targets id_0 .. id_{L-1}, END, and the positions after END are ignored in the loss; the inputs after
 position L are END (whatever the padding held). A record of length L = T (the full sequence) has no END target:
-sampling stops at K anyway, so no position K + 1 is needed and block_size stays K. Sampling
+sampling stops at K anyway, so no position K + 1 is needed and max_tokens stays K. Sampling
 (`sampling.generate`) then stops each sample where it draws END.
 
 Classifier-free guidance uses an
@@ -22,7 +22,7 @@ extra "null" class (index `num_classes`): during training a label is replaced by
 Architecture (`layers.py`): pre-norm RMSNorm, SwiGLU MLP, 1D rotary position embedding on q/k, no biases,
 attention through `F.scaled_dot_product_attention`. Named presets live in `PRESETS`:
 
-    model = GPT.from_preset("B", vocab_size=4096, block_size=128, num_classes=1000)
+    model = GPT.from_preset("B", vocab_size=4096, max_tokens=128, num_classes=1000)
 
 Training calls `model(ids, labels, return_logits=False, check_values=False)`: the loss then comes from
 `loss.linear_cross_entropy` (no fp32 logits of the whole batch), and nothing reads a value on the host (the
@@ -56,7 +56,7 @@ def _find_multiple(n: int, k: int) -> int:
 @dataclass
 class GPTConfig:
     vocab_size: int = 4096  # = tokenizer codebook size
-    block_size: int = 128  # K = tokenizer max_tokens (the class token takes position 0, ids 1..K-1 follow)
+    max_tokens: int = 128  # K = tokenizer max_tokens (the class token takes position 0, ids 1..K-1 follow)
     num_classes: int = 1000  # 0 means unconditional (only the null class exists)
     dim: int = 768
     depth: int = 12
@@ -76,9 +76,9 @@ class GPTConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if (self.dim // self.heads) % 2:
             raise ValueError(f"head dim {self.dim // self.heads} must be even for rotary embeddings")
-        if self.vocab_size < 2 or self.block_size < 1 or self.num_classes < 0:
+        if self.vocab_size < 2 or self.max_tokens < 1 or self.num_classes < 0:
             raise ValueError(
-                f"bad vocab_size/block_size/num_classes: {self.vocab_size}/{self.block_size}/"
+                f"bad vocab_size/max_tokens/num_classes: {self.vocab_size}/{self.max_tokens}/"
                 f"{self.num_classes}"
             )
         if not 0.0 <= self.class_dropout_prob <= 1.0:
@@ -111,7 +111,7 @@ class GPTConfig:
         return self.unconditional or self.num_classes == 0
 
 
-# Architecture presets; data-dependent fields (vocab_size, block_size, num_classes) are set by overrides.
+# Architecture presets; data-dependent fields (vocab_size, max_tokens, num_classes) are set by overrides.
 # B/L/XL follow LlamaGen's GPT-B/L/XL (111M/343M/775M parameters at vocab 16384).
 PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(dim=192, depth=4, heads=4, mlp_multiple_of=64),  # CPU demo, ~3.5M params at vocab 4096
@@ -121,7 +121,23 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+# Renamed fields: saved models and checkpoints written under the old name keep loading.
+RENAMED_FIELDS = {"block_size": "max_tokens"}
+
+
+def current_field_names(values: dict) -> dict:
+    """`values` with renamed GPTConfig fields under their current names (a value under both is an error)."""
+    out = dict(values)
+    for old, new in RENAMED_FIELDS.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"GPT config gives both {old!r} (its old name) and {new!r}")
+            out[new] = out.pop(old)
+    return out
+
+
 def preset_config(name: str, **overrides) -> GPTConfig:
+    overrides = current_field_names(overrides)
     if name not in PRESETS:
         raise ValueError(f"unknown GPT preset {name!r}; known: {sorted(PRESETS)}")
     base = PRESETS[name]
@@ -183,12 +199,14 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GPT:
         """Strict load: a missing, unexpected or mis-shaped key is an error naming the file."""
-        config = read_model_config(directory, FORMAT)
+        saved = read_model_config(directory, FORMAT)
+        config = current_field_names(saved)
         known = {f.name for f in dataclasses.fields(GPTConfig)}
         if unknown := sorted(set(config) - known):
             raise ValueError(f"{Path(directory) / 'config.json'}: unknown GPTConfig fields {unknown}")
         model = cls(GPTConfig(**config))
-        load_state_strict(model, load_model_state(directory, config, map_location), Path(directory) / WEIGHTS_NAME)
+        state = load_model_state(directory, saved, map_location)  # checked against the config as saved
+        load_state_strict(model, state, Path(directory) / WEIGHTS_NAME)
         return model.to(map_location)
 
     def reset_parameters(self) -> None:
@@ -267,7 +285,7 @@ class GPT(nn.Module):
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         key = (x.device, dtype)
         if key not in self._rope:
-            cos, sin = rope_cache(self.cfg.block_size, self.cfg.head_dim, self.cfg.rope_base)  # [K, D] fp64
+            cos, sin = rope_cache(self.cfg.max_tokens, self.cfg.head_dim, self.cfg.rope_base)  # [K, D] fp64
             self._rope[key] = (cos.to(x.device, dtype), sin.to(x.device, dtype))
         return self._rope[key]
 
@@ -283,9 +301,9 @@ class GPT(nn.Module):
                 raise ValueError(f"a tensor position is the one-token decode step: T must be 1 with a cache, got {T}")
             cos, sin = cos.index_select(0, start_pos), sin.index_select(0, start_pos)  # [1, D]
         else:
-            if start_pos + T > self.cfg.block_size:
+            if start_pos + T > self.cfg.max_tokens:
                 raise ValueError(
-                    f"positions {start_pos}..{start_pos + T - 1} exceed block_size {self.cfg.block_size}"
+                    f"positions {start_pos}..{start_pos + T - 1} exceed max_tokens {self.cfg.max_tokens}"
                 )
             cos, sin = cos[start_pos : start_pos + T], sin[start_pos : start_pos + T]  # [T, D]
         for i, block in enumerate(self.blocks):
@@ -307,7 +325,7 @@ class GPT(nn.Module):
         max_loss_logits: int | None = None,
         lengths: torch.Tensor | None = None,
     ) -> GPTOutput:
-        """Teacher-forced logits for image ids [B, T] (T <= block_size); logits[:, t] predicts ids[:, t].
+        """Teacher-forced logits for image ids [B, T] (T <= max_tokens); logits[:, t] predicts ids[:, t].
 
         return_logits=False: no logits (None); the loss is the chunked `linear_cross_entropy` (at most
         `max_loss_logits` fp32 logit values alive at once). check_values=False: no CPU range check of ids and
@@ -317,8 +335,8 @@ class GPT(nn.Module):
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}")
         B, T = ids.shape
-        if not 1 <= T <= self.cfg.block_size:
-            raise ValueError(f"sequence length {T} must be in 1..block_size={self.cfg.block_size}")
+        if not 1 <= T <= self.cfg.max_tokens:
+            raise ValueError(f"sequence length {T} must be in 1..max_tokens={self.cfg.max_tokens}")
         if check_values and _check_values(ids):
             self.check_ids(ids)
         ids = targets = ids.long()

@@ -49,7 +49,7 @@ class KVCache:
         p = next(model.parameters())
         device = p.device if device is None else device
         dtype = p.dtype if dtype is None else dtype
-        self.max_len = cfg.block_size if max_len is None else max_len
+        self.max_len = cfg.max_tokens if max_len is None else max_len
         self.key = (batch_size, self.max_len, torch.device(device), dtype)
         self.layers = [
             LayerKVCache(batch_size, cfg.heads, self.max_len, cfg.head_dim, device, dtype)

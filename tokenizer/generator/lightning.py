@@ -51,7 +51,7 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
         self,
         preset: str = "tiny",
         overrides: dict
-        | None = None,  # GPTConfig fields, e.g. {vocab_size: 4096, block_size: 128, num_classes: 1000}
+        | None = None,  # GPTConfig fields, e.g. {vocab_size: 4096, max_tokens: 128, num_classes: 1000}
         lr: float = 1e-4,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -61,7 +61,7 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
         grad_clip: float = 1.0,  # by norm; a Trainer gradient_clip_val takes precedence
         tokenizer_dir: str | None = None,
         num_val_samples: int = 8,  # sampled once per validation; 0 disables
-        sample_num_tokens: int | None = None,  # None = block_size
+        sample_num_tokens: int | None = None,  # None = max_tokens
         sample_cfg_scale: float = 1.0,
         sample_temperature: float = 1.0,
         sample_top_k: int | None = None,
@@ -101,10 +101,10 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
                 f"token shards use codebook_size {meta['codebook_size']} > model vocab_size "
                 f"{cfg.vocab_size}; set overrides.vocab_size"
             )
-        if k > cfg.block_size:
+        if k > cfg.max_tokens:
             raise ValueError(
-                f"training sequences have {k} tokens > model block_size {cfg.block_size}; set "
-                "overrides.block_size or data.num_tokens"
+                f"training sequences have {k} tokens > model max_tokens {cfg.max_tokens}; set "
+                "overrides.max_tokens or data.num_tokens"
             )
         if getattr(dm, "variable_length", False) and not cfg.end_token:
             raise ValueError(
@@ -246,10 +246,10 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
                 return None
             tok = OneDTokenizer.from_pretrained(self.hparams.tokenizer_dir)
             cfg = self.gpt.cfg
-            if tok.codebook_size != cfg.vocab_size or tok.max_tokens < cfg.block_size:
+            if tok.codebook_size != cfg.vocab_size or tok.max_tokens < cfg.max_tokens:
                 raise ValueError(
                     f"tokenizer (codebook {tok.codebook_size}, K {tok.max_tokens}) does not fit the "
-                    f"GPT (vocab {cfg.vocab_size}, block_size {cfg.block_size})"
+                    f"GPT (vocab {cfg.vocab_size}, max_tokens {cfg.max_tokens})"
                 )
             self.set_tokenizer(tok)
         if isinstance(self._tokenizer, torch.nn.Module):

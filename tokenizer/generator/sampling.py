@@ -154,7 +154,7 @@ def generate(
     stop_at_end: bool | None = None,
     end_check_every: int = 8,
 ) -> torch.Tensor | Sampled:
-    """Sample ids [B, k] (int64), k = num_tokens (default: block_size K).
+    """Sample ids [B, k] (int64), k = num_tokens (default: max_tokens K).
 
     End token (models with `end_token=True`): `stop_at_end` (None: True for such models) stops each sample
     where it draws END and returns `Sampled(ids [B, k] padded with 0, lengths [B])`; END is never drawn first
@@ -172,9 +172,9 @@ def generate(
     restored afterwards.
     """
     cfg = model.cfg
-    k = cfg.block_size if num_tokens is None else int(num_tokens)
-    if not 1 <= k <= cfg.block_size:
-        raise ValueError(f"num_tokens must be in 1..{cfg.block_size}, got {k}")
+    k = cfg.max_tokens if num_tokens is None else int(num_tokens)
+    if not 1 <= k <= cfg.max_tokens:
+        raise ValueError(f"num_tokens must be in 1..{cfg.max_tokens}, got {k}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     stop = cfg.end_token if stop_at_end is None else bool(stop_at_end)
