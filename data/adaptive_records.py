@@ -1,7 +1,7 @@
 """Adaptive-length token records for `data.extract_tokens`: each image keeps the fewest tokens that meet a
 quality target (`tok.encode_adaptive`, tokenizer/adaptive.py), stored padded with per-record lengths.
 
-    python -m data.extract_tokens --tokenizer TOK --out OUT --source sample --min-psnr 18
+    python -m data.extract_tokens --tokenizer TOK --out OUT --source photos --min-psnr 18
     python -m data.extract_tokens --tokenizer TOK --out OUT --source folder --root DIR --max-lpips 0.3 --flip
 
 `--num-tokens` is then the largest length allowed (default K). meta.json records the target

@@ -2,7 +2,7 @@
 
     # single process (CPU or one GPU)
     python -m data.extract_tokens --tokenizer checkpoints/demo/tokenizer --out checkpoints/tokens/demo \\
-        --source sample --num-crops 3000 --flip
+        --source photos --num-crops 3000 --flip
     # every process of a node (or several nodes) encodes its share
     accelerate launch -m data.extract_tokens --tokenizer TOK --out OUT --source folder \\
         --root /data/train --flip
@@ -12,7 +12,7 @@
 Sources (``data/sources.py``; all images go through the eval transform at the tokenizer's image_size: shorter
 side resized, center crop, as uint8, made float on the device; no random augmentation except the optional
 stored flip):
-- ``sample``: the embedded photographs (``data.sample.TRAIN_IMAGES``): ``--num-crops`` random crops of the
+- ``sample``: the embedded photographs (``data.photos.TRAIN_IMAGES``): ``--num-crops`` random crops of the
   training photos (random scale, random position), label = photo index. Crop ``i`` is a pure function of
   ``(--seed, i)``, so any process computes any crop and a rerun reproduces the same crops for the same keys.
   Crops are rounded to uint8 like every other image (and like the training loaders' crops).
@@ -79,7 +79,7 @@ def open_source(args: argparse.Namespace, image_size: int):
     """(the ``data.sources`` source of the flags, meta.json fields describing it, number of classes or None)."""
     from data.sources import FolderImages
 
-    if args.source == "sample":
+    if args.source == "photos":
         source = PhotoCrops(image_size, args.num_crops, args.seed)
         return source, dict(num_crops=args.num_crops, seed=args.seed, classes=source.classes), len(source.classes)
     if args.source == "folder":
@@ -227,14 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="save_pretrained directory of the frozen tokenizer")
     p.add_argument("--out", required=True, help="token shard directory (created; resumed if it exists)")
-    p.add_argument("--source", choices=("sample", "folder", "webdataset"), default="sample")
+    p.add_argument("--source", choices=("photos", "folder", "webdataset"), default="photos")
     p.add_argument("--root", help="folder source: ImageFolder root")
     p.add_argument("--shards", help="webdataset source: brace pattern(s) joined with '::'")
     p.add_argument(
         "--num-classes", type=int, help="webdataset source: number of classes (default: max label + 1)"
     )
-    p.add_argument("--num-crops", type=int, default=3000, help="sample source: number of random crops")
-    p.add_argument("--seed", type=int, default=0, help="sample source: crop seed (part of every key)")
+    p.add_argument("--num-crops", type=int, default=3000, help="photos source: number of random crops")
+    p.add_argument("--seed", type=int, default=0, help="photos source: crop seed (part of every key)")
     p.add_argument("--num-tokens", type=int, help="tokens per image k (default: the tokenizer's K; adaptive: the cap)")
     add_adaptive_args(p)
     p.add_argument("--flip", action="store_true", help="store [N, 2, k]: the image and its horizontal flip")
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.num_crops < 1 and args.source == "sample":
+    if args.num_crops < 1 and args.source == "photos":
         raise SystemExit("--num-crops must be >= 1")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -9,7 +9,7 @@ or a ``data.skips.Skipped`` record when it cannot be read.
   folder) or image files in any layout (``tokenizer.images.walk_image_files``, label -1); key = relative path.
 - ``PhotoCrops``: deterministic random crops of the embedded training photographs; crop ``i`` is a pure
   function of ``(seed, i)``; label = photo index.
-- ``HeldOutCrops``: the fixed held-out crops of ``data.sample`` (what validation sees); label = photo index.
+- ``HeldOutCrops``: the fixed held-out crops of ``data.photos`` (what validation sees); label = photo index.
 - ``TarShards``: webdataset tar shards (``data.tar_shards``); label = ``cls``, key = ``__key__``. They are
   streamed, not listed: the global index is shard offset + position (offsets need the sample counts).
 
@@ -100,7 +100,7 @@ class PhotoCrops:
     max_workers: int | None = None
 
     def __init__(self, image_size: int, num_crops: int, seed: int = 0):
-        from data.sample import TRAIN_IMAGES, RandomCrops, load_photo
+        from data.photos import TRAIN_IMAGES, RandomCrops, load_photo
 
         if num_crops < 1:
             raise ValueError(f"num_crops must be >= 1, got {num_crops}")
@@ -142,18 +142,18 @@ class PhotoCrops:
 
 
 class HeldOutCrops(Listed):
-    """The fixed held-out crops of ``data.sample`` (evenly spaced, 3 scales, scale-major), first ``limit``."""
+    """The fixed held-out crops of ``data.photos`` (evenly spaced, 3 scales, scale-major), first ``limit``."""
 
     max_workers: int | None = 0  # already in memory: workers would only add IPC
 
     def __init__(self, image_size: int, per_scale: int = 4, limit: int | None = None):
-        from data.sample import VAL_IMAGES, SampleImagesDataModule
+        from data.photos import VAL_IMAGES, PhotosDataModule
 
-        module = SampleImagesDataModule(image_size=image_size, val_crops_per_scale=per_scale)
+        module = PhotosDataModule(image_size=image_size, val_crops_per_scale=per_scale)
         module.setup()
         self.crops = module.val_set  # (uint8 [3, S, S], label)
         self.items = [(f"heldout-{i:05d}", int(self.crops[i][1])) for i in range(len(self.crops))][:limit]
-        self.description = (f"embedded held-out crops of {', '.join(VAL_IMAGES)} (data.sample, {per_scale} "
+        self.description = (f"embedded held-out crops of {', '.join(VAL_IMAGES)} (data.photos, {per_scale} "
                             f"crops per scale x 3 scales per photo), {image_size}px")
 
     def load(self, i: int) -> torch.Tensor:

@@ -187,28 +187,17 @@ class WebDatasetDataModule(ImageDataModule):
         num_batches = max(1, epoch_length // (world * self.batch_size))
         mode = self.resolve_shard_mode(len(shards), world)
         check_readable_shards(shards, f"training shards {self.train_shards!r}")  # an error now, not a hang later
-        dataset = ShardStream(
-            shards,
-            train=True,
-            transform=train_transform(self.image_size, uint8=True),
-            batch_size=self.batch_size,
-            rank=rank,
-            world_size=world,
-            sampling=mode,
-            shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed,
-            return_keys=self.return_keys,
-            skipped_counter=self.skip_counter(),
-        )
-        log.info(
-            "train: rank %d/%d, %d shards, mode=%s, %d batches/epoch",
-            rank,
-            world,
-            len(shards),
-            mode,
-            num_batches,
-        )
+        dataset = self._stream(shards, rank, world, train=True, sampling=mode, shuffle_buffer=self.shuffle_buffer)
+        log.info("train: rank %d/%d, %d shards, mode=%s, %d batches/epoch", rank, world, len(shards), mode,
+                 num_batches)
         return EpochLoader(dataset, num_batches, epoch_fn=self._epoch, **self.loader_kwargs())
+
+    def _stream(self, shards: list[str], rank: int, world: int, train: bool, **mode) -> ShardStream:
+        """This rank's ShardStream: random crops for training, the eval crop for validation (uint8 either way)."""
+        transform = (train_transform if train else eval_transform)(self.image_size, uint8=True)
+        return ShardStream(shards, train=train, transform=transform, batch_size=self.batch_size, rank=rank,
+                           world_size=world, seed=self.seed, return_keys=self.return_keys,
+                           skipped_counter=self.skip_counter(), **mode)
 
     def val_dataloader(self):
         if not self.val_shards:
@@ -219,17 +208,6 @@ class WebDatasetDataModule(ImageDataModule):
         offsets = [0, *itertools.accumulate(counts)][:-1]
         total = sum(counts)
         mine = len(range(rank, total, world))
-        dataset = ShardStream(
-            shards,
-            train=False,
-            transform=eval_transform(self.image_size, uint8=True),
-            batch_size=self.batch_size,
-            rank=rank,
-            world_size=world,
-            seed=self.seed,
-            return_keys=self.return_keys,
-            offsets=offsets,
-            skipped_counter=self.skip_counter(),
-        )
+        dataset = self._stream(shards, rank, world, train=False, offsets=offsets)
         num_samples = math.ceil(total / world) if self.val_pad else mine
         return EvenLoader(dataset, num_samples, self.batch_size, **self.loader_kwargs())

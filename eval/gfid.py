@@ -1,7 +1,7 @@
 """gFID: FID of N generated samples per token count k against a reference set (FID Inception, offline).
 
     # reference statistics once (an image source -> mu/sigma .npz, the ADM reference-batch keys)
-    python -m eval.gfid --ref-source sample --ref-num 5000 --save-ref-stats checkpoints/ref_sample64.npz \\
+    python -m eval.gfid --ref-source photos --ref-num 5000 --save-ref-stats checkpoints/ref_sample64.npz \\
         --image-size 64
     # generate N samples per k (accelerate: every process samples its share) and score them
     accelerate launch -m eval.gfid --checkpoint checkpoints/demo-generator/ckpt/last.ckpt \\
@@ -17,7 +17,7 @@ Reference (exactly one):
   (computed only for those). Any npz with ``arr_0`` and/or ``mu``/``sigma`` is read the same way;
 - ``--ref-stats FILE.npz`` with ``mu`` [D] and ``sigma`` [D, D] (what ``--save-ref-stats`` writes);
 - ``--ref-npz FILE.npz`` with images ``arr_0`` uint8 [N, H, W, 3] (e.g. an ADM reference batch);
-- ``--ref-source sample``: ``--ref-num`` random crops of the embedded training photographs (the demo's data)
+- ``--ref-source photos``: ``--ref-num`` random crops of the embedded training photographs (the demo's data)
   at ``--image-size`` (default: the tokenizer's); ``--ref-source folder --ref-root DIR``: an ImageFolder tree
   through the eval transform (resize + center crop), at most ``--ref-num`` images.
 
@@ -114,7 +114,7 @@ def source_images(source, batch_size: int = 64, num_workers: int = 0) -> Iterato
         yield batch.images
 
 
-def sample_source_images(
+def photo_crop_images(
     num: int, image_size: int, seed: int = 1, batch_size: int = 256
 ) -> Iterator[torch.Tensor]:
     """`num` random crops of the embedded training photographs (``data.sources.PhotoCrops``) as uint8."""
@@ -198,10 +198,10 @@ def image_source(args: argparse.Namespace, image_size: int | None) -> tuple[Iter
         return npz_images(path, limit=args.ref_num), f"{'reference batch' if args.ref_batch else 'images'} {path}"
     if image_size is None:
         raise SystemExit("--ref-source needs --image-size (or a generator/tokenizer to take it from)")
-    if args.ref_source == "sample":
+    if args.ref_source == "photos":
         num = args.ref_num or 5000
         desc = f"{num} embedded training-photo crops at {image_size}px (seed {args.ref_seed})"
-        return sample_source_images(num, image_size, seed=args.ref_seed), desc
+        return photo_crop_images(num, image_size, seed=args.ref_seed), desc
     if not args.ref_root:
         raise SystemExit("--ref-source folder needs --ref-root DIR")
     return folder_images(args.ref_root, image_size, args.ref_num), f"folder {args.ref_root} at {image_size}px"
@@ -301,10 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-batch", help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz (mu/sigma + arr_0)")
     p.add_argument("--ref-stats", help="reference mu/sigma .npz")
     p.add_argument("--ref-npz", help="reference images .npz (arr_0 uint8 [N, H, W, 3])")
-    p.add_argument("--ref-source", choices=("sample", "folder"), help="reference image source")
+    p.add_argument("--ref-source", choices=("photos", "folder"), help="reference image source")
     p.add_argument("--ref-root", help="--ref-source folder: ImageFolder root")
-    p.add_argument("--ref-num", type=int, help="reference images (sample: default 5000; others: all)")
-    p.add_argument("--ref-seed", type=int, default=1, help="--ref-source sample: crop seed")
+    p.add_argument("--ref-num", type=int, help="reference images (photos: default 5000; others: all)")
+    p.add_argument("--ref-seed", type=int, default=1, help="--ref-source photos: crop seed")
     p.add_argument("--save-ref-stats", help="write the reference mu/sigma here")
     p.add_argument("--image-size", type=int, help="reference image size (default: the tokenizer's)")
     p.add_argument("--no-precision-recall", action="store_true", help="skip precision/recall (no reference images)")

@@ -17,7 +17,7 @@ process, ``--multi_gpu`` is what starts N local processes, and this script's own
     accelerate launch --multi_gpu --num_processes 2 -m eval.reconstruction --tokenizer tok/ --out r/ --cpu
 
 What it does. The tokenizer comes from a ``save_pretrained`` directory (``--tokenizer``) or a training
-checkpoint (``--checkpoint``, EMA weights when present). Images (``--source``): ``sample`` (default, the
+checkpoint (``--checkpoint``, EMA weights when present). Images (``--source``): ``photos`` (default, the
 embedded held-out crops), ``folder --root DIR`` or ``webdataset --shards PATTERN``; folder/shard images are
 resized (shorter side, bicubic antialiased) and center cropped to the tokenizer's image size
 (``tokenizer.images.eval_transform``); ``--max-images N`` keeps the first N. References are those crops as
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="TokenizerModule Lightning checkpoint (EMA weights used if present)")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--num-tokens", type=int, nargs="+", help="token counts (default 1, 2, 4, ..., K)")
-    p.add_argument("--source", choices=("sample", "folder", "webdataset"), default="sample")
+    p.add_argument("--source", choices=("photos", "folder", "webdataset"), default="photos")
     p.add_argument("--root", help="--source folder: image directory (any layout, searched recursively)")
     p.add_argument("--shards", help="--source webdataset: brace pattern(s) of the tar shards")
     p.add_argument("--max-images", type=int, help="evaluate the first N images only")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--grid-images", type=int, default=8, help="images in the reconstruction grids")
     p.add_argument("--per-image", action="store_true", help="also write per_image.npz")
-    p.add_argument("--val-crops-per-scale", type=int, default=4, help="--source sample: crops per scale")
+    p.add_argument("--val-crops-per-scale", type=int, default=4, help="--source photos: crops per scale")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
     add_precision_arg(p)
     return p

@@ -4,7 +4,7 @@ The sources, the split rule (item ``i`` -> process ``i % world_size``, no paddin
 split whole when there are enough of them) and the skip counting are ``data.sources``; this module names the
 evaluation's three sources and gives the (index, images) pairs ``eval.recon_eval`` reads.
 
-- ``sample``: the embedded held-out crops of :mod:`data.sample` (already ``image_size``, uint8).
+- ``photos``: the embedded held-out crops of :mod:`data.photos` (already ``image_size``, uint8).
 - ``folder``: every image file below ``root`` (any layout, ImageFolder included), sorted by relative path.
 - ``webdataset``: tar shards in the order of the pattern; index = shard offset + position in the shard
   (sample counts from the converter's ``*-meta.json``, else from the tar headers).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from data.sources import FolderImages, HeldOutCrops, ImageLoader, TarShards, process_dataset
 
-SOURCES = ("sample", "folder", "webdataset")
+SOURCES = ("photos", "folder", "webdataset")
 
 
 class SourceLoader(ImageLoader):
@@ -33,7 +33,7 @@ def make_source(source: str, image_size: int, *, rank: int = 0, world_size: int 
                 shards: str | None = None, val_crops_per_scale: int = 4) -> tuple[SourceLoader, int, str]:
     """(loader over this rank's images, number of global indices, description of the source). After the loop,
     ``loader.skips.report()`` gives what this rank skipped."""
-    if source == "sample":
+    if source == "photos":
         images = HeldOutCrops(image_size, val_crops_per_scale, limit=max_images)
     elif source == "folder":
         if not root:

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from data.sample import SampleImagesDataModule  # noqa: E402
+from data.photos import PhotosDataModule  # noqa: E402
 from eval.metrics import LPIPSReference, to_uint8  # noqa: E402
 from eval.recon_eval import image_metrics, reconstruct  # noqa: E402
 from tokenizer.atomic import write_text  # noqa: E402
@@ -56,7 +56,7 @@ def train(config: dict, mechanism: str, steps: int, seed: int) -> tuple[Tokenize
     args["overrides"] = {**(args.get("overrides") or {}), **mechanism_overrides(mechanism)}
     pl.seed_everything(seed, verbose=False)
     module = TokenizerModule(**args)
-    datamodule = SampleImagesDataModule(**config["data"]["init_args"])
+    datamodule = PhotosDataModule(**config["data"]["init_args"])
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=config["trainer"].get("precision", "32-true"),
                          max_steps=steps * module.optimizers_per_batch, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -68,7 +68,7 @@ def train(config: dict, mechanism: str, steps: int, seed: int) -> tuple[Tokenize
 
 def usage_crops(image_size: int, n: int = USAGE_CROPS) -> torch.Tensor:
     """n random training crops (a fixed seed, no colour jitter), uint8 [n, 3, S, S]."""
-    from data.sample import TRAIN_IMAGES, RandomCrops, load_photo
+    from data.photos import TRAIN_IMAGES, RandomCrops, load_photo
 
     crops = RandomCrops([load_photo(name) for name in TRAIN_IMAGES], list(range(len(TRAIN_IMAGES))), image_size, n,
                         uint8=True)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.steps < 1:
         p.error(f"--steps must be >= 1, got {a.steps}")
     config = load_config(a.config)
-    datamodule = SampleImagesDataModule(**config["data"]["init_args"])
+    datamodule = PhotosDataModule(**config["data"]["init_args"])
     datamodule.setup()
     refs = to_uint8(datamodule.val_batch())  # [N, 3, S, S] uint8, the held-out crops
     out = Path(a.out)

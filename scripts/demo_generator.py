@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
     py = sys.executable
     times = {}
     times["extract_s"] = run(
-        [py, "-m", "data.extract_tokens", "--tokenizer", tok, "--out", f"{out}/tokens", "--source", "sample",
+        [py, "-m", "data.extract_tokens", "--tokenizer", tok, "--out", f"{out}/tokens", "--source", "photos",
          "--num-crops", str(args.num_crops), "--flip"],
         "1/3 extract tokens",
     )  # fmt: skip
-    from data.sample import TRAIN_IMAGES
+    from data.photos import TRAIN_IMAGES
     from tokenizer.atomic import write_json
 
     # the whole dict (a dict flag replaces the config's): the tokenizer's vocabulary and K, 14 photo classes

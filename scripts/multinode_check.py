@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def make_images(out: str, per_photo: int, size: int, seed: int = 0) -> int:
     from PIL import Image
 
-    from data.sample import TRAIN_IMAGES, load_photo, resize_shorter_side
+    from data.photos import TRAIN_IMAGES, load_photo, resize_shorter_side
 
     g = torch.Generator().manual_seed(seed)
     n = 0

@@ -7,7 +7,7 @@ import random
 import lightning.pytorch as pl
 import torch
 
-from data.sample import SampleImagesDataModule
+from data.photos import PhotosDataModule
 from tokenizer import OneDTokenizer
 
 # The one small tokenizer of the tests: 32 px, 8 tokens, one block each side. Big enough to exercise every code
@@ -40,5 +40,5 @@ def fresh_start(model: OneDTokenizer):
     return restart
 
 
-def data(batch_size: int = 4) -> SampleImagesDataModule:
-    return SampleImagesDataModule(image_size=32, batch_size=batch_size, train_samples_per_epoch=1000)
+def data(batch_size: int = 4) -> PhotosDataModule:
+    return PhotosDataModule(image_size=32, batch_size=batch_size, train_crops_per_epoch=1000)

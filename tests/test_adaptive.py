@@ -7,7 +7,7 @@ import pytest
 import torch
 from _small_training import SMALL, data, trainer
 
-from data.sample import SampleImagesDataModule
+from data.photos import PhotosDataModule
 from tokenizer import OneDTokenizer
 from tokenizer.metrics import psnr, to_uint8
 from tokenizer.perceptual import LPIPS
@@ -28,7 +28,7 @@ def trained(one_thread):
 
 @pytest.fixture(scope="module")
 def photos():
-    return SampleImagesDataModule(image_size=32, val_crops_per_scale=4).val_batch()  # held-out photographs
+    return PhotosDataModule(image_size=32, val_crops_per_scale=4).val_batch()  # held-out photographs
 
 
 def quality_curves(tok: OneDTokenizer, images: torch.Tensor, quality) -> torch.Tensor:

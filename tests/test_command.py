@@ -16,7 +16,7 @@ import torch
 from _small_training import SMALL
 from PIL import Image
 
-from data.sample import load_photo
+from data.photos import load_photo
 from tokenizer import OneDTokenizer
 from tokenizer.command import load_tokens, main
 from tokenizer.images import eval_transform, read_image

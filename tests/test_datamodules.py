@@ -256,9 +256,9 @@ def test_webdataset_workers_send_uint8_equal_to_float_pipeline(uneven_shards):
 def test_sample_workers_send_uint8_within_rounding_of_float_pipeline():
     from torch.utils.data import DataLoader
 
-    from data.sample import TRAIN_IMAGES, RandomCrops, SampleImagesDataModule, load_photo
+    from data.photos import TRAIN_IMAGES, PhotosDataModule, RandomCrops, load_photo
 
-    dm = SampleImagesDataModule(image_size=16, batch_size=8, num_workers=2, train_samples_per_epoch=32,
+    dm = PhotosDataModule(image_size=16, batch_size=8, num_workers=2, train_crops_per_epoch=32,
                                 val_crops_per_scale=2, color_jitter=0.3)
     dm.setup()
     torch.manual_seed(11)

@@ -271,7 +271,7 @@ def test_bf16_reconstruction_metrics_close_to_fp32(trained_tok):
     from eval.sources import make_source
     from tokenizer.precision import autocast
 
-    loader, total, _ = make_source("sample", trained_tok.image_size, max_images=12, batch_size=12)
+    loader, total, _ = make_source("photos", trained_tok.image_size, max_images=12, batch_size=12)
     batches = list(loader)
     rows = {p: rec.evaluate(_OneProcess(), trained_tok, batches, total, [4, 32], [], fid=False, precision=p)[0]
             for p in ("fp32", "bf16")}  # fmt: skip
@@ -363,7 +363,7 @@ def test_folder_and_webdataset_sources_split_by_index(tmp_path):
         w_imgs += x
     assert sorted(w_idx) == list(range(9))  # the converter dropped the corrupt file
     assert sorted(x.sum().item() for x in w_imgs) == sorted(x.sum().item() for x in imgs)
-    loader, total, _ = make_source("sample", 64, max_images=5)
+    loader, total, _ = make_source("photos", 64, max_images=5)
     idx, imgs = _collect(loader)
     assert total == 5 and idx == list(range(5)) and imgs[0].dtype == torch.uint8
 

@@ -85,7 +85,7 @@ def test_two_processes_folder_exactly_once(tok_dir, tmp_path):
 def test_sample_source_two_processes_then_resume(tok_dir, tmp_path):
     out = tmp_path / "tokens"
     n = 7
-    common = ["--tokenizer", tok_dir, "--out", str(out), "--source", "sample", "--num-crops", str(n),
+    common = ["--tokenizer", tok_dir, "--out", str(out), "--source", "photos", "--num-crops", str(n),
               "--shard-size", "2", "--batch-size", "2", "--seed", "3"]  # fmt: skip
     _launch(2, common)
     ids, labels, keys, meta = load_token_shards(str(out))
@@ -173,7 +173,7 @@ def test_bf16_extraction_ids_mostly_equal_fp32(tmp_path):
     from _tokenizer_helpers import briefly_trained_tokenizer
 
     tok_dir = briefly_trained_tokenizer().save_pretrained(tmp_path / "tok")
-    common = ["--tokenizer", str(tok_dir), "--source", "sample", "--num-crops", "24", "--batch-size", "12",
+    common = ["--tokenizer", str(tok_dir), "--source", "photos", "--num-crops", "24", "--batch-size", "12",
               "--flip", "--no-progress", "--cpu"]  # fmt: skip
     default = main([*common, "--out", str(tmp_path / "default")])
     bf16 = main([*common, "--out", str(tmp_path / "bf16"), "--precision", "bf16"])
@@ -205,7 +205,7 @@ def test_adaptive_extraction_lengths_equal_encode_adaptive(tmp_path):
     by_k = torch.stack([psnr(to_uint8(tok.reconstruct(x, k)), to_uint8(x)) for k in (2, 8)])  # [2, 12]
     target = round(float(by_k.mean()), 2)  # between the qualities of 2 and 8 tokens: lengths in between
     out = tmp_path / "adaptive"
-    common = ["--tokenizer", str(tok_dir), "--out", str(out), "--source", "sample", "--num-crops", str(n),
+    common = ["--tokenizer", str(tok_dir), "--out", str(out), "--source", "photos", "--num-crops", str(n),
               "--batch-size", "5", "--flip", "--no-progress", "--cpu"]  # fmt: skip
     meta = main([*common, "--min-psnr", str(target)])
 

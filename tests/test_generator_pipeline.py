@@ -155,9 +155,9 @@ def test_gfid_against_own_stats_is_zero(tmp_path):
 
 
 def test_gfid_reference_from_sample_crops(tmp_path):
-    """--ref-source sample: crops of the embedded photographs at the sample size; the reference path runs."""
+    """--ref-source photos: crops of the embedded photographs at the sample size; the reference path runs."""
     a = _images_npz(tmp_path / "samples_k002.npz", seed=0)
-    args = ["--samples", str(a), "--ref-source", "sample", "--ref-num", "20"]
+    args = ["--samples", str(a), "--ref-source", "photos", "--ref-num", "20"]
     res = gfid.main(args, extractor=stub_features)
     assert "20 embedded training-photo crops at 16px" in res["reference"]
     assert res["rows"][2]["fid"] > 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from _small_training import SMALL
 
-from data.sample import SampleImagesDataModule
+from data.photos import PhotosDataModule
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.losses import LeCamEMA, adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from tokenizer.training import TokenizerModule
@@ -35,7 +35,7 @@ class Recorder(pl.Callback):
 
 
 def fit(module, root, steps_per_batch_total: int, batch_size: int = 8):
-    dm = SampleImagesDataModule(image_size=32, batch_size=batch_size, train_samples_per_epoch=1000)
+    dm = PhotosDataModule(image_size=32, batch_size=batch_size, train_crops_per_epoch=1000)
     recorder = Recorder()
     trainer = pl.Trainer(max_steps=steps_per_batch_total, accelerator="cpu", logger=False,
                          default_root_dir=str(root), log_every_n_steps=1,
@@ -74,7 +74,7 @@ def test_discriminator_loss_responds_to_real_vs_reconstructed():
     torch.manual_seed(0)
     disc = PatchDiscriminator(channels=16, num_layers=2)
     opt = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.5, 0.9))
-    dm = SampleImagesDataModule(image_size=32, batch_size=16, train_samples_per_epoch=16 * 40)
+    dm = PhotosDataModule(image_size=32, batch_size=16, train_crops_per_epoch=16 * 40)
     dm.setup()
 
     def blurred(x):  # a stand-in for an early, blurry reconstruction

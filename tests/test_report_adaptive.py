@@ -126,7 +126,7 @@ def test_lpips_targets_and_the_default_skip(tok_dir, tmp_path):
     from tokenizer import OneDTokenizer
 
     tok = OneDTokenizer.from_pretrained(tok_dir)
-    loader, total, _ = make_source("sample", tok.image_size, max_images=12, batch_size=8)
+    loader, total, _ = make_source("photos", tok.image_size, max_images=12, batch_size=8)
     batches = list(loader)
     rows, _, _ = evaluate(OneProcess(), tok, batches, total, [1, 8], [], fid=False)
     lpips_1, lpips_8 = rows[0].lpips, rows[1].lpips

@@ -14,7 +14,7 @@ import pytest
 import torch
 from _small_training import SMALL, as_flag
 
-from data.sample import SampleImagesDataModule
+from data.photos import PhotosDataModule
 from tokenizer.training import TokenizerModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_resume_after_sigkill_restores_step_optimizer_and_ema(tmp_path):
                          default_root_dir=str(tmp_path / "resumed"), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=[probe])
-    trainer.fit(module, datamodule=SampleImagesDataModule(image_size=32, batch_size=4), ckpt_path=ckpt)
+    trainer.fit(module, datamodule=PhotosDataModule(image_size=32, batch_size=4), ckpt_path=ckpt)
 
     assert probe.global_step == step
     assert trainer.global_step == step + 4 and module.generator_steps == (step + 4) // 2

@@ -110,11 +110,11 @@ def test_photo_crops_are_a_function_of_seed_and_index():
 
 
 def test_held_out_crops_are_the_validation_crops():
-    from data.sample import SampleImagesDataModule
+    from data.photos import PhotosDataModule
     from tokenizer.metrics import to_uint8
 
     crops = HeldOutCrops(32, per_scale=2, limit=5)
-    want = to_uint8(SampleImagesDataModule(image_size=32, val_crops_per_scale=2).val_batch(5))
+    want = to_uint8(PhotosDataModule(image_size=32, val_crops_per_scale=2).val_batch(5))
     assert len(crops) == 5 and torch.equal(torch.stack([crops.load(i) for i in range(5)]), want)
 
 

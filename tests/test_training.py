@@ -7,7 +7,7 @@ import pytest
 import torch
 from _small_training import SMALL
 
-from data.sample import TRAIN_IMAGES, VAL_IMAGES, SampleImagesDataModule
+from data.photos import TRAIN_IMAGES, VAL_IMAGES, PhotosDataModule
 from tokenizer import OneDTokenizer
 from tokenizer.checkpoints import tokenizer_from_checkpoint
 from tokenizer.length import powers_of_two_upto
@@ -23,20 +23,20 @@ def test_sample_data_holds_out_whole_photographs():
     assert not set(TRAIN_IMAGES) & set(VAL_IMAGES)
     # the stereo pair is near-identical: both halves must be on the same side of the split
     assert {"motorcycle_left", "motorcycle_right"} <= set(TRAIN_IMAGES)
-    dm = SampleImagesDataModule(image_size=32, batch_size=8, train_samples_per_epoch=16, val_crops_per_scale=2)
+    dm = PhotosDataModule(image_size=32, batch_size=8, train_crops_per_epoch=16, val_crops_per_scale=2)
     dm.setup()
     x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)  # uint8 from the loader -> float
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert y.dtype == torch.int64 and y.max() < len(TRAIN_IMAGES)
     val = dm.val_batch()
     assert val.shape == (len(VAL_IMAGES) * 2 * 3, 3, 32, 32)
-    assert torch.equal(val, SampleImagesDataModule(image_size=32, val_crops_per_scale=2).val_batch())
+    assert torch.equal(val, PhotosDataModule(image_size=32, val_crops_per_scale=2).val_batch())
 
 
 def test_color_jitter_recolours_training_crops_within_range():
     def first_batch(jitter: float) -> torch.Tensor:
         torch.manual_seed(0)
-        dm = SampleImagesDataModule(image_size=32, batch_size=64, train_samples_per_epoch=64, color_jitter=jitter)
+        dm = PhotosDataModule(image_size=32, batch_size=64, train_crops_per_epoch=64, color_jitter=jitter)
         dm.setup()
         return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)[0]
 
@@ -47,12 +47,12 @@ def test_color_jitter_recolours_training_crops_within_range():
     assert (spread(plain) < 1e-6).sum() >= 10  # many plain crops are gray
     assert (spread(jittered) < 1e-6).sum() == 0
     with pytest.raises(ValueError, match="color_jitter"):
-        SampleImagesDataModule(color_jitter=1.5).setup()
+        PhotosDataModule(color_jitter=1.5).setup()
 
 
 def test_short_training_run_reduces_loss_on_real_photos(tmp_path):
     pl.seed_everything(0)
-    dm = SampleImagesDataModule(image_size=32, batch_size=16, train_samples_per_epoch=16 * 60)
+    dm = PhotosDataModule(image_size=32, batch_size=16, train_crops_per_epoch=16 * 60)
     module = TokenizerModule(preset="tiny", overrides=WIDER, lr=2e-3, warmup_steps=5, codebook_window=10)
     dm.setup()
     held_out = dm.val_batch()
@@ -124,8 +124,8 @@ def test_cli_trains_exports_and_resumes(tmp_path, monkeypatch):
         "--trainer.callbacks.dirpath", str(run / "ckpt"), "--trainer.callbacks.save_last", "true",
         "--model", "tokenizer.training.TokenizerModule", "--model.preset", "tiny",
         "--model.overrides", "{" + overrides + "}", "--model.ema_decay", "0.99", "--model.warmup_steps", "2",
-        "--data", "data.sample.SampleImagesDataModule", "--data.image_size", "32", "--data.batch_size", "4",
-        "--data.train_samples_per_epoch", "400", "--data.val_crops_per_scale", "1",
+        "--data", "data.photos.PhotosDataModule", "--data.image_size", "32", "--data.batch_size", "4",
+        "--data.train_crops_per_epoch", "400", "--data.val_crops_per_scale", "1",
     ]  # fmt: skip
     train.main(["fit", *common, "--trainer.max_steps", "3"])
     assert (run / "config.yaml").is_file()

@@ -14,13 +14,13 @@ yield uint8 images (the crops are made in float and rounded once, at the end) an
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from data.loading import float_image_batch, loader_kwargs
+from data.datamodule import ImageDataModule
+from data.loading import loader_kwargs
 from data.transforms import to_float_images
 from tokenizer.metrics import to_uint8
 
@@ -132,7 +132,7 @@ class FixedCrops(Dataset):
         return self.crops[index], self.labels[index]
 
 
-class SampleImagesDataModule(pl.LightningDataModule):
+class PhotosDataModule(ImageDataModule):
     """Random training crops and fixed held-out crops of scikit-image's bundled photographs.
 
     Both loaders yield (images uint8 [B, 3, S, S], labels int64 [B]); `on_after_batch_transfer` hands the model
@@ -140,15 +140,11 @@ class SampleImagesDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, image_size: int = 64, batch_size: int = 32, num_workers: int = 0,
-                 train_samples_per_epoch: int = 4096, val_crops_per_scale: int = 4, color_jitter: float = 0.0,
+                 train_crops_per_epoch: int = 4096, val_crops_per_scale: int = 4, color_jitter: float = 0.0,
                  pin_memory: bool = True):
-        super().__init__()
+        super().__init__(image_size, batch_size, num_workers, pin_memory=pin_memory)
         self.color_jitter = color_jitter
-        self.pin_memory = pin_memory
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.train_samples_per_epoch = train_samples_per_epoch
+        self.train_crops_per_epoch = train_crops_per_epoch
         self.val_crops_per_scale = val_crops_per_scale
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -157,7 +153,7 @@ class SampleImagesDataModule(pl.LightningDataModule):
         if self.train_set is None:
             photos = [load_photo(n) for n in TRAIN_IMAGES]
             self.train_set = RandomCrops(photos, list(range(len(TRAIN_IMAGES))), self.image_size,
-                                         self.train_samples_per_epoch, color_jitter=self.color_jitter, uint8=True)
+                                         self.train_crops_per_epoch, color_jitter=self.color_jitter, uint8=True)
         if self.val_set is None:
             crops, labels = [], []
             photos = [load_photo(name) for name in VAL_IMAGES]
@@ -173,15 +169,12 @@ class SampleImagesDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          **loader_kwargs(self.num_workers, pin_memory=self.pin_memory, trainer=self.trainer))
+                          **self.loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         # in-memory crops: workers would only add IPC
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
                           **loader_kwargs(0, pin_memory=self.pin_memory, trainer=self.trainer))
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return float_image_batch(batch)  # uint8 -> float32 [0, 1], on the device the batch was moved to
 
     def val_batch(self, max_images: int | None = None) -> torch.Tensor:
         """All (or the first `max_images`) held-out crops as one float32 tensor [N, 3, S, S] in [0, 1] (exactly
