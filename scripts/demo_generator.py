@@ -74,6 +74,15 @@ def scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+def adaptive_lengths(out: str) -> dict:
+    """The record lengths the GPT trained on (token meta.json) and the lengths it generated (sampling.json)."""
+    with open(f"{out}/tokens/meta.json") as f:
+        trained = json.load(f).get("lengths")
+    with open(f"{out}/samples/sampling.json") as f:
+        generated = (json.load(f).get("lengths") or {}).get("natural")
+    return {"trained_lengths": trained, "generated_lengths": generated}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -85,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-crops", type=int, default=2000, help="random crops to extract (x2 with the flip)")
     p.add_argument("--max-steps", type=int, help="override trainer.max_steps of the config")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="guidance scale of the grid")
+    p.add_argument("--min-psnr", type=float,
+                   help="adaptive lengths: each crop stored with its fewest tokens reaching this PSNR (dB), a GPT "
+                        "with an end-of-image token, and samples at their natural lengths (histogram in summary)")
+    p.add_argument("--num-samples", type=int, default=280, help="--min-psnr: samples whose lengths are counted")
     args = p.parse_args(argv)
     os.chdir(ROOT)
 
@@ -103,14 +116,16 @@ def main(argv: list[str] | None = None) -> dict:
     times = {}
     times["extract_s"] = run(
         [py, "-m", "data.extract_tokens", "--tokenizer", tok, "--out", f"{out}/tokens", "--source", "photos",
-         "--num-crops", str(args.num_crops), "--flip"],
+         "--num-crops", str(args.num_crops), "--flip",
+         *(["--min-psnr", str(args.min_psnr)] if args.min_psnr is not None else [])],
         "1/3 extract tokens",
     )  # fmt: skip
     from data.photos import TRAIN_IMAGES
     from tokenizer.atomic import write_json
 
     # the whole dict (a dict flag replaces the config's): the tokenizer's vocabulary and K, 14 photo classes
-    overrides = dict(vocab_size=V, max_tokens=K, num_classes=len(TRAIN_IMAGES), class_dropout_prob=0.1)
+    overrides = dict(vocab_size=V, max_tokens=K, num_classes=len(TRAIN_IMAGES), class_dropout_prob=0.1,
+                     end_token=args.min_psnr is not None)
     train = [py, "train.py", "fit", "--config", CONFIG,
              "--data.init_args.root", f"{out}/tokens",
              "--model.init_args.tokenizer_dir", tok,
@@ -122,9 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
         train += ["--trainer.max_steps", str(args.max_steps)]
     times["train_s"] = run(train, "2/3 train the tiny GPT")
     ks = [1 << i for i in range(K.bit_length()) if (1 << i) < K] + [K]
+    natural = ["natural", "--num-samples", str(args.num_samples)] if args.min_psnr is not None else []
     times["sample_s"] = run(
         [py, "-m", "eval.sample_generator", "--checkpoint", f"{out}/ckpt/last.ckpt", "--tokenizer", tok,
-         "--out", f"{out}/samples", "--num-tokens", *map(str, ks), "--cfg-scale", str(args.cfg_scale)],
+         "--out", f"{out}/samples", "--num-tokens", *map(str, ks), *natural, "--cfg-scale", str(args.cfg_scale)],
         "3/3 sample grid",
     )  # fmt: skip
 
@@ -142,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "final_step": loss[-1][0] if loss else None,
         "final_val_loss": val[-1][1] if val else None,
         "grid": f"{out}/samples/grid.png",
+        **(adaptive_lengths(out) if args.min_psnr is not None else {}),
         **{k: round(v, 1) for k, v in times.items()},
         "total_s": round(sum(times.values()), 1),
     }
@@ -158,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"sample {times['sample_s']:.0f}s"
     )
     print(f"grid (rows = photographs, columns = k = {ks}): {summary['grid']}")
+    if args.min_psnr is not None:
+        print(f"record lengths trained on: {summary['trained_lengths']}")
+        print(f"lengths generated at the natural end: {summary['generated_lengths']}")
     return summary
 
 

@@ -79,6 +79,7 @@ def test_joint_training_with_the_full_objective(tmp_path):
     assert 0 < metrics["codebook/usage_per_position_mean"] <= 1
 
 
+@pytest.mark.slow  # two short trainings of the demo model (about a minute)
 def test_bench_length_writes_a_row_per_mechanism_and_k(tmp_path):
     import json
     import subprocess

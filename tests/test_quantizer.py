@@ -31,7 +31,7 @@ def vq(**overrides) -> Quantizer:
 
 
 def codebook_state(q: Quantizer) -> dict[str, torch.Tensor]:
-    cb = q.impl._codebook
+    cb = q.vq_codebook
     return {name: getattr(cb, name).clone() for name in ("embed", "embed_avg", "cluster_size")}
 
 
@@ -77,7 +77,7 @@ def test_training_step_makes_no_host_sync(kind, host_syncs, monkeypatch):
             (out.quantized.square().sum() + out.aux_loss + out.stats.perplexity).backward()
     assert detector.hits == []
     if kind == "vq":  # the re-seeding ran (cluster sizes start at 1 < 2: every code starts dead)
-        assert (q.impl._codebook.cluster_size == 2.0).any()
+        assert (q.vq_codebook.cluster_size == 2.0).any()
 
 
 # ---- code histogram ---------------------------------------------------------------------------------------------
@@ -108,13 +108,15 @@ def test_vq_matches_the_library_when_reseeding_is_off():
         (out.quantized.sum() + out.aux_loss).backward()
         (quantized.sum() + loss).backward()
         assert torch.equal(za.grad, zb.grad)
-    for name, value in codebook_state(ours).items():
-        assert torch.equal(value, getattr(theirs._codebook, name)), name
+    mine, reference = ours.impl.state_dict(), theirs.state_dict()  # the whole state, through the public API
+    assert mine.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(mine[name], value), name
 
 
 def _codebook_with_dead_codes(dead: torch.Tensor) -> torch.nn.Module:
     """The Codebook of a 64 x 8 VQ whose codes in `dead` [64] bool have cluster size 0.5, the rest 10."""
-    codebook = vq().impl._codebook
+    codebook = vq().vq_codebook
     codebook.cluster_size[0] = torch.where(dead, 0.5, 10.0)
     codebook.embed_avg[0] = codebook.embed[0] * codebook.cluster_size[0, :, None]
     return codebook
@@ -159,8 +161,8 @@ def test_training_forward_reseeds_after_the_ema_update():
     every other code ends exactly as without re-seeding."""
     torch.manual_seed(0)
     q = vq(vq_dead_code_threshold=2.0)
-    q.impl._codebook.cluster_size.fill_(100.0)
-    q.impl._codebook.cluster_size[0, :10] = 0.0  # after this step's EMA: at most 0.01 * 48 tokens, dead
+    q.vq_codebook.cluster_size.fill_(100.0)
+    q.vq_codebook.cluster_size[0, :10] = 0.0  # after this step's EMA: at most 0.01 * 48 tokens, dead
     twin = copy.deepcopy(q)
     twin.dead_code_threshold = 0.0  # the same quantizer with re-seeding off
     z = torch.randn(3, 16, 8)
@@ -221,7 +223,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 z = torch.randn(4, 8, 8, generator=gen) + (1.0 if rank else -1.0) * torch.linspace(1, 2, 8)
                 q(z)
                 inputs.append(F.normalize(z, dim=-1, eps=1e-6).reshape(-1, 8))
-                after_first = after_first if after_first is not None else q.impl._codebook.embed[0].clone()
+                after_first = after_first if after_first is not None else q.vq_codebook.embed[0].clone()
             result[sync] = {"final": codebook_state(q), "after_first": after_first, "inputs": inputs}
         # LFQ's batch entropy is over all ranks' tokens (the library meant to, but dropped the all_reduce result)
         lfq = Quantizer.from_config(TokenizerConfig(quantizer="lfq", codebook_size=2**8)).train()

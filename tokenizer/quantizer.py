@@ -246,6 +246,14 @@ class Quantizer(nn.Module):
         self.dead_code_threshold = float(dead_code_threshold)
         self.sync_codebook = sync_codebook
 
+    @property
+    def vq_codebook(self) -> nn.Module:
+        """VQ's codebook module (buffers embed [1, V, D], embed_avg [1, V, D], cluster_size [1, V]): the one
+        place that reaches into vector-quantize-pytorch's internals, so nothing else depends on their names."""
+        if self.kind != "vq":
+            raise AttributeError(f"a {self.kind} quantizer has no EMA codebook (only vq does)")
+        return self.impl._codebook
+
     @classmethod
     def from_config(cls, cfg: TokenizerConfig) -> Quantizer:
         if cfg.quantizer == "vq":
@@ -292,7 +300,7 @@ class Quantizer(nn.Module):
                 if self.training and self.dead_code_threshold > 0:
                     # after the library's EMA update, where its own expiry ran; the same l2norm as its codebook
                     samples = F.normalize(z.detach(), dim=-1, eps=1e-6)  # [B, K, D]
-                    reseed_dead_codes_(self.impl._codebook, samples, self.dead_code_threshold, self.sync_codebook)
+                    reseed_dead_codes_(self.vq_codebook, samples, self.dead_code_threshold, self.sync_codebook)
             elif self.kind == "lfq":
                 quantized, ids, aux = self._lfq(z)
             else:
