@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         with autocast(precision, device):
             return tok.encode(refs.float() / 255)
 
-    result: dict = dict(bench="eval", preset=args.preset, image_size=size, num_latent_tokens=k_max,
+    result: dict = dict(bench="eval", preset=args.preset, image_size=size, max_tokens=k_max,
                         codebook_size=tok.codebook_size, device=str(device), precision=precision, batch_size=b,
                         repeats=args.repeats, threads=torch.get_num_threads(), torch=torch.__version__,
                         lpips_backbone=lpips_backbone, fid_backbone=fid_backbone)  # fmt: skip

@@ -105,10 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isfile(os.path.join(tok, "config.json")):
         sys.exit(f"no tokenizer at {tok!r}: run `make demo` first (it trains the tiny tokenizer and exports "
                  "checkpoints/demo/tokenizer), or pass --tokenizer DIR / TOKENIZER_DIR=DIR")  # fmt: skip
-    with open(os.path.join(tok, "config.json")) as f:
-        tcfg = json.load(f)["config"]
-    K = tcfg["num_latent_tokens"]
-    V = tcfg["codebook_size"] if tcfg["quantizer"] != "fsq" else math.prod(tcfg["fsq_levels"])
+    from tokenizer.config import TokenizerConfig
+    from tokenizer.model import FORMAT as TOKENIZER_FORMAT
+    from tokenizer.persistence import read_model_config
+
+    tcfg = TokenizerConfig.from_dict(read_model_config(tok, TOKENIZER_FORMAT))
+    K, V = tcfg.max_tokens, tcfg.effective_codebook_size
 
     out = args.out.rstrip("/")
     prepare_out(out)

@@ -12,7 +12,7 @@ from tokenizer import OneDTokenizer
 
 # The one small tokenizer of the tests: 32 px, 8 tokens, one block each side. Big enough to exercise every code
 # path, small enough for CPU. A test that needs something else says so as a delta: {**SMALL, "codebook_size": 1024}.
-SMALL = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
+SMALL = dict(image_size=32, patch_size=8, max_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
              dec_width=32, dec_depth=1, dec_heads=2, codebook_size=64)
 
 

@@ -18,7 +18,7 @@ def briefly_trained_tokenizer(steps: int = 60, seed: int = 0) -> OneDTokenizer:
     from data.sources import PhotoCrops
 
     torch.manual_seed(seed)
-    tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=32)
+    tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, max_tokens=32)
     crops = PhotoCrops(tok.image_size, 128, seed=seed)  # training photographs only (tests use held-out ones)
     data = torch.stack([crops.crop(i) for i in range(len(crops))])  # [128, 3, 64, 64] in [0, 1]
     opt = torch.optim.Adam(tok.parameters(), lr=2e-3)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained(one_thread):
     """A small tail-drop tokenizer trained briefly on the embedded photographs (quality rises with k)."""
     torch.manual_seed(0)
-    module = TokenizerModule(preset="tiny", overrides={**SMALL, "codebook_size": 256, "num_latent_tokens": 8},
+    module = TokenizerModule(preset="tiny", overrides={**SMALL, "codebook_size": 256, "max_tokens": 8},
                              lr=2e-3, warmup_steps=10)
     trainer(150, "32-true").fit(module, datamodule=data(batch_size=16))
     return module.tokenizer.eval()

@@ -34,7 +34,7 @@ def test_config_is_valid(path):
     model_args = cfg["model"]["init_args"]
     if "TokenizerModule" in cfg["model"]["class_path"]:
         tok = preset_config(model_args["preset"], **(model_args.get("overrides") or {}))
-        assert tok.num_latent_tokens >= 1
+        assert tok.max_tokens >= 1
     if cfg["trainer"].get("devices", 1) != 1 or cfg["trainer"].get("num_nodes", 1) != 1:
         # the multi-GPU configs use the strategy the launch docs pass, which the DDP test runs
         assert cfg["trainer"].get("strategy") == documented_strategy(), path.name
@@ -103,7 +103,7 @@ def test_train_cli_resolves_a_delta_config(capsys):
     assert printed["data"]["init_args"]["train_shards"] == expected["data"]["init_args"]["train_shards"]
 
 
-@pytest.mark.parametrize("overrides", ["{num_latnet_tokens: 16}", "{num_latent_tokens: sixteen}",
+@pytest.mark.parametrize("overrides", ["{num_latnet_tokens: 16}", "{max_tokens: sixteen}",
                                        "{token_mixing: 3}"])
 def test_cli_validates_tokenizer_overrides_while_parsing(overrides, capsys):
     """`overrides` is typed from TokenizerConfig's fields: a typo or a wrong type stops the parser, naming it."""

@@ -118,7 +118,7 @@ def test_codec_bits_are_reported_and_matched(name):
 # ---------------------------------------------------------------------------------------------- report
 def _tiny_tokenizer() -> OneDTokenizer:
     torch.manual_seed(0)
-    return OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=32)
+    return OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, max_tokens=32)
 
 
 @needs_lpips

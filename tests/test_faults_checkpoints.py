@@ -97,7 +97,7 @@ def test_failed_resume_with_another_architecture_keeps_config_yaml(trained_run):
     before = config.read_text()
     ckpts = {p.name: p.read_bytes() for p in (trained_run / "ckpt").glob("*.ckpt")}
     # K 8 -> 16 changes shapes; heads 2 -> 4 keeps every shape and would silently compute another function
-    for change, field in (("num_latent_tokens: 8", "num_latent_tokens: checkpoint 8, config 16"),
+    for change, field in (("max_tokens: 8", "max_tokens: checkpoint 8, config 16"),
                           ("enc_heads: 2", "enc_heads: checkpoint 2, config 4")):
         other = SMALL_FLAG.replace(change, change[:-1] + str(int(change[-1]) * 2))
         with pytest.raises(CheckpointError, match=field):

@@ -30,7 +30,7 @@ def tok_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tok") / "tokenizer"
-    OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=32).save_pretrained(path)
+    OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, max_tokens=32).save_pretrained(path)
     return str(path)
 
 

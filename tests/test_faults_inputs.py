@@ -38,8 +38,8 @@ def test_decode_names_the_actual_out_of_range_values(tok):
         tok.decode(torch.tensor([[-1, 3]], dtype=torch.int8))
 
 
-@pytest.mark.parametrize("field,value", [("num_latent_tokens", "16"), ("num_latent_tokens", 16.0),
-                                         ("num_latent_tokens", True), ("enc_width", None),
+@pytest.mark.parametrize("field,value", [("max_tokens", "16"), ("max_tokens", 16.0),
+                                         ("max_tokens", True), ("enc_width", None),
                                          ("fsq_levels", [8, "5"]), ("quantizer", 3)])
 def test_config_refuses_values_of_the_wrong_type(field, value):
     with pytest.raises(TypeError, match=rf"TokenizerConfig\.{field} must be .*got {value!r}".replace("[", r"\[")):
@@ -118,3 +118,20 @@ def test_demo_generator_never_deletes_what_it_did_not_write(tok, tmp_path):
     (own / "README.txt").write_text("user note")
     demo.prepare_out(str(own))
     assert sorted(p.name for p in own.iterdir()) == [demo.MARKER, "README.txt"]
+
+
+def test_tokenizers_saved_with_the_old_name_for_k_still_load(tok, tmp_path):
+    """num_latent_tokens was renamed max_tokens (one word for K); directories saved before the rename load."""
+    saved = tok.save_pretrained(tmp_path / "old")
+    for path in (saved / "config.json",):
+        meta = json.loads(path.read_text())
+        meta["config"]["num_latent_tokens"] = meta["config"].pop("max_tokens")
+        path.write_text(json.dumps(meta))
+    from safetensors.torch import load_file, save_file
+
+    weights = saved / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights),
+              metadata={"format": meta["format"], "config": json.dumps(meta["config"], sort_keys=True)})
+    old = OneDTokenizer.from_pretrained(saved)
+    assert old.max_tokens == tok.max_tokens and old.config == tok.config
+    assert OneDTokenizer.from_preset("tiny", num_latent_tokens=4).max_tokens == 4  # an old override too

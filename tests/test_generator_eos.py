@@ -196,7 +196,7 @@ def test_sample_and_gfid_commands_at_natural_lengths(trained, tmp_path):
 
     model, written, _ = trained
     torch.manual_seed(0)
-    tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=K, codebook_size=VOCAB)
+    tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, max_tokens=K, codebook_size=VOCAB)
     tok.save_pretrained(tmp_path / "tok")
     model.save_pretrained(tmp_path / "gpt")
     common = ["--gpt", str(tmp_path / "gpt"), "--tokenizer", str(tmp_path / "tok"), "--cpu", "--num-samples",

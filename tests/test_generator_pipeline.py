@@ -30,7 +30,7 @@ def models(tmp_path_factory):
     """A random tiny tokenizer (64 px, K=32, 1024 codes) and a random 1-block GPT over its ids, saved."""
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("models")
-    tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=32)
+    tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, max_tokens=32)
     tok.save_pretrained(d / "tok")
     gpt = GPT.from_preset("tiny", vocab_size=tok.codebook_size, max_tokens=tok.max_tokens,
                           num_classes=NUM_CLASSES, dim=32, depth=1, heads=2)  # fmt: skip

@@ -148,7 +148,7 @@ def _npz(tmp_path, arr: np.ndarray):
 # ---- the sweep command -------------------------------------------------------------------------------------
 def test_sweep_writes_table_and_plot_and_resumes(tmp_path):
     torch.manual_seed(0)
-    tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, num_latent_tokens=8)
+    tok = OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, max_tokens=8)
     tok.save_pretrained(tmp_path / "tok")
     GPT.from_preset("tiny", vocab_size=tok.codebook_size, max_tokens=8, num_classes=3, dim=32, depth=1,
                     heads=2).save_pretrained(str(tmp_path / "gpt"))  # fmt: skip

@@ -236,7 +236,7 @@ def test_every_parameter_takes_part_in_every_loss(path):
     """What lets DDP run without find_unused_parameters: in every paper config, the extreme keep lengths (one token
     of tail drop, a nested-dropout batch with nothing dropped) still give every tokenizer parameter a gradient."""
     overrides = load_config(path)["model"]["init_args"].get("overrides") or {}
-    keep = {k: v for k, v in overrides.items() if k not in ("num_latent_tokens",)}
+    keep = {k: v for k, v in overrides.items() if k not in ("max_tokens",)}
     torch.manual_seed(0)
     model = OneDTokenizer.from_preset("tiny", **{**SMALL, **keep}).train()
     k_max = model.max_tokens

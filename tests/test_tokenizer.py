@@ -26,7 +26,7 @@ MECHANISMS = ["tail_token_drop", "nested_dropout", "fixed"]
 
 def small(**overrides) -> OneDTokenizer:
     """A 32 px, 8-token model: big enough to exercise every code path, small enough for CPU tests."""
-    base = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
+    base = dict(image_size=32, patch_size=8, max_tokens=8, enc_width=32, enc_depth=1, enc_heads=2,
                 dec_width=32, dec_depth=1, dec_heads=2)
     return OneDTokenizer.from_preset("tiny", **{**base, **overrides})
 
@@ -101,7 +101,7 @@ def test_causal_latents_make_early_tokens_independent_of_later_ones(images):
 def test_length_sampling():
     random.seed(0)
     torch.manual_seed(0)
-    cfg = TokenizerConfig(num_latent_tokens=16, length_mechanism="tail_token_drop")
+    cfg = TokenizerConfig(max_tokens=16, length_mechanism="tail_token_drop")
     draws = [draw_keep_lengths(cfg, 8, "cpu") for _ in range(400)]
     assert all(d.lengths is None for d in draws), "tail token drop: one k per batch, the decoder gets k tokens"
     ks = torch.tensor([d.num_tokens for d in draws], dtype=torch.float)
@@ -109,12 +109,12 @@ def test_length_sampling():
     cfg.per_sample_length = True
     per_sample = draw_keep_lengths(cfg, 256, "cpu")
     assert per_sample.num_tokens == 16 and len(per_sample.lengths.unique()) > 8
-    nested = TokenizerConfig(num_latent_tokens=12, length_mechanism="nested_dropout", length_sampling="pow2")
+    nested = TokenizerConfig(max_tokens=12, length_mechanism="nested_dropout", length_sampling="pow2")
     values = set(draw_keep_lengths(nested, 2000, "cpu").lengths.tolist())
     assert values == {1, 2, 4, 8, 12} == set(powers_of_two_upto(12))
-    uniform = draw_keep_lengths(TokenizerConfig(num_latent_tokens=12, length_mechanism="nested_dropout"), 2000, "cpu")
+    uniform = draw_keep_lengths(TokenizerConfig(max_tokens=12, length_mechanism="nested_dropout"), 2000, "cpu")
     assert set(uniform.lengths.tolist()) == set(range(1, 13))
-    fixed = TokenizerConfig(num_latent_tokens=12, length_mechanism="fixed")
+    fixed = TokenizerConfig(max_tokens=12, length_mechanism="fixed")
     assert draw_keep_lengths(fixed, 5, "cpu") == (12, None)
     assert keep_mask(torch.tensor([1, 3]), 4).tolist() == [[True, False, False, False], [True, True, True, False]]
 

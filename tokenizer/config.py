@@ -2,7 +2,7 @@
 
 A preset is a complete `TokenizerConfig`; configs name a preset and override a few fields:
 
-    OneDTokenizer.from_preset("B", num_latent_tokens=128, quantizer="fsq")
+    OneDTokenizer.from_preset("B", max_tokens=128, quantizer="fsq")
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import TypedDict
 
 QUANTIZERS = ("vq", "lfq", "fsq")
+# K is `max_tokens` everywhere (README: one word per concept); TiTok's name for it still loads.
+RENAMED_FIELDS = {"num_latent_tokens": "max_tokens"}
 LENGTH_MECHANISMS = ("tail_token_drop", "nested_dropout", "fixed")
 LENGTH_SAMPLING = ("uniform", "pow2")
 
@@ -23,7 +25,7 @@ class TokenizerConfig:
     # geometry
     image_size: int = 256
     patch_size: int = 16
-    num_latent_tokens: int = 128  # K: the longest token sequence
+    max_tokens: int = 128  # K: the longest token sequence
 
     # transformers (encoder and decoder are sized independently)
     enc_width: int = 768
@@ -90,8 +92,8 @@ class TokenizerConfig:
             width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
             if width % heads:
                 raise ValueError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
-        if self.num_latent_tokens < 1:
-            raise ValueError(f"num_latent_tokens must be >= 1, got {self.num_latent_tokens}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"lfq needs a power-of-two codebook_size, got {self.codebook_size}")
         self.fsq_levels = list(self.fsq_levels)
@@ -133,6 +135,12 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TokenizerConfig:
+        """A config from field values; a field under its old name (RENAMED_FIELDS: saved tokenizers and
+        checkpoints written before the rename) is read under its current one and wins over a preset's value."""
+        values = dict(values)
+        for old, new in RENAMED_FIELDS.items():
+            if old in values:
+                values[new] = values.pop(old)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -156,7 +164,7 @@ def _is_int(value) -> bool:
 def _paper(width: int, depth: int, heads: int) -> dict:
     # TiTok sizes: patch 16 at 256 px; encoder and decoder share the width/depth.
     return dict(
-        image_size=256, patch_size=16, num_latent_tokens=256,
+        image_size=256, patch_size=16, max_tokens=256,
         enc_width=width, enc_depth=depth, enc_heads=heads,
         dec_width=width, dec_depth=depth, dec_heads=heads,
         quantizer="vq", codebook_size=4096, token_dim=12,
@@ -166,7 +174,7 @@ def _paper(width: int, depth: int, heads: int) -> dict:
 PRESETS: dict[str, dict] = {
     # CPU demo: 64 px, 8x8 patches, 16 tokens; trains in minutes on 2 cores.
     "tiny": dict(
-        image_size=64, patch_size=8, num_latent_tokens=16,
+        image_size=64, patch_size=8, max_tokens=16,
         enc_width=128, enc_depth=4, enc_heads=4,
         dec_width=128, dec_depth=4, dec_heads=4,
         quantizer="vq", codebook_size=1024, token_dim=8,

@@ -28,7 +28,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         width, p = cfg.dec_width, cfg.patch_size
         self.token_in = nn.Linear(token_dim, width)
-        self.latent_pos = nn.Parameter(torch.zeros(1, cfg.num_latent_tokens, width))
+        self.latent_pos = nn.Parameter(torch.zeros(1, cfg.max_tokens, width))
         self.patch_query = nn.Parameter(torch.zeros(1, 1, width))  # one mask token for every patch position
         self.patch_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, width))
         self.latent_mask_token = None
@@ -37,7 +37,7 @@ class Decoder(nn.Module):
         # token_mixing: patch query i also starts from a learned linear spread of the kept latents (config.py)
         self.patch_mixing = None  # [N, K], starts as the transpose of the encoder's DCT pooling (stem.py)
         if cfg.token_mixing:
-            self.patch_mixing = nn.Parameter(dct_basis(cfg.grid_size, cfg.num_latent_tokens).T.contiguous())
+            self.patch_mixing = nn.Parameter(dct_basis(cfg.grid_size, cfg.max_tokens).T.contiguous())
         self.transformer = Transformer(width, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.decoder_final_norm)
         self.to_pixels = nn.Linear(width, p * p * 3)
         self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1) if cfg.decoder_conv else None  # img + conv(img)
@@ -57,7 +57,7 @@ class Decoder(nn.Module):
         in [-1, 1]."""
         cfg = self.cfg
         b, k, _ = tokens.shape
-        n, k_max = cfg.num_patches, cfg.num_latent_tokens
+        n, k_max = cfg.num_patches, cfg.max_tokens
         latents = self.token_in(tokens) + self.latent_pos[:, :k]  # [B, k, C]
         attn_mask, tail_keep = None, None
         if self.latent_mask_token is not None:

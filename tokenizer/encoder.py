@@ -30,11 +30,11 @@ class Encoder(nn.Module):
         width = cfg.enc_width
         self.patch_embed = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, width))
-        self.latent_tokens = nn.Parameter(torch.zeros(1, cfg.num_latent_tokens, width))
+        self.latent_tokens = nn.Parameter(torch.zeros(1, cfg.max_tokens, width))
         # token_mixing: latent j also starts from a learned linear pooling of the patch embeddings (config.py)
         self.latent_mixing = None  # [K, N], starts as the K lowest 2D-DCT frequencies of the patch grid (stem.py)
         if cfg.token_mixing:
-            self.latent_mixing = nn.Parameter(dct_basis(cfg.grid_size, cfg.num_latent_tokens))
+            self.latent_mixing = nn.Parameter(dct_basis(cfg.grid_size, cfg.max_tokens))
         self.transformer = Transformer(width, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio)
         self.to_token = nn.Linear(width, out_dim)
         init_vit_weights(self)
@@ -54,6 +54,6 @@ class Encoder(nn.Module):
         h = torch.cat([patches, latents], dim=1)  # [B, N+K, C]
         mask = None
         if self.cfg.causal_latents:
-            mask = causal_latent_mask(self.cfg.num_patches, self.cfg.num_latent_tokens, x.device)
+            mask = causal_latent_mask(self.cfg.num_patches, self.cfg.max_tokens, x.device)
         h = self.transformer(h, mask)
         return self.to_token(h[:, self.cfg.num_patches :])  # [B, K, D]

@@ -40,7 +40,7 @@ def draw_keep_lengths(
 ) -> KeepLengths:
     """This step's keep lengths under the config's length mechanism. `generator` (optional, on `device`) drives the
     per-sample draws; the one-k-per-batch draw uses Python's `random`."""
-    k_max = cfg.num_latent_tokens
+    k_max = cfg.max_tokens
     if cfg.length_mechanism == "fixed":
         return KeepLengths(k_max, None)
     if cfg.length_mechanism == "tail_token_drop" and not cfg.per_sample_length:

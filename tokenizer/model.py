@@ -67,7 +67,7 @@ class OneDTokenizer(nn.Module):
     # ---- public attributes ----------------------------------------------------------------------------------
     @property
     def max_tokens(self) -> int:
-        return self.config.num_latent_tokens
+        return self.config.max_tokens
 
     @property
     def codebook_size(self) -> int:

@@ -23,7 +23,6 @@ and the validation samples stop where they draw it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 
@@ -32,18 +31,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..training.checkpoints import ArchitectureGuard
-from ..training.optim import clip_grad_norm, make_adamw
+from ..training.optim import clip_grad_norm, make_adamw, warmup_cosine
 from .gpt import GPT, preset_config
 from .sampling import generate
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup 0 -> 1 over warmup_steps, then cosine 1 -> min_ratio at total_steps."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class GeneratorModule(ArchitectureGuard, pl.LightningModule):
@@ -134,9 +124,7 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
         hp = self.hparams
         opt = make_adamw(self.gpt.optim_groups(hp.weight_decay), hp.lr, hp.betas, fused=hp.fused_optimizer)
         total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
+        sched = warmup_cosine(opt, hp.warmup_steps, total, hp.min_lr_ratio)  # the tokenizer's schedule
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def is_logging_step(self) -> bool:
