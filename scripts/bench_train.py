@@ -136,22 +136,12 @@ def generator_bench(a, config: dict, device: torch.device, precision: str) -> di
         a.warmup + a.steps, [timer])  # fmt: skip
     elapsed = timer.end - timer.start
 
-    per_step: list[float] = []  # FLOPs of the timed steps, counted in an eager rerun (FlopCounterMode)
-
-    class Count(pl.Callback):
-        def on_train_batch_start(self, trainer, m, b, i):
-            self.counter = FlopCounterMode(display=False)
-            self.counter.__enter__()
-
-        def on_train_batch_end(self, trainer, m, outputs, b, i):
-            self.counter.__exit__(None, None, None)
-            per_step.append(float(self.counter.get_total_flops()))
-
+    counter = FlopsPerStep()  # FLOPs of the timed steps, counted in an eager rerun (FlopCounterMode)
     pl.seed_everything(0, verbose=False)
     counted = GeneratorModule(**{**args, "compile": False})
     fit(counted, DataLoader(SameIds(ids, labels, a.warmup + 1), batch_size=None), device, precision, 1,
-        a.warmup + 1, [Count()])  # every step costs the same: one timed step counted  # fmt: skip
-    flops = per_step[-1] / batch_size
+        a.warmup + 1, [counter])  # every step costs the same: one timed step counted  # fmt: skip
+    flops = counter.per_step[-1] / batch_size
     return dict(batch_size=batch_size, timed_steps=timer.timed, step_s=elapsed / timer.timed,
                 img_per_s=batch_size * timer.timed / elapsed,
                 tokens_per_s=batch_size * cfg.max_tokens * timer.timed / elapsed, flop_per_img=flops,
@@ -198,6 +188,21 @@ def fit(module, loader, device, precision, steps_per_batch, batches, callbacks):
     return trainer
 
 
+class FlopsPerStep(pl.Callback):
+    """Counts the FLOPs of every training batch (torch's FlopCounterMode over the whole step)."""
+
+    def __init__(self):
+        self.per_step: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.counter = FlopCounterMode(display=False)
+        self.counter.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.counter.__exit__(None, None, None)
+        self.per_step.append(float(self.counter.get_total_flops()))
+
+
 def count_flops(args: dict, random_lpips: bool, batch: torch.Tensor, device, precision, warmup: int,
                 steps: int) -> float:
     """Mean FLOPs of the timed training steps, each counted in an eager rerun of the same batches (compile off:
@@ -205,20 +210,10 @@ def count_flops(args: dict, random_lpips: bool, batch: torch.Tensor, device, pre
     timed run, and k sets the decoder's cost."""
     pl.seed_everything(0, verbose=False)
     module, _ = build({**args, "compile": False}, random_lpips)
-    per_step: list[float] = []
-
-    class Count(pl.Callback):
-        def on_train_batch_start(self, trainer, m, b, i):
-            self.counter = FlopCounterMode(display=False)
-            self.counter.__enter__()
-
-        def on_train_batch_end(self, trainer, m, outputs, b, i):
-            self.counter.__exit__(None, None, None)
-            per_step.append(float(self.counter.get_total_flops()))
-
+    counter = FlopsPerStep()
     loader = DataLoader(SameBatch(batch, warmup + steps), batch_size=None)
-    fit(module, loader, device, precision, module.optimizers_per_batch, warmup + steps, [Count()])
-    timed = per_step[warmup:]
+    fit(module, loader, device, precision, module.optimizers_per_batch, warmup + steps, [counter])
+    timed = counter.per_step[warmup:]
     return sum(timed) / len(timed)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from data.photos import PhotosDataModule
 from tokenizer import OneDTokenizer
+from tokenizer.gpu import HostSyncDetector
 
 # The one small tokenizer of the tests: 32 px, 8 tokens, one block each side. Big enough to exercise every code
 # path, small enough for CPU. A test that needs something else says so as a delta: {**SMALL, "codebook_size": 1024}.
@@ -42,3 +43,23 @@ def fresh_start(model: OneDTokenizer):
 
 def data(batch_size: int = 4) -> PhotosDataModule:
     return PhotosDataModule(image_size=32, batch_size=batch_size, train_crops_per_epoch=1000)
+
+
+class SyncAudit(pl.Callback):
+    """Runs every batch from `start` on under HostSyncDetector; records what it found per batch, and whether the
+    batch was a logging step."""
+
+    def __init__(self, start: int):
+        self.start, self.rows, self.detector = start, [], None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx >= self.start:
+            self.logging = module.is_logging_step()
+            self.detector = HostSyncDetector()
+            self.detector.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.detector is not None:
+            self.detector.__exit__(None, None, None)
+            self.rows.append((batch_idx, self.logging, dict(self.detector.found)))
+            self.detector = None

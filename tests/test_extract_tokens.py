@@ -19,16 +19,6 @@ from data.tokens import load_token_shards, read_meta, shard_paths
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from tokenizer import OneDTokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer"
-    OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, max_tokens=32).save_pretrained(path)
-    return str(path)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

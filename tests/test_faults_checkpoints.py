@@ -204,3 +204,20 @@ def test_read_checkpoint_rejects_non_checkpoints(tmp_path):
         read_checkpoint(tmp_path / "plain.ckpt")
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_resume_last_without_a_checkpoint_directory_in_the_config(tmp_path):
+    """A ModelCheckpoint without dirpath (its directory is only known after setup, as in the multi-node smoke
+    config): `--ckpt_path last` is left to Lightning's own lookup instead of being read as a file name."""
+    import train
+
+    run = tmp_path / "run"
+
+    def args(steps: int) -> list[str]:
+        a = cli_args(run, steps)
+        a[a.index("--trainer.callbacks.init_args.dirpath") + 1] = "null"
+        return a
+
+    train.main(args(4))
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert train.main(args(6) + ["--ckpt_path", "last"]).trainer.global_step == 6

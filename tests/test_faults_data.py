@@ -23,17 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    """A random tiny tokenizer (64 px, K=32, 1024 codes), saved."""
-    from tokenizer import OneDTokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer"
-    OneDTokenizer.from_preset("tiny", enc_depth=1, dec_depth=1, max_tokens=32).save_pretrained(path)
-    return str(path)
-
-
 def _run(code: str, timeout: int = 60) -> subprocess.CompletedProcess:
     """Python code in a fresh process, killed after `timeout` s (a walk without end must fail, not hang)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _scripts import load_script
 from _small_training import SMALL
 
 from tokenizer import OneDTokenizer
@@ -83,19 +84,8 @@ def test_tokenizer_from_an_empty_checkpoint_names_it(tmp_path):
         tokenizer_from_checkpoint(empty)
 
 
-def _demo_generator():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_generator.py"
-    spec = importlib.util.spec_from_file_location("demo_generator", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_demo_generator_never_deletes_what_it_did_not_write(tok, tmp_path):
-    demo = _demo_generator()
+    demo = load_script("demo_generator")
     tokenizer_dir = tok.save_pretrained(tmp_path / "tokenizer")
     foreign_dir = tmp_path / "mine"
     foreign_dir.mkdir()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _small_training import SyncAudit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenizer.generator import GPT, PRESETS, generate
@@ -20,7 +21,6 @@ from tokenizer.generator.kv_cache import KVCache
 from tokenizer.generator.lightning import GeneratorModule
 from tokenizer.generator.loss import linear_cross_entropy
 from tokenizer.generator.sampling import next_token_logits
-from tokenizer.gpu import HostSyncDetector
 from tokenizer.training.config_files import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -185,25 +185,6 @@ def test_b_config_shrunk_trains_bf16_mixed_with_fused_adamw(tmp_path):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     assert all(not torch.equal(a, b) for a, b in zip(before, module.gpt.parameters()))
     assert torch.isfinite(trainer.callback_metrics["train/grad_norm"])
-
-
-class SyncAudit(pl.Callback):
-    """Every batch from `start` on runs under HostSyncDetector; records (logging step?, what it found)."""
-
-    def __init__(self, start: int):
-        self.start, self.rows, self.detector = start, [], None
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if batch_idx >= self.start:
-            self.logging = module.is_logging_step()
-            self.detector = HostSyncDetector()
-            self.detector.__enter__()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.detector is not None:
-            self.detector.__exit__(None, None, None)
-            self.rows.append((batch_idx, self.logging, dict(self.detector.found)))
-            self.detector = None
 
 
 def test_steady_state_generator_step_makes_no_host_sync(tmp_path):

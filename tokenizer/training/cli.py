@@ -72,13 +72,16 @@ class TrainCLI(LightningCLI):
     def before_fit(self) -> None:
         fit = self.config_init[self.subcommand]
         fit["ckpt_path"] = self.resolve_resume(fit.get("ckpt_path"))
-        if fit["ckpt_path"] is not None and hasattr(self.model, "architecture"):
+        if fit["ckpt_path"] not in (None, "last", "hpc", "best") and hasattr(self.model, "architecture"):
+            # a file: refuse another architecture before anything is set up ("last" left to Lightning's own
+            # lookup is checked by ArchitectureGuard when the module loads it)
             check_architecture(read_checkpoint(fit["ckpt_path"]), self.model.architecture(), str(fit["ckpt_path"]))
 
     def resolve_resume(self, ckpt_path: str | None) -> str | None:
         """`last` -> the newest checkpoint that loads, of the ModelCheckpoint directories and the SLURM requeue
         checkpoints (`hpc_ckpt_*.ckpt` in default_root_dir, which Lightning's own `last` ignores). None if there
         is none: a first start with `--ckpt_path last`, as the SLURM script does, trains from scratch."""
+        ckpt_path = None if ckpt_path is None else str(ckpt_path)
         if ckpt_path in (None, "hpc", "best"):
             return ckpt_path
         dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
