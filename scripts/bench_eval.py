@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.metrics import LPIPSReference  # noqa: E402
 from eval.recon_eval import image_metrics, reconstruct  # noqa: E402
 from tokenizer import OneDTokenizer, weights  # noqa: E402
-from tokenizer.length import powers_of_two_upto as default_eval_tokens  # noqa: E402
+from tokenizer.length import powers_of_two_upto  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     tok = OneDTokenizer.from_preset(args.preset).to(device).eval().requires_grad_(False)
     k_max, size, b = tok.max_tokens, tok.image_size, args.batch_size
-    ks = sorted(set(args.num_tokens or default_eval_tokens(k_max)))
+    ks = sorted(set(args.num_tokens or powers_of_two_upto(k_max)))
     if not all(1 <= k <= k_max for k in ks):
         raise SystemExit(f"--num-tokens must be within 1..{k_max} for preset {args.preset}, got {ks}")
     refs = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device)  # [b, 3, S, S]

@@ -35,7 +35,7 @@ from data.photos import PhotosDataModule  # noqa: E402
 from eval.metrics import LPIPSReference, to_uint8  # noqa: E402
 from eval.recon_eval import image_metrics, reconstruct  # noqa: E402
 from tokenizer.atomic import write_text  # noqa: E402
-from tokenizer.length import powers_of_two_upto as default_eval_tokens  # noqa: E402
+from tokenizer.length import powers_of_two_upto  # noqa: E402
 from tokenizer.quantizer import position_histogram, usage_per_position  # noqa: E402
 from tokenizer.training import TokenizerModule  # noqa: E402
 from tokenizer.training.config_files import load_config  # noqa: E402
@@ -80,7 +80,7 @@ def usage_crops(image_size: int, n: int = USAGE_CROPS) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(module: TokenizerModule, refs: torch.Tensor, crops: torch.Tensor) -> tuple[list[dict], list[float]]:
     tokenizer = module.eval_tokenizer.eval()
-    ks = default_eval_tokens(tokenizer.max_tokens)
+    ks = powers_of_two_upto(tokenizer.max_tokens)
     ids, recs = reconstruct(tokenizer, refs, ks, precision="fp32")
     crop_ids = torch.cat([tokenizer.encode(c.float() / 255) for c in crops.split(256)])  # [n, K]
     usage = usage_per_position(position_histogram(crop_ids, tokenizer.codebook_size))  # [K]

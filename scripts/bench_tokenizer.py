@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenizer import OneDTokenizer  # noqa: E402
-from tokenizer.length import powers_of_two_upto as default_eval_tokens  # noqa: E402
+from tokenizer.length import powers_of_two_upto  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     for mechanism in args.mechanisms:
         tok = OneDTokenizer.from_preset(args.preset, length_mechanism=mechanism).to(args.device, dtype).eval()
         k_max, n = tok.max_tokens, tok.config.num_patches
-        ks = sorted(set(args.num_tokens or default_eval_tokens(k_max)))
+        ks = sorted(set(args.num_tokens or powers_of_two_upto(k_max)))
         images = torch.rand(args.batch_size, 3, tok.image_size, tok.image_size, device=args.device)
         with torch.inference_mode():
             ids = tok.encode(images)
