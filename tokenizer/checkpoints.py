@@ -47,11 +47,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def checkpoint_files(directories: list[str | os.PathLike], pattern: str = "*.ckpt") -> list[Path]:
     """Files matching `pattern` in `directories` (not recursive, no temp files), newest first; a `last*.ckpt`
     wins ties. `save_last="link"` makes last.ckpt a link to a periodic checkpoint: each file counts once."""
+    return newest_first([p for d in directories if Path(d).is_dir() for p in sorted(Path(d).glob(pattern))
+                         if not is_partial(p.name) and p.is_file()])
+
+
+def newest_first(paths: list[Path]) -> list[Path]:
+    """`paths` once each (by the file they resolve to), newest first by mtime; a `last*.ckpt` wins ties."""
     found: dict[Path, Path] = {}
-    for d in directories:
-        for p in sorted(Path(d).glob(pattern)) if Path(d).is_dir() else ():
-            if not is_partial(p.name) and p.is_file():
-                found.setdefault(p.resolve(), p)
+    for p in paths:
+        found.setdefault(p.resolve(), p)
     return sorted(found.values(), key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
 
 
@@ -84,4 +88,5 @@ def tokenizer_from_checkpoint(path: str | Path, use_ema: bool = True) -> OneDTok
     return model.eval()
 
 
-__all__ = ["CheckpointError", "read_checkpoint", "checkpoint_files", "newest_loadable", "tokenizer_from_checkpoint"]
+__all__ = ["CheckpointError", "read_checkpoint", "checkpoint_files", "newest_first", "newest_loadable",
+           "tokenizer_from_checkpoint"]

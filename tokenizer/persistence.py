@@ -83,13 +83,12 @@ def load_model_state(directory: str | Path, config: dict[str, Any],
                      map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The weights of `directory`, checked to come from the same save as `config` (read_model_config)."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     weights_path = Path(directory) / WEIGHTS_NAME
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
+        with safe_open(str(weights_path), framework="pt", device=str(map_location)) as f:  # one open: both
             saved = (f.metadata() or {}).get("config")
-        state = load_file(str(weights_path), device=str(map_location))
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights_path} cannot be read ({e}); it is truncated or not safetensors") from e
     if saved is not None and json.loads(saved) != json.loads(json.dumps(config)):

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tokenizer.atomic import write_text
 
-from ..checkpoints import CheckpointError, checkpoint_files, newest_loadable, read_checkpoint
+from ..checkpoints import CheckpointError, checkpoint_files, newest_first, newest_loadable, read_checkpoint
 from .checkpoints import check_architecture
 from .config_files import expand_config_args
 
@@ -67,7 +67,7 @@ class TrainCLI(LightningCLI):
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path not in (None, "last", "hpc", "best"):
-            readable_or_explain(ckpt_path, [])
+            readable_or_explain(ckpt_path)
 
     def before_fit(self) -> None:
         fit = self.config_init[self.subcommand]
@@ -88,9 +88,8 @@ class TrainCLI(LightningCLI):
         if ckpt_path == "last":
             if not dirs:
                 return ckpt_path  # the directory is only known after setup: Lightning's own lookup
-            found = checkpoint_files(dirs) + checkpoint_files([self.trainer.default_root_dir], "hpc_ckpt_*.ckpt")
-            candidates = list({p.resolve(): p for p in reversed(found)}.values())  # once each
-            candidates.sort(key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
+            candidates = newest_first(checkpoint_files(dirs)
+                                      + checkpoint_files([self.trainer.default_root_dir], "hpc_ckpt_*.ckpt"))
             path, rejected = newest_loadable(candidates)
             for reason in rejected:
                 print(f"resume: skipping {reason}", file=sys.stderr)
@@ -103,17 +102,15 @@ class TrainCLI(LightningCLI):
                 return None
             print(f"resume: from {path}", file=sys.stderr)
             return str(path)
-        readable_or_explain(ckpt_path, dirs)
-        return ckpt_path
+        return ckpt_path  # an explicit file: parse_arguments has already checked that it reads
 
 
-def readable_or_explain(ckpt_path: str, dirs: list[str]) -> None:
-    """Raise CheckpointError when `ckpt_path` cannot be read, naming the checkpoints beside it (and in `dirs`)
-    that can."""
+def readable_or_explain(ckpt_path: str) -> None:
+    """Raise CheckpointError when `ckpt_path` cannot be read, naming the checkpoints beside it that can."""
     try:
         read_checkpoint(ckpt_path)
     except CheckpointError as e:
-        usable = [str(p) for p in checkpoint_files(dirs + [os.path.dirname(os.path.abspath(ckpt_path))])
+        usable = [str(p) for p in checkpoint_files([os.path.dirname(os.path.abspath(ckpt_path))])
                   if p.resolve() != Path(ckpt_path).resolve() and _loads(p)]
         hint = (" Checkpoints that load: " + ", ".join(usable[:5]) + " (or --ckpt_path last).") if usable else ""
         raise CheckpointError(f"{e}.{hint}") from e
