@@ -116,7 +116,33 @@ def test_length_sampling():
     assert set(uniform.lengths.tolist()) == set(range(1, 13))
     fixed = TokenizerConfig(max_tokens=12, length_mechanism="fixed")
     assert draw_keep_lengths(fixed, 5, "cpu") == (12, None)
+    # pow2 and log_uniform for tail drop too (one k per batch: a host integer; per sample: on the device)
+    pow2_batch = TokenizerConfig(max_tokens=12, length_sampling="pow2")
+    assert {draw_keep_lengths(pow2_batch, 4, "cpu").num_tokens for _ in range(300)} == {1, 2, 4, 8, 12}
     assert keep_mask(torch.tensor([1, 3]), 4).tolist() == [[True, False, False, False], [True, True, True, False]]
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_log_uniform_length_sampling_gives_each_doubling_of_k_the_same_share(per_sample):
+    """P(k) = log(1 + 1/k) / log(K + 1): every k in 1..K occurs, and each doubling of k ([1, 2), [2, 4), ...)
+    gets the same share, so short prefixes are trained as often as long ones."""
+    import math
+
+    random.seed(0)
+    torch.manual_seed(0)
+    k_max, n = 63, 40000
+    mechanism = "nested_dropout" if per_sample else "tail_token_drop"
+    cfg = TokenizerConfig(max_tokens=k_max, length_mechanism=mechanism, length_sampling="log_uniform")
+    if per_sample:
+        ks = draw_keep_lengths(cfg, n, "cpu").lengths
+    else:
+        ks = torch.tensor([draw_keep_lengths(cfg, 8, "cpu").num_tokens for _ in range(n)])
+    assert set(ks.tolist()) == set(range(1, k_max + 1))
+    for k in (1, 2, 10, 63):
+        expected = math.log1p(1 / k) / math.log(k_max + 1)
+        assert abs((ks == k).float().mean().item() - expected) < 4 * math.sqrt(expected / n) + 1e-3, f"k={k}"
+    shares = [((ks >= 2**i) & (ks < 2 ** (i + 1))).float().mean().item() for i in range(6)]  # 6 doublings
+    assert max(shares) - min(shares) < 0.02, shares
 
 
 def test_presets_and_attributes():
@@ -290,3 +316,68 @@ def test_token_mixing_stem_keeps_every_prefix_exact(mechanism, token_mixing, dec
         codes = model.quantizer.codes_from_ids
         keep3 = torch.full((3,), 3)
         assert torch.allclose(model.decoder(codes(ids), keep3), model.decoder(codes(other), keep3), atol=1e-6)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_pixel_level_decoder_aids_keep_every_prefix_exact_and_train(mechanism, images):
+    """decoder_refine_channels and decoder_coarse_head (the demo's decoder): the output keeps its shape, each
+    k-prefix decode equals the training path at that length, both start as the identity on the plain pixel head
+    and gradients reach them."""
+    torch.manual_seed(0)
+    aids = dict(decoder_refine_channels=6, decoder_conv=False, decoder_coarse_head=True)
+    model = small(length_mechanism=mechanism, **aids).eval()
+    dec = model.decoder
+    assert dec.to_pixels.out_features == 8 * 8 * 6 and dec.conv_out is None
+    assert dec.last_layer is dec.refine[-1].weight
+    with torch.no_grad():  # at init both aids add nothing: the image is the pixel head's first 3 channels
+        for module in (dec.refine[-1], dec.to_coarse):
+            assert module.weight.abs().max() == 0 and module.bias.abs().max() == 0
+        for param in list(dec.refine.parameters()) + list(dec.to_coarse.parameters()):
+            param.normal_(0, 0.2)  # non-trivial aids for the prefix check
+    ids = model.encode(images)
+    lengths = torch.tensor([1, 3, 8])
+    out = model(images, lengths=lengths)
+    assert out.recon.shape == images.shape
+    train_path = ((out.recon + 1) / 2).clamp(0, 1)
+    for i, k in enumerate(lengths.tolist()):
+        assert torch.allclose(model.decode(ids[i : i + 1, :k]), train_path[i : i + 1], atol=1e-5), f"k={k}"
+    model.train()
+    loss = (model(images).recon - (images * 2 - 1)).pow(2).mean()
+    loss.backward()
+    for name in ("refine.0.weight", "refine.2.weight", "to_coarse.weight", "to_pixels.weight"):
+        grad = dict(dec.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reached decoder.{name}"
+
+
+def test_coarse_head_is_a_bicubic_upsampling_of_one_colour_per_patch(images):
+    """With the per-pixel head zeroed, the decoder's output is exactly the grid x grid coarse image upsampled
+    bicubically: smooth across patch borders (no patch grid)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = small(decoder_coarse_head=True, decoder_conv=False).eval()
+    dec, cfg = model.decoder, model.config
+    with torch.no_grad():
+        dec.to_pixels.weight.zero_()
+        dec.to_pixels.bias.zero_()
+        dec.to_coarse.weight.normal_(0, 0.5)
+    captured = {}
+    dec.to_coarse.register_forward_hook(lambda module, args, result: captured.setdefault("coarse", result))
+    out = dec(model.quantizer.codes_from_ids(model.encode(images)))
+    coarse = captured["coarse"].transpose(1, 2).reshape(3, 3, cfg.grid_size, cfg.grid_size)
+    expected = F.interpolate(coarse, size=(cfg.image_size, cfg.image_size), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(out, expected)
+    blocky = coarse.repeat_interleave(cfg.patch_size, -1).repeat_interleave(cfg.patch_size, -2)
+    def largest_step(x):  # the largest jump between horizontal neighbours
+        return (x[..., 1:] - x[..., :-1]).abs().max()
+    assert largest_step(out) < 0.6 * largest_step(blocky)  # no patch grid: the steps are spread out
+
+
+@pytest.mark.parametrize("bad", [dict(decoder_refine_channels=2, decoder_conv=False),
+                                 dict(decoder_refine_channels=8, decoder_conv=True)])
+def test_refine_channels_config_is_checked(bad):
+    with pytest.raises(ValueError, match="decoder_refine_channels"):
+        small(**bad)
+    for name in ("S", "B", "L"):  # the paper presets keep the plain ViT decoder
+        cfg = preset_config(name)
+        assert cfg.decoder_refine_channels == 0 and not cfg.decoder_coarse_head

@@ -17,7 +17,7 @@ QUANTIZERS = ("vq", "lfq", "fsq")
 # K is `max_tokens` everywhere (README: one word per concept); TiTok's name for it still loads.
 RENAMED_FIELDS = {"num_latent_tokens": "max_tokens"}
 LENGTH_MECHANISMS = ("tail_token_drop", "nested_dropout", "fixed")
-LENGTH_SAMPLING = ("uniform", "pow2")
+LENGTH_SAMPLING = ("uniform", "pow2", "log_uniform")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TokenizerConfig:
 
     # variable length: one of LENGTH_MECHANISMS; only used while training
     length_mechanism: str = "tail_token_drop"
-    length_sampling: str = "uniform"  # nested_dropout: uniform over 1..K or over powers of two
+    length_sampling: str = "uniform"  # k's distribution (length.py): uniform over 1..K, pow2, log_uniform
     per_sample_length: bool = False  # tail_token_drop: one k per batch (One-D-Piece) or one per sample
     causal_latents: bool = False  # encoder: latent i sees all patches and latents <= i (FlexTok)
     # cross-length joint training (NesTok): every training step decodes all K tokens AND one prefix drawn by the
@@ -59,6 +59,16 @@ class TokenizerConfig:
     cross_length_joint: bool = False
 
     decoder_conv: bool = True  # a 3x3 conv after unpatchify smooths patch seams
+    # Pixel-level decoder aids, off unless set (the CPU demo turns both on; docs/demo.md has the measurements).
+    # A ViT decodes every patch on its own from its final state, so a small, briefly trained one draws the patch
+    # grid; these let the decoder draw across patch borders.
+    # - decoder_refine_channels C > 0: the pixel head emits C channels per pixel; the image is the first 3 plus
+    #   a residual conv block over all C (3x3, GELU, 3x3 -> 3) that sees across patch borders. It takes the
+    #   place of decoder_conv (set that false).
+    # - decoder_coarse_head: one RGB value per patch from the same final state, bicubically upsampled and added:
+    #   a smooth base image with no patch grid, which the per-pixel head only has to correct.
+    decoder_refine_channels: int = 0
+    decoder_coarse_head: bool = False
 
     # Small-scale training aids (on in `tiny`, off in the paper presets). Trained from pixels, a 1D ViT tokenizer
     # only starts using its tokens once attention has learned to route image regions into latents and latents
@@ -92,6 +102,10 @@ class TokenizerConfig:
             width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
             if width % heads:
                 raise ValueError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
+        if self.decoder_refine_channels and (self.decoder_refine_channels < 3 or self.decoder_conv):
+            raise ValueError("decoder_refine_channels must be 0 (off) or >= 3 with decoder_conv false (the refine "
+                             f"block replaces that conv), got {self.decoder_refine_channels} with decoder_conv "
+                             f"{self.decoder_conv}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):

@@ -14,6 +14,7 @@ would make the host wait for the device and break a compiled graph.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TokenizerConfig
@@ -39,14 +40,21 @@ class Decoder(nn.Module):
         if cfg.token_mixing:
             self.patch_mixing = nn.Parameter(dct_basis(cfg.grid_size, cfg.max_tokens).T.contiguous())
         self.transformer = Transformer(width, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio, cfg.decoder_final_norm)
-        self.to_pixels = nn.Linear(width, p * p * 3)
+        channels = cfg.decoder_refine_channels or 3  # per pixel, from the pixel head
+        self.to_pixels = nn.Linear(width, p * p * channels)
         self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1) if cfg.decoder_conv else None  # img + conv(img)
+        self.refine = None  # img[:3] + refine(img): a residual conv block across patch borders (config.py)
+        if cfg.decoder_refine_channels:
+            self.refine = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
+                                        nn.Conv2d(channels, 3, 3, padding=1))
+        self.to_coarse = nn.Linear(width, 3) if cfg.decoder_coarse_head else None  # one RGB value per patch
         init_vit_weights(self)
-        if self.conv_out is not None:
-            # residual refinement that starts as the identity: a small-std conv in series would scale the output
-            # down ~10x, and Adam needs hundreds of steps to grow it back (a "mean image" plateau).
-            nn.init.zeros_(self.conv_out.weight)
-            nn.init.zeros_(self.conv_out.bias)
+        # Residual refinements start as the identity: a small-std conv in series would scale the output down
+        # ~10x, and Adam needs hundreds of steps to grow it back (a "mean image" plateau).
+        for last in (self.conv_out, self.refine[-1] if self.refine is not None else None, self.to_coarse):
+            if last is not None:
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
         for param in (self.latent_pos, self.patch_query, self.patch_pos, self.latent_mask_token):
             if param is not None:
                 nn.init.trunc_normal_(param, std=0.02)
@@ -80,13 +88,27 @@ class Decoder(nn.Module):
             kept = latents if tail_keep is None else latents * tail_keep[:, :, None].to(latents.dtype)
             queries = queries + torch.einsum("nk,bkc->bnc", self.patch_mixing[:, : kept.shape[1]], kept)
         h = self.transformer(torch.cat([queries, latents], dim=1), attn_mask)  # [B, N+k', C]
-        pixels = self.to_pixels(h[:, :n])  # [B, N, p*p*3]
-        img = unpatchify(pixels, cfg.patch_size, cfg.grid_size)
-        return img + self.conv_out(img) if self.conv_out is not None else img
+        patches = h[:, :n]  # [B, N, C]
+        img = unpatchify(self.to_pixels(patches), cfg.patch_size, cfg.grid_size)  # [B, 3 or refine C, H, W]
+        if self.refine is not None:
+            img = img[:, :3] + self.refine(img)
+        elif self.conv_out is not None:
+            img = img + self.conv_out(img)
+        if self.to_coarse is not None:
+            coarse = self.to_coarse(patches).transpose(1, 2).reshape(b, 3, cfg.grid_size, cfg.grid_size)
+            img = img + F.interpolate(coarse, scale_factor=cfg.patch_size, mode="bicubic", align_corners=False)
+        return img
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight of the layer nearest the pixels (the adaptive GAN weight's reference gradient)."""
+        if self.refine is not None:
+            return self.refine[-1].weight
+        return self.conv_out.weight if self.conv_out is not None else self.to_pixels.weight
 
 
 def unpatchify(pixels: torch.Tensor, p: int, grid: int) -> torch.Tensor:
-    """[B, grid*grid, p*p*3] -> [B, 3, grid*p, grid*p]."""
-    b = pixels.shape[0]
-    x = pixels.view(b, grid, grid, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # [B, 3, gh, p, gw, p]
-    return x.reshape(b, 3, grid * p, grid * p)
+    """[B, grid*grid, p*p*c] -> [B, c, grid*p, grid*p] (c channels per pixel, channels last within a patch)."""
+    b, c = pixels.shape[0], pixels.shape[-1] // (p * p)
+    x = pixels.view(b, grid, grid, p, p, c).permute(0, 5, 1, 3, 2, 4)  # [B, c, gh, p, gw, p]
+    return x.reshape(b, c, grid * p, grid * p)

@@ -1,12 +1,17 @@
 """Variable-length training: how many leading tokens the decoder sees.
 
-- `tail_token_drop` (One-D-Piece): k ~ Uniform{1..K}. By default one k per batch: the decoder then simply gets
-  the first k tokens (sliced, no attention mask: fewer tokens, flash attention), which is exactly what decoding a
-  k-token prefix does at inference. Option `per_sample_length`: one k per sample, and dropped tokens are hidden
-  from the decoder's attention with a boolean mask.
-- `nested_dropout` (FlexTok): k per sample, uniform over 1..K or over powers of two; dropped tokens are replaced
-  by one learned mask token, so inference pads a k-token prefix with that same mask token.
+- `tail_token_drop` (One-D-Piece): k drawn from `length_sampling` (One-D-Piece: uniform). By default one k per
+  batch: the decoder then simply gets the first k tokens (sliced, no attention mask: fewer tokens, flash
+  attention), which is exactly what decoding a k-token prefix does at inference. Option `per_sample_length`: one
+  k per sample, and dropped tokens are hidden from the decoder's attention with a boolean mask.
+- `nested_dropout` (FlexTok): k per sample (FlexTok: over powers of two); dropped tokens are replaced by one
+  learned mask token, so inference pads a k-token prefix with that same mask token.
 - `fixed` (TiTok): always K.
+
+`length_sampling` picks k's distribution: `uniform` over 1..K; `pow2`, uniform over 1, 2, 4, ..., K (only those k
+are trained); `log_uniform`, every k in 1..K with P(k) = log(1 + 1/k) / log(K + 1), so each doubling of k gets
+the same share, as with pow2, yet no k goes untrained. The last two spend most steps on short prefixes: with
+cross-length joint training the full K is decoded every step anyway, and the prefix pass gets cheaper.
 
 GPU path: nothing here makes the host wait for the device. The one-k-per-batch draw is a plain Python integer (it
 sets a shape), drawn from Python's `random` (seeded by `seed_everything`, like torch), so every DDP rank seeded
@@ -40,18 +45,26 @@ def draw_keep_lengths(
 ) -> KeepLengths:
     """This step's keep lengths under the config's length mechanism. `generator` (optional, on `device`) drives the
     per-sample draws; the one-k-per-batch draw uses Python's `random`."""
-    k_max = cfg.max_tokens
+    k_max, sampling = cfg.max_tokens, cfg.length_sampling
     if cfg.length_mechanism == "fixed":
         return KeepLengths(k_max, None)
     if cfg.length_mechanism == "tail_token_drop" and not cfg.per_sample_length:
-        return KeepLengths(random.randint(1, k_max), None)  # a host integer: no tensor, no sync
-    if cfg.length_mechanism == "nested_dropout" and cfg.length_sampling == "pow2":
+        # a host integer: no tensor, no sync
+        if sampling == "pow2":
+            return KeepLengths(random.choice(powers_of_two_upto(k_max)), None)
+        if sampling == "log_uniform":
+            return KeepLengths(min(k_max, int((k_max + 1) ** random.random())), None)
+        return KeepLengths(random.randint(1, k_max), None)
+    # per sample (nested dropout, per-sample tail drop): on the device
+    if sampling == "pow2":
         # choices 1, 2, 4, ..., K: index i < n-1 means 2**i, the last index means K (a power of two or not)
         n = len(powers_of_two_upto(k_max))
         idx = torch.randint(0, n, (batch_size,), generator=generator, device=device)  # [B]
         pow2 = torch.ones_like(idx).bitwise_left_shift(idx)
         return KeepLengths(k_max, torch.where(idx == n - 1, k_max, pow2))
-    # per-sample tail drop and uniform nested dropout
+    if sampling == "log_uniform":
+        u = torch.rand(batch_size, generator=generator, device=device)  # [B] in [0, 1)
+        return KeepLengths(k_max, torch.pow(k_max + 1.0, u).floor().long().clamp(1, k_max))
     return KeepLengths(k_max, torch.randint(1, k_max + 1, (batch_size,), generator=generator, device=device))
 
 

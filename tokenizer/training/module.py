@@ -319,8 +319,7 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
                              "loss scaling); use 'bf16-mixed' on GPU or '32-true'")
 
     def last_decoder_layer(self) -> torch.Tensor:
-        decoder = self.tokenizer.decoder
-        return decoder.conv_out.weight if decoder.conv_out is not None else decoder.to_pixels.weight
+        return self.tokenizer.decoder.last_layer
 
     # ---- EMA ------------------------------------------------------------------------------------------------
     @torch.no_grad()
