@@ -106,13 +106,15 @@ def image_metrics(rec: torch.Tensor, refs: torch.Tensor, lpips_ref: LPIPSReferen
                            dim=1).cpu()  # fmt: skip
 
 
-def add_features(fs: FeatureSet, images: torch.Tensor, index: torch.Tensor, inception) -> None:
+def add_features(fs: FeatureSet, images: torch.Tensor, index: torch.Tensor, inception) -> torch.Tensor:
     """FID Inception features of uint8 images [b, 3, S, S] into `fs` under their global indices, in fp32 (an
-    outer autocast region is switched off)."""
+    outer autocast region is switched off). Returns them, so that an identical image set can reuse them."""
     from eval.metrics import inception_features
 
     with autocast("fp32", images.device):
-        fs.add(inception_features(images, inception), index)
+        features = inception_features(images, inception)
+    fs.add(features, index)
+    return features
 
 
 def batches(accelerator, loader, total: int, desc: str):
@@ -173,16 +175,25 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
             out = compress_batch(refs.cpu(), codec, [bits[k] for k in num_tokens])
             candidates += [out[bits[k]] for k in num_tokens]
         row = torch.full((b, len(settings), len(PER_IMAGE_FIELDS)), float("nan"), dtype=torch.float64)
+        # A codec that cannot get down to a budget gives the same images at every k below its floor: those are
+        # scored (and their Inception features computed, most of the evaluation's time) once.
+        scored: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (rec, metrics, features)
         for s, (rec, rec_bits, quality) in enumerate(candidates):
             if rec is None:  # no output for this budget: the row stays NaN, nothing to score or show
                 continue
             rec = rec.to(device)
-            row[:, s, :3] = image_metrics(rec, refs_dev, lpips_ref)  # psnr, ssim, lpips
+            same = next((hit for hit in scored if torch.equal(hit[0], rec)), None)
+            if same is None:
+                same = (rec, image_metrics(rec, refs_dev, lpips_ref), None)  # psnr, ssim, lpips
+                if fid:
+                    same = (*same[:2], add_features(feats[names[s]], rec, index, inception))
+                scored.append(same)
+            elif fid:
+                feats[names[s]].add(same[2], index)
+            row[:, s, :3] = same[1]
             row[:, s, 3] = rec_bits.double()
             if quality is not None:
                 row[:, s, 4] = quality.double()
-            if fid:
-                add_features(feats[names[s]], rec, index, inception)
             for j in small:
                 grid[int(index[j])][names[s]] = rec[j].cpu()
         indices.append(index.long())

@@ -167,6 +167,25 @@ def test_report_files_and_columns(tmp_path):
     assert per["index"].tolist() == list(range(6))
 
 
+@needs_lpips
+@needs_inception
+def test_codec_outputs_repeated_below_their_floor_score_as_when_scored_alone():
+    """JPEG cannot get down to 10 or 320 bits at 64 px, so it gives the same images at both k; those are scored
+    once and reused. Every metric, rFID included, equals the one of an evaluation of that k alone."""
+    tok = _tiny_tokenizer()
+    refs = _images(4, size=64, seed=6)
+    loader = [(torch.arange(4), refs)]
+    both, _, _ = rec.evaluate(_OneProcess(), tok, loader, 4, [1, 32], ["jpeg"])
+    alone, _, _ = rec.evaluate(_OneProcess(), tok, loader, 4, [32], ["jpeg"])
+    jpeg = {r.num_tokens: r for r in both if r.method == "jpeg"}
+    reference = next(r for r in alone if r.method == "jpeg")
+    for r in jpeg.values():
+        for field in ("rfid", "lpips", "psnr", "ssim", "bits_per_image", "quality"):
+            assert getattr(r, field) == pytest.approx(getattr(reference, field), rel=1e-9), field
+    tokenizer_32 = next(r for r in both if r.method == "tokenizer" and r.num_tokens == 32)
+    assert tokenizer_32.rfid == pytest.approx(next(r for r in alone if r.method == "tokenizer").rfid, rel=1e-9)
+
+
 def test_position_usage_counts_distinct_codes_per_position():
     ids = torch.tensor([[5, 0, 1], [5, 1, 1], [5, 2, 3], [5, 3, 3]])  # [N=4, K=3], V=8
     usage = rec.position_usage(ids, 8)
