@@ -20,7 +20,7 @@ $(VENV)/bin/python:
 
 # Reinstall only when the dependency list changes (idempotent, fast when nothing changed).
 $(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 # Trains the `tiny` tokenizer on the embedded photographs (CPU, a few minutes), then writes the report

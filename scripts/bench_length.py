@@ -1,7 +1,7 @@
 """Length-mechanism ablation: the same small tokenizer, the same data, steps and seed, under each way of learning
 variable length; held-out quality and per-position codebook usage at every evaluated k.
 
-    python scripts/bench_length.py --steps 1200 --out checkpoints/length_ablation        # ~30 min on 2 cores
+    python scripts/bench_length.py --steps 1000 --out checkpoints/length_ablation        # ~17 min on 2 cores
     python scripts/bench_length.py --steps 50 --out /tmp/ablation --mechanisms fixed tail_token_drop   # smoke
 
 Mechanisms (`--mechanisms`, default all five): `fixed` (TiTok), `tail_token_drop` (One-D-Piece, one k per batch),

@@ -94,7 +94,7 @@ def test_bench_length_writes_a_row_per_mechanism_and_k(tmp_path):
     report = json.loads((tmp_path / "length_ablation.json").read_text())
     assert [r["mechanism"] for r in report["results"]] == ["fixed", "nested_dropout+joint"]
     ks = [row["num_tokens"] for row in report["results"][0]["rows"]]
-    assert ks == [1, 2, 4, 8, 16]
+    assert ks == [1, 2, 4, 8, 16, 32, 64]  # the demo config: K = 64
     assert report["meta"]["usage_images"] == 4096
     table = (tmp_path / "length_ablation.md").read_text()
     assert table.count("| nested_dropout+joint |") == len(ks)
