@@ -184,9 +184,8 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
             rec = rec.to(device)
             same = next((hit for hit in scored if torch.equal(hit[0], rec)), None)
             if same is None:
-                same = (rec, image_metrics(rec, refs_dev, lpips_ref), None)  # psnr, ssim, lpips
-                if fid:
-                    same = (*same[:2], add_features(feats[names[s]], rec, index, inception))
+                features = add_features(feats[names[s]], rec, index, inception) if fid else None
+                same = (rec, image_metrics(rec, refs_dev, lpips_ref), features)  # metrics: psnr, ssim, lpips
                 scored.append(same)
             elif fid:
                 feats[names[s]].add(same[2], index)
