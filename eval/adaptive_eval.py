@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eval.gather import broadcast_object, fids_against_reference, gather_rows
+from eval.gather import FidReference, broadcast_object, fids_against_reference, gather_rows
 from eval.metrics import FeatureSet, LPIPSReference, lpips_model, to_uint8
 from eval.recon_eval import FID_MAX_ROWS, Row, add_features, batches, image_metrics
 from tokenizer.adaptive import check_targets
@@ -98,18 +98,21 @@ def default_targets(rows: list[Row] | None, accelerator) -> list[Target]:
 
 @torch.no_grad()
 def evaluate_adaptive(accelerator, tokenizer, loader, total: int, targets: list[Target], fid: bool = True,
-                      precision: str | None = None):
+                      precision: str | None = None, fid_reference: FidReference | None = None):
     """The second pass, on every process. Returns (per_image, fids) on the main process, (None, None) elsewhere:
     per_image {"index": [N], "targets": [T] names, "lengths": int64 [N, T], "metrics": float64 [N, T, 3]
     (ADAPTIVE_FIELDS)}; fids {target name: rFID} ({} without fid). precision: the tokenizer's autocast, as in
-    ``eval.recon_eval.evaluate``; the search's LPIPS (an LPIPS target) runs in fp32 like every metric."""
+    ``eval.recon_eval.evaluate``; the search's LPIPS (an LPIPS target) runs in fp32 like every metric.
+    fid_reference: the fixed-k pass's reference features over the same images, reused (filled here if empty)."""
     from eval.metrics import load_fid_inception
 
     device = accelerator.device
     tokenizer = tokenizer.to(device).eval()
     names = [t.name for t in targets]
     inception = load_fid_inception(device) if fid else None
-    feats = {name: FeatureSet(FID_MAX_ROWS, device) for name in ["reference", *names]} if fid else {}
+    need_reference = fid and (fid_reference is None or fid_reference.needed)
+    feats = ({name: FeatureSet(FID_MAX_ROWS, device) for name in (["reference"] if need_reference else []) + names}
+             if fid else {})  # fmt: skip
     lpips_net = lpips_model(device) if any(t.metric == "lpips" for t in targets) else None
 
     def lpips_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -120,7 +123,7 @@ def evaluate_adaptive(accelerator, tokenizer, loader, total: int, targets: list[
     for index, _, refs_dev in batches(accelerator, loader, total, "adaptive"):
         b = len(index)
         lpips_ref = LPIPSReference(refs_dev)
-        if fid:
+        if need_reference:
             add_features(feats["reference"], refs_dev, index, inception)
         lengths = torch.zeros(b, len(targets), dtype=torch.long)
         row = torch.zeros(b, len(targets), len(ADAPTIVE_FIELDS), dtype=torch.float64)
@@ -141,7 +144,7 @@ def evaluate_adaptive(accelerator, tokenizer, loader, total: int, targets: list[
     lengths = torch.cat(lengths_all) if lengths_all else torch.zeros(0, len(targets), dtype=torch.long)
     per = torch.cat(metrics) if metrics else torch.zeros(0, len(targets), len(ADAPTIVE_FIELDS), dtype=torch.float64)
     index, (lengths, per) = gather_rows(accelerator, index, lengths, per)
-    fids = fids_against_reference(accelerator, feats, names, len(index)) if fid else {}
+    fids = fids_against_reference(accelerator, feats, names, len(index), reference=fid_reference) if fid else {}
     if not accelerator.is_main_process:
         return None, None
     return {"index": index.numpy(), "targets": np.array(names), "lengths": lengths.numpy(),
@@ -220,18 +223,20 @@ def summarize(per_image: dict, fids: dict[str, float], targets: list[Target], ro
 
 def adaptive_section(accelerator, tokenizer, loader, total: int, rows: list[Row] | None,
                      targets: list[Target] | None, fid: bool = True, precision: str | None = None,
-                     fixed_per_image: dict | None = None):
+                     fixed_per_image: dict | None = None, fid_reference: FidReference | None = None):
     """The whole section, on every process: targets (None: ``default_targets`` from the fixed-k rows), the
     second pass and its summary. Returns (section, per-image arrays) on the main process, (None, None)
     elsewhere: section {"targets", "default_targets", "k_max", "rows"} (``summarize``), or {"skipped": why}
     when there is no target; per-image {"adaptive_targets": [T], "adaptive_lengths": [N, T],
-    "adaptive_metrics": [N, T, 3]} for per_image.npz (same image order as the fixed-k arrays)."""
+    "adaptive_metrics": [N, T, 3]} for per_image.npz (same image order as the fixed-k arrays). fid_reference:
+    the fixed-k pass's reference Inception features (``evaluate_adaptive``)."""
     given = targets is not None
     targets = targets if given else default_targets(rows, accelerator)
     if not targets:
         why = "no default target without a fixed-k range: evaluate at least two k, or give --adaptive-psnr"
         return ({"skipped": why}, None) if accelerator.is_main_process else (None, None)
-    per, fids = evaluate_adaptive(accelerator, tokenizer, loader, total, targets, fid=fid, precision=precision)
+    per, fids = evaluate_adaptive(accelerator, tokenizer, loader, total, targets, fid=fid, precision=precision,
+                                   fid_reference=fid_reference)
     if not accelerator.is_main_process:
         return None, None
     section = {"targets": [t.label for t in targets], "default_targets": not given, "k_max": tokenizer.max_tokens,

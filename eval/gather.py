@@ -55,12 +55,41 @@ def merge_features(accelerator, fs: FeatureSet, total: int) -> FeatureSet:
     return merged
 
 
+class FidReference:
+    """The reference images' merged Inception features, shared by the passes over the same images (the fixed-k
+    report and its adaptive section read the same loader): the first pass merges them, later passes reuse them
+    instead of running Inception over the references again. Every process holds the merged set (the merge is a
+    collective), so every process takes the same branch in ``fids_against_reference``."""
+
+    def __init__(self) -> None:
+        self.merged: FeatureSet | None = None
+        self.num_images = 0  # N of the pass that merged them: a later pass over other images is refused
+
+    @property
+    def needed(self) -> bool:
+        """True until a pass has merged the reference features: that pass must compute them."""
+        return self.merged is None
+
+
 def fids_against_reference(accelerator, feats: dict[str, FeatureSet], names: list[str], n: int,
-                           empty: set[str] = frozenset()) -> dict[str, float]:
-    """rFID of each named FeatureSet against ``feats["reference"]`` over the N images ({} off the main process;
+                           empty: set[str] = frozenset(), reference: FidReference | None = None) -> dict[str, float]:
+    """rFID of each named FeatureSet against the reference features over the N images ({} off the main process;
     NaN for a name in ``empty``, a setting without output, and below 2 images). Every process must call it
-    with the same names: the merges are collectives. Pops what it merged from ``feats``."""
-    ref = merge_features(accelerator, feats.pop("reference"), n)
+    with the same names: the merges are collectives. Pops what it merged from ``feats``.
+
+    The reference is ``feats["reference"]``, merged here, unless ``reference`` already holds it from an earlier
+    pass over the same images (then ``feats`` has no "reference"); a ``reference`` still empty is filled."""
+    if reference is not None and not reference.needed:
+        if n != reference.num_images:
+            raise ValueError(f"the shared reference features are of {reference.num_images} images, this pass has {n}:"
+                             " a FidReference is shared only by passes over the same images")
+        ref = reference.merged
+    else:
+        if "reference" not in feats:
+            raise ValueError("no reference features: this pass must compute them (its FidReference is empty)")
+        ref = merge_features(accelerator, feats.pop("reference"), n)
+        if reference is not None:
+            reference.merged, reference.num_images = ref, n
     fids: dict[str, float] = {}
     for name in names:
         if name in empty:
@@ -100,5 +129,5 @@ def broadcast_object(accelerator, obj):
     return broadcast_object_list([obj], from_process=0)[0]
 
 
-__all__ = ["FID_DIM", "gather_rows", "merge_features", "fids_against_reference", "gather_skips", "gather_grid",
-           "broadcast_object"]
+__all__ = ["FID_DIM", "gather_rows", "merge_features", "FidReference", "fids_against_reference", "gather_skips",
+           "gather_grid", "broadcast_object"]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from eval.codecs import THUMBNAIL, thumbnail_side
-from eval.gather import fids_against_reference, gather_grid, gather_rows
+from eval.gather import FidReference, fids_against_reference, gather_grid, gather_rows
 from eval.metrics import PSNR_CAP_DB, FeatureSet, LPIPSReference, psnr, ssim, to_uint8
 from tokenizer import OneDTokenizer
 from tokenizer.checkpoints import tokenizer_from_checkpoint
@@ -134,10 +134,13 @@ def batches(accelerator, loader, total: int, desc: str):
 
 @torch.no_grad()
 def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_tokens: list[int],
-             codecs: list[str], fid: bool = True, grid_images: int = 8, precision: str | None = None):
+             codecs: list[str], fid: bool = True, grid_images: int = 8, precision: str | None = None,
+             fid_reference: FidReference | None = None):
     """On every process; Returns (rows, grid, per_image) on the main process, (None, None, None) elsewhere.
 
     precision: autocast of the tokenizer ("fp32" | "bf16"; None: bf16 on CUDA, fp32 on CPU).
+    fid_reference: the reference images' Inception features, shared with a later pass over the same images
+    (``eval.gather.FidReference``): filled here if empty, reused (no Inception pass over the references) if not.
 
     grid: {"reference": uint8 [n, 3, S, S], "tokenizer@k" / "<codec>@k": uint8 [n, 3, S, S]}, first n indices.
     per_image: {"index": [N], "settings": [...], "metrics": [N, S, 5] (PER_IMAGE_FIELDS), "ids": [N, K]}.
@@ -155,8 +158,9 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
     # settings with no output at all (known from the budget alone, so every process agrees without talking)
     empty = {f"{THUMBNAIL}@{k}" for k in num_tokens if THUMBNAIL in codecs and thumbnail_side(bits[k]) == 0}
     inception = load_fid_inception(device) if fid else None
-    feats = ({name: FeatureSet(FID_MAX_ROWS, device) for name in ["reference", *names] if name not in empty}
-             if fid else {})  # fmt: skip
+    need_reference = fid and (fid_reference is None or fid_reference.needed)
+    feats = ({name: FeatureSet(FID_MAX_ROWS, device) for name in ["reference", *names]
+              if name not in empty and (name != "reference" or need_reference)} if fid else {})  # fmt: skip
 
     indices, ids_all, metrics = [], [], []
     grid: dict[int, dict[str, torch.Tensor]] = {}
@@ -167,7 +171,7 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
         small = [j for j in range(b) if int(index[j]) < grid_images]
         for j in small:
             grid[int(index[j])] = {"reference": refs[j].cpu()}
-        if fid:
+        if need_reference:
             add_features(feats["reference"], refs_dev, index, inception)
         # (reconstruction uint8 [b, 3, S, S] | None, bits [b], quality [b] | None), settings order
         candidates = [(rec, torch.full((b,), bits[k]), None) for k, rec in zip(num_tokens, recs)]
@@ -206,7 +210,7 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
     per = torch.cat(metrics) if metrics else no_rows
     index, (ids, per) = gather_rows(accelerator, index, ids, per)
     n = len(index)
-    fids = fids_against_reference(accelerator, feats, names, n, empty) if fid else {}
+    fids = fids_against_reference(accelerator, feats, names, n, empty, fid_reference) if fid else {}
     gathered_grid = gather_grid(accelerator, grid)
     if not accelerator.is_main_process:
         return None, None, None

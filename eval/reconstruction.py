@@ -90,7 +90,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval.adaptive_eval import PROTOCOL_ADAPTIVE, adaptive_section, make_targets  # noqa: E402
 from eval.codecs import CODEC_NAMES  # noqa: E402
-from eval.gather import gather_skips  # noqa: E402
+from eval.gather import FidReference, gather_skips  # noqa: E402
 from eval.recon_eval import Row, evaluate, load_tokenizer, position_usage  # noqa: E402
 from eval.recon_report import report_meta, write_report  # noqa: E402
 from tokenizer.length import powers_of_two_upto  # noqa: E402
@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
         val_crops_per_scale=args.val_crops_per_scale)
     precision = resolve_precision(args.precision, accelerator.device)
     codecs = list(args.codecs or [])
+    fid_reference = FidReference()  # both passes read the same images: Inception sees the references once
     rows, grid, per_image = evaluate(accelerator, tokenizer, loader, total, ks, codecs, fid=args.fid,
-                                     grid_images=args.grid_images, precision=precision)
+                                     grid_images=args.grid_images, precision=precision, fid_reference=fid_reference)
     skipped = gather_skips(accelerator, loader.skips.report())
     n = (rows[0].num_images if rows else 0) if accelerator.is_main_process else None
     if n == 0:
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
         loader.skips = SkipCounter()  # the second pass meets the same unreadable files: counted once, above
         adaptive, adaptive_per_image = adaptive_section(accelerator, tokenizer, loader, total, rows, targets,
                                                         fid=args.fid, precision=precision,
-                                                        fixed_per_image=per_image)
+                                                        fixed_per_image=per_image, fid_reference=fid_reference)
     if accelerator.is_main_process:
         meta = report_meta(tokenizer, num_images=n, source=what, skipped=skipped,
                            num_processes=accelerator.num_processes, device=str(accelerator.device),

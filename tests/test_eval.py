@@ -186,6 +186,38 @@ def test_codec_outputs_repeated_below_their_floor_score_as_when_scored_alone():
     assert tokenizer_32.rfid == pytest.approx(next(r for r in alone if r.method == "tokenizer").rfid, rel=1e-9)
 
 
+@needs_lpips
+@needs_inception
+def test_adaptive_pass_reuses_the_fixed_pass_reference_features(monkeypatch):
+    """The fixed-k pass and the adaptive pass read the same images. With a shared FidReference the adaptive pass
+    runs Inception over its reconstructions only, not over the references again, and its rFID equals that of a
+    pass that computes the reference itself."""
+    from eval.adaptive_eval import Target, evaluate_adaptive
+    from eval.gather import FidReference
+
+    tok = _tiny_tokenizer()
+    loader = [(torch.arange(4), _images(4, size=64, seed=7))]
+    seen = []  # images per Inception call, counted around the real function
+    real = metrics.inception_features
+    monkeypatch.setattr(metrics, "inception_features", lambda x, *a, **k: seen.append(len(x)) or real(x, *a, **k))
+    shared = FidReference()
+    rec.evaluate(_OneProcess(), tok, loader, 4, [1, 32], [], fid_reference=shared)
+    assert not shared.needed and sum(seen) == 4 * 3  # the references, then k = 1 and k = 32
+    targets = [Target("psnr", 10.0), Target("psnr", 60.0)]  # met at once; never met (the search gives K)
+    seen.clear()
+    _, reused = evaluate_adaptive(_OneProcess(), tok, loader, 4, targets, fid_reference=shared)
+    assert sum(seen) == 4 * len(targets)
+    seen.clear()
+    _, own = evaluate_adaptive(_OneProcess(), tok, loader, 4, targets)
+    assert sum(seen) == 4 * (len(targets) + 1)
+    assert reused.keys() == own.keys() and len(reused) == 2
+    for name in own:
+        assert math.isfinite(own[name]) and reused[name] == pytest.approx(own[name], rel=1e-9), name
+    with pytest.raises(ValueError, match="reference features are of 4 images, this pass has 3"):
+        evaluate_adaptive(_OneProcess(), tok, [(torch.arange(3), _images(3, size=64, seed=8))], 3, targets,
+                          fid_reference=shared)
+
+
 def test_position_usage_counts_distinct_codes_per_position():
     ids = torch.tensor([[5, 0, 1], [5, 1, 1], [5, 2, 3], [5, 3, 3]])  # [N=4, K=3], V=8
     usage = rec.position_usage(ids, 8)
