@@ -18,9 +18,11 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Reinstall only when the dependency list changes (idempotent, fast when nothing changed).
+# Reinstall only when the dependency list changes (idempotent, fast when nothing changed). pip writes the bytecode
+# here, once: where PYTHONDONTWRITEBYTECODE is set (as on the CI machines) nothing else would, and every Python
+# process (the demo runs three, the slow tests dozens) would compile torch and lightning again, about 8 s each.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 # Trains the `tiny` tokenizer on the embedded photographs (CPU, a few minutes), then writes the report
