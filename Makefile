@@ -19,10 +19,11 @@ $(VENV)/bin/python:
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Reinstall only when the dependency list changes (idempotent, fast when nothing changed). Bytecode is written
-# here, once, for every installed package: where PYTHONDONTWRITEBYTECODE is set (as on this project's machines) nothing
-# else would, and every Python process (the demo runs three, the slow tests dozens) would compile torch and
-# lightning again at import, about 10 s each. compileall on all cores takes 21 s where pip's own serial pass took
-# 43 s; the files it cannot compile are other Python versions' (torch ships a 3.12-only test helper), hence || true.
+# here, once, for every installed package: where PYTHONDONTWRITEBYTECODE is set (as on this project's machines)
+# nothing else would, and every Python process (the demo runs three, the slow tests dozens) would compile torch
+# and lightning again at import, about 10 s each. compileall on all cores takes 21 s where pip's own serial pass
+# took 43 s; the files it cannot compile are other Python versions' (torch ships a 3.12-only test helper), hence
+# the || true.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
 	$(PY) -m compileall -qq -j 0 "$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")" || true
