@@ -159,8 +159,8 @@ def evaluate(accelerator, tokenizer: OneDTokenizer, loader, total: int, num_toke
     empty = {f"{THUMBNAIL}@{k}" for k in num_tokens if THUMBNAIL in codecs and thumbnail_side(bits[k]) == 0}
     inception = load_fid_inception(device) if fid else None
     need_reference = fid and (fid_reference is None or fid_reference.needed)
-    feats = ({name: FeatureSet(FID_MAX_ROWS, device) for name in ["reference", *names]
-              if name not in empty and (name != "reference" or need_reference)} if fid else {})  # fmt: skip
+    scored_names = (["reference"] if need_reference else []) + [name for name in names if name not in empty]
+    feats = {name: FeatureSet(FID_MAX_ROWS, device) for name in scored_names} if fid else {}
 
     indices, ids_all, metrics = [], [], []
     grid: dict[int, dict[str, torch.Tensor]] = {}
