@@ -65,6 +65,38 @@ print(json.dumps({{"classes": classes, "items": items, "eval": total}}))
     assert walk_image_files(str(root)) == files
 
 
+def test_one_directory_behind_two_different_links_is_listed_once_under_the_first_path(tmp_path):
+    """Two *different* symlinks to one directory (issue 22): its files are listed once, under the path that
+    reaches it first in the breadth-first walk (shallowest, then sorted), whatever order the links sort in.
+    A visited set keyed on the link instead of the directory it resolves to lists them twice, once per label."""
+    outside = tmp_path / "outside"  # the shared directories live outside the tree: only links reach them
+    make_plain_tree(str(outside), 2, classes=("pets", "birds", "dogs"))
+    make_plain_tree(str(outside / "pets"), 1, classes=("puppies",))  # a real sub-directory of a shared one
+    root = tmp_path / "tree"
+    make_plain_tree(str(root), 1, classes=("cat_a", "cat_b"))
+    os.symlink("../../outside/pets", root / "cat_a" / "pets")  # same depth: cat_a/pets sorts first and claims
+    os.symlink("../../outside/pets", root / "cat_b" / "pets")
+    os.makedirs(root / "cat_a" / "deep")
+    os.symlink("../../../outside/birds", root / "cat_a" / "deep" / "birds")  # sorts first, but one level deeper
+    os.symlink("../../outside/birds", root / "cat_b" / "birds")  # shallower: claims birds for cat_b
+    os.symlink("../outside/dogs", root / "dog")  # two class folders that are links to one directory
+    os.symlink("../outside/dogs", root / "hound")
+
+    from data.folder import scan_image_folder
+    from eval.sources import make_source
+    from tokenizer.images import walk_image_files
+
+    files = ["cat_a/cat_a000.jpg", "cat_a/pets/pets000.jpg", "cat_a/pets/pets001.jpg",
+             "cat_a/pets/puppies/puppies000.jpg", "cat_b/birds/birds000.jpg", "cat_b/birds/birds001.jpg",
+             "cat_b/cat_b000.jpg", "dog/dogs000.jpg", "dog/dogs001.jpg"]  # fmt: skip
+    assert walk_image_files(str(root)) == files
+    classes, items = scan_image_folder(str(root))
+    assert classes == ["cat_a", "cat_b", "dog", "hound"]  # hound is a class folder; its images are dog's
+    assert items == [(f, classes.index(f.split("/")[0])) for f in files]
+    _, total, _ = make_source("folder", 16, root=str(root))  # evaluation lists the same 9 images
+    assert total == len(files)
+
+
 # ------------------------------------------------------------------------------ 4. truncated shard, no meta
 @pytest.fixture()
 def truncated_shards(tmp_path):
