@@ -321,31 +321,36 @@ def test_extraction_meta_counts_skipped_images_with_paths(tok_dir, tmp_path, cap
 
 
 def test_training_logs_the_skip_count(tmp_path):
+    """The small tokenizer trains one epoch on 9 readable and 3 corrupt files (one worker process, which counts
+    in shared memory): the loggers get data/skipped_images = 3, the number of files skipped, not just the name."""
+    import csv
+
     import lightning.pytorch as pl
+    from _small_training import SMALL
     from lightning.pytorch.loggers import CSVLogger
 
     from data.folder import FolderDataModule
+    from tokenizer.training import TokenizerModule
 
-    src = str(tmp_path / "src")
-    make_awkward_tree(src)
-
-    class Tiny(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(3, 1)
-
-        def training_step(self, batch, _):
-            return self.lin(batch[0].mean((2, 3))).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    dm = FolderDataModule(src, image_size=16, batch_size=10, num_workers=0, drop_last=False)
+    src = tmp_path / "src"
+    make_plain_tree(str(src), 3, classes=("a", "b", "c"), size=(40, 40))
+    good = (src / "a" / "a000.jpg").read_bytes()
+    corrupt = ["a/cut.jpg", "b/cut.jpg", "c/cut.jpg"]
+    for rel in corrupt:  # truncated JPEGs: the header decodes, the pixels do not
+        (src / rel).write_bytes(good[: len(good) // 3])
+    # 12 files in batches of 4: 3 steps, and no batch can be all corrupt (that is an error, tested above)
+    dm = FolderDataModule(str(src), image_size=32, batch_size=4, num_workers=1, drop_last=False)
+    torch.manual_seed(0)
+    module = TokenizerModule(preset="tiny", overrides=SMALL, warmup_steps=1, export_dir=str(tmp_path / "export"))
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(str(tmp_path / "logs")),
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(Tiny(), datamodule=dm)
-    csv = open(os.path.join(trainer.logger.log_dir, "metrics.csv")).read()
-    assert "data/skipped_images" in csv and dm.num_skipped == 1
+                         default_root_dir=str(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 3 and dm.num_skipped == len(corrupt)
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv"), newline="") as f:
+        logged = [float(row["data/skipped_images"]) for row in csv.DictReader(f) if row.get("data/skipped_images")]
+    assert logged, "data/skipped_images never reached the logger"
+    assert logged == sorted(logged) and logged[-1] == len(corrupt), logged  # the running count, ending at 3
 
 
 def test_reconstruction_report_counts_skipped_images(tok_dir, tmp_path):
