@@ -1,9 +1,72 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the guard that the suite leaves the checkout as it found it.
+
+Every test runs in its own temporary working directory, so an output path relative to the working directory (a
+Trainer's default root, an export directory) lands there and not in the repository, where it could overwrite a
+user's model and race with a parallel run. Tests that need the repository name it (REPO, or cwd= for a
+subprocess). At the end of the run the repository's files are compared with what they were at the start: any
+file created, changed or deleted fails the run, named.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Not the suite's to watch: git's own files, the virtual environment, and the caches Python and the tools keep.
+UNWATCHED_DIRS = frozenset({".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"})
+
+
+def repository_files() -> dict[str, tuple[int, int]]:
+    """{path relative to REPO: (size, mtime in ns)} of every file outside UNWATCHED_DIRS and *.egg-info."""
+    files = {}
+    for root, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in UNWATCHED_DIRS and not d.endswith(".egg-info")]
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:  # removed while walking: the comparison will say so
+                continue
+            files[os.path.relpath(path, REPO)] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_BEFORE] = repository_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = session.config.stash.get(_BEFORE, None)
+    if before is None:
+        return
+    after = repository_files()
+    created = sorted(set(after) - set(before))
+    deleted = sorted(set(before) - set(after))
+    changed = sorted(p for p in set(before) & set(after) if before[p] != after[p])
+    if created or deleted or changed:
+        lines = [f"{what}: {', '.join(paths[:10])}{' ...' if len(paths) > 10 else ''}"
+                 for what, paths in (("created", created), ("changed", changed), ("deleted", deleted)) if paths]
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "the test run touched the repository (tests must write under tmp_path): " + "; ".join(lines)
+        if reporter is not None:
+            reporter.write_sep("=", "REPOSITORY CHANGED", red=True)
+            reporter.write_line(message)
+        else:
+            print(message)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[dict]()
+
+
+@pytest.fixture(autouse=True)
+def _in_temporary_directory(tmp_path, monkeypatch):
+    """Each test's working directory is its own tmp_path (module docstring)."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
