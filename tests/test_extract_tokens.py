@@ -41,11 +41,17 @@ def _launch(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 def test_two_processes_folder_exactly_once(tok_dir, tmp_path):
     src = tmp_path / "tree"
     special = make_awkward_tree(str(src))
+    corrupt = [special["corrupt"], "cat/broken.jpg", "dog/broken.jpg"]
+    for rel in corrupt[1:]:  # two more truncated JPEGs, so that the two processes skip different numbers
+        (src / rel).write_bytes((src / special["corrupt"]).read_bytes())
     from data.folder import scan_image_folder
+    from data.sources import split_for_process
 
     classes, items = scan_image_folder(str(src))
-    readable = {rel: label for rel, label in items if rel != special["corrupt"]}
+    readable = {rel: label for rel, label in items if rel not in corrupt}
     assert len(readable) % 2 == 1  # an uneven split over 2 processes
+    per_process = [sum(rel in corrupt for rel, _ in split_for_process(items, r, 2)) for r in (0, 1)]
+    assert sorted(per_process) == [1, 2]  # skips on both processes, unequal: their max is not their sum
     out = tmp_path / "tokens"
     _launch(2, ["--tokenizer", tok_dir, "--out", str(out), "--source", "folder", "--root", str(src),
                 "--shard-size", "2", "--batch-size", "3", "--flip", "--num-tokens", "16"])  # fmt: skip
@@ -55,6 +61,8 @@ def test_two_processes_folder_exactly_once(tok_dir, tmp_path):
     assert sorted(keys.tolist()) == sorted(readable)  # each readable image once, the corrupt one skipped
     assert [int(label) for label in labels] == [readable[k] for k in keys.tolist()]
     assert meta["num_classes"] == len(classes) == 2 and meta["num_processes"] == 2
+    assert meta["skipped"]["count"] == len(corrupt) == 3, meta["skipped"]  # summed over both processes
+    assert sorted(p["path"] for p in meta["skipped"]["paths"]) == sorted(str(src / rel) for rel in corrupt)
     assert ids.shape == (len(readable), 2, 16) and ids.dtype == np.int16 and meta["flip"]
     names = {os.path.basename(p).rsplit("-", 1)[0] for p in shard_paths(str(out))}
     assert names == {"tokens-r000", "tokens-r001"}  # both processes wrote their share

@@ -303,6 +303,23 @@ def test_shards_without_a_readable_image_are_an_error(tmp_path):
 
 
 # ------------------------------------------------------------------ 9a. skipped records counted end to end
+def test_skip_reports_of_several_processes_add_up():
+    """merge_reports (extraction's meta.json, the reconstruction report's gather_skips): the counts of unequal
+    processes are added, the paths concatenated in process order and capped; the count is never the list length."""
+    from data.skips import merge_reports
+
+    counters = [SkipCounter(max_listed=2), SkipCounter(max_listed=2), SkipCounter(max_listed=2)]
+    for process, n in enumerate((3, 1, 0)):  # the first process lists 2 of its 3 skips
+        for i in range(n):
+            counters[process](f"p{process}/{i}.jpg", "unreadable image")
+    merged = merge_reports([c.report() for c in counters])
+    assert merged["count"] == 4, merged  # 3 + 1 + 0
+    assert [p["path"] for p in merged["paths"]] == ["p0/0.jpg", "p0/1.jpg", "p1/0.jpg"]
+    capped = merge_reports([c.report() for c in counters], max_listed=1)
+    assert capped == {"count": 4, "paths": [{"path": "p0/0.jpg", "reason": "unreadable image"}]}
+    assert merge_reports([]) == {"count": 0, "paths": []}
+
+
 def test_extraction_meta_counts_skipped_images_with_paths(tok_dir, tmp_path, caplog):
     from data.extract_tokens import main as extract_main
     from data.tokens import read_meta
