@@ -47,10 +47,11 @@ def data(batch_size: int = 4) -> PhotosDataModule:
 
 class SyncAudit(pl.Callback):
     """Runs every batch from `start` on under HostSyncDetector; records what it found per batch, and whether the
-    batch was a logging step."""
+    batch was a logging step, in `rows` [(batch_idx, logging, {what: count})], and where each was called from in
+    `sites` {batch_idx: ["Tensor.cpu at module.py:260: ...", ...]}."""
 
     def __init__(self, start: int):
-        self.start, self.rows, self.detector = start, [], None
+        self.start, self.rows, self.sites, self.detector = start, [], {}, None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx >= self.start:
@@ -62,4 +63,11 @@ class SyncAudit(pl.Callback):
         if self.detector is not None:
             self.detector.__exit__(None, None, None)
             self.rows.append((batch_idx, self.logging, dict(self.detector.found)))
+            self.sites[batch_idx] = list(self.detector.hits)
+            self.detector = None
+
+    def on_exception(self, trainer, module, exception):
+        # a step that raised never reaches on_train_batch_end: leave no detector active for the next test
+        if self.detector is not None:
+            self.detector.__exit__(None, None, None)
             self.detector = None

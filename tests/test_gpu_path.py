@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from _small_training import SMALL, SyncAudit, data, fresh_start, trainer
 
 from tokenizer import OneDTokenizer
-from tokenizer.gpu import no_host_sync
+from tokenizer.gpu import HostSyncDetector, no_host_sync
 from tokenizer.losses import hinge_g_loss
 from tokenizer.training import TokenizerModule
 from tokenizer.training.config_files import load_config
@@ -70,16 +71,83 @@ def test_steady_state_step_makes_no_host_sync(lpips_available, mechanism):
     trainer(2 * 12, precision, [audit], log_every=5).fit(module, datamodule=data())
     quiet = [(i, found) for i, logging, found in audit.rows if not logging]
     assert len(quiet) >= 8 and len(audit.rows) == 10
-    assert all(not found for _, found in quiet), f"host syncs on non-logging steps: {quiet}"
+    synced = [i for i, found in quiet if found]
+    assert not synced, f"host syncs on non-logging steps: {quiet}; in batch {synced[0]} at {audit.sites[synced[0]]}"
     assert any(found for _, logging, found in audit.rows if logging), "the detector sees the logging steps' reads"
+
+
+class HostPullEveryStep(TokenizerModule):
+    """The training step plus the mutant of issue 22: a device-to-host copy of the loss in every step."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        loss.detach().cpu().tolist()  # PLANTED HOST PULL
+        return loss
+
+
+@pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted_cpu_tolist"])
+def test_sync_audit_catches_a_host_pull_in_the_training_step(planted):
+    """On CPU `.cpu()` and `.tolist()` never reach the dispatcher; the audit must still see them (on a GPU each is
+    a blocking device-to-host copy) and name the line. The clean step (no LPIPS nor GAN: it runs where the LPIPS
+    weights are missing too) shows nothing."""
+    pl.seed_everything(0)
+    # fused AdamW as on CUDA: the unfused one reads each parameter's step count on the host
+    module = (HostPullEveryStep if planted else TokenizerModule)(preset="tiny", overrides=SMALL, warmup_steps=1,
+                                                                 fused_optimizer=True)
+    audit = SyncAudit(start=2)
+    trainer(8, "32-true", [audit], log_every=5).fit(module, datamodule=data())
+    quiet = [(i, found) for i, logging, found in audit.rows if not logging]
+    assert len(audit.rows) == 6 and len(quiet) == 5
+    synced = [i for i, found in quiet if found]
+    if not planted:
+        assert not synced, f"host syncs on non-logging steps: {quiet}; in batch {synced[0]} at {audit.sites[synced[0]]}"
+        return
+    assert all(found == {"Tensor.cpu": 1, "Tensor.tolist": 1} for _, found in quiet), quiet
+    sites = audit.sites[quiet[0][0]]
+    assert any("test_gpu_path.py" in s and "PLANTED HOST PULL" in s for s in sites), sites
+
+
+def test_host_sync_detector_sees_explicit_host_copies():
+    x = torch.arange(4.0)
+    with HostSyncDetector() as detector:
+        x.cpu()
+        x.tolist()
+        x.numpy()
+        np.asarray(x)
+    assert detector.found == {"Tensor.cpu": 1, "Tensor.tolist": 1, "Tensor.numpy": 1, "Tensor.__array__": 1}
+    assert all("test_gpu_path.py" in hit for hit in detector.hits), detector.hits  # the caller, not torch
+
+
+def test_host_sync_detector_flags_copies_to_cpu_from_a_device_only():
+    """`.to(cpu)` and `.copy_` into a CPU tensor are host pulls only from a device; on CPU they are no-ops. A meta
+    tensor stands in for the device tensor a CPU machine lacks (its copy then fails: there is no data)."""
+    x = torch.arange(4.0)
+    with HostSyncDetector() as detector:
+        x.to("cpu")
+        x.to(torch.device("cpu"), torch.float64)
+        x.to(x)
+        torch.empty(4).copy_(x)
+    assert not detector.found, detector.hits
+    on_device = torch.empty(4, device="meta")
+    with HostSyncDetector() as detector:
+        on_device.to("meta")
+        on_device.to(torch.float64)
+        for copy in (lambda: on_device.to("cpu"), lambda: on_device.to(x), lambda: torch.empty(4).copy_(on_device)):
+            with pytest.raises(NotImplementedError, match="meta"):
+                copy()
+    assert detector.found == {"Tensor.to (to cpu from meta)": 2, "Tensor.copy_ (to cpu from meta)": 1}, detector.hits
 
 
 def test_no_host_sync_names_the_operator():
     with pytest.raises(RuntimeError, match="_local_scalar_dense"):
         with no_host_sync("cpu"):
             torch.ones(3).sum().item()
+    with pytest.raises(RuntimeError, match="Tensor.tolist"):
+        with no_host_sync("cpu"):
+            torch.ones(3).tolist()
     with no_host_sync("cpu"):
         torch.ones(3).add_(1).sum()
+        torch.ones(3).to("cpu")
 
 
 @pytest.mark.parametrize("mechanism", ["tail_token_drop", "fixed", "nested_dropout"])

@@ -8,8 +8,9 @@
 A host sync (`.item()`, `bool(t)`, `nonzero`, a copy of fresh host data to the GPU, ...) stalls the CPU until
 the GPU has drained its queue, so the next kernels are launched late and the GPU idles. On CUDA, `no_host_sync`
 turns on torch's own detector (`torch.cuda.set_sync_debug_mode("error")`). On any device, including the CPU of
-CI, it also runs the ops under `HostSyncDetector`, which flags the operators that would sync on CUDA: the same
-code path can then be proven sync-free without a GPU.
+CI, it also runs the ops under `HostSyncDetector`, which flags the operators that would sync on CUDA, and the
+explicit copies to the host (`.cpu()`, `.tolist()`, `.numpy()`, `.to("cpu")` of a device tensor): the same code
+path can then be proven sync-free without a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import traceback
 from collections import Counter
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Dense bf16 peak (TFLOP/s, no sparsity) by device-name fragment; the first match wins (PCIe before SXM names).
@@ -42,6 +44,11 @@ SYNCING_OPS = frozenset({
 })  # fmt: skip
 # indexing (reads and writes) with a boolean mask runs nonzero() inside the kernel, below the dispatcher
 BOOL_INDEXED_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
+# Tensor methods that copy to the host whatever device the tensor is on: on a GPU each is a blocking
+# device-to-host copy. On a CPU tensor they never reach the dispatcher (`.cpu()` returns the tensor itself), so
+# they are caught at the Python API (__torch_function__), where CPU code calls them exactly as GPU code would.
+HOST_PULLS = {torch.Tensor.cpu: "Tensor.cpu", torch.Tensor.tolist: "Tensor.tolist",
+              torch.Tensor.numpy: "Tensor.numpy", torch.Tensor.__array__: "Tensor.__array__"}  # fmt: skip
 
 
 def enable_fast_math() -> None:
@@ -62,15 +69,34 @@ def peak_bf16_tflops(device: torch.device | str) -> float | None:
 
 
 class HostSyncDetector(TorchDispatchMode):
-    """Records every operator of `SYNCING_OPS`, and indexing with a boolean mask, that runs while active.
-    `found` counts them by overload ("aten.nonzero.default", "aten.index.Tensor (boolean mask)"); `hits` says
-    where each one was called from (the innermost frame outside torch). Ops inside a torch.compile'd region are
-    not seen: run it eager."""
+    """Records, while active, every operator of `SYNCING_OPS`, indexing with a boolean mask, and every explicit
+    copy to the host: `.cpu()`, `.tolist()`, `.numpy()` (and numpy's `__array__`) always, since on a GPU each is
+    a blocking device-to-host copy and a CPU run calls them exactly where a GPU run would; `.to(<cpu>)` and
+    `.copy_` into a CPU tensor only from a tensor that is not on the CPU (on CPU `x.to(self.device)` is a no-op).
+    `found` counts them by name ("aten.nonzero.default", "aten.index.Tensor (boolean mask)", "Tensor.cpu",
+    "Tensor.to (to cpu from cuda)"); `hits` says where each one was called from (the innermost frame outside
+    torch and this module). Ops inside a torch.compile'd region are not seen: run it eager."""
 
     def __init__(self):
         super().__init__()
         self.found: Counter[str] = Counter()
         self.hits: list[str] = []
+        self._pulls = _HostPullDetector(self)
+
+    def __enter__(self):
+        super().__enter__()
+        try:
+            self._pulls.__enter__()
+        except BaseException:
+            super().__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc_value, tb):
+        try:
+            self._pulls.__exit__(exc_type, exc_value, tb)
+        finally:
+            super().__exit__(exc_type, exc_value, tb)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -85,9 +111,37 @@ class HostSyncDetector(TorchDispatchMode):
 
     def _record(self, what: str) -> None:
         self.found[what] += 1
-        outside = [f for f in traceback.extract_stack()[:-2] if f"{os.sep}torch{os.sep}" not in f.filename]
+        outside = [f for f in traceback.extract_stack()
+                   if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__]
         where = f"{os.path.basename(outside[-1].filename)}:{outside[-1].lineno}: {outside[-1].line}" if outside else "?"
         self.hits.append(f"{what} at {where}")
+
+
+class _HostPullDetector(TorchFunctionMode):
+    """The Python-API half of HostSyncDetector (entered and left with it): the explicit copies to the host."""
+
+    def __init__(self, detector: HostSyncDetector):
+        super().__init__()
+        self.detector = detector
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        what = HOST_PULLS.get(func)
+        if what is None and args and isinstance(args[0], torch.Tensor):
+            source = None
+            if func is torch.Tensor.to:
+                # what nn.Module.to parses too: (device, dtype, non_blocking, memory_format); a tensor argument
+                # gives its device
+                target = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+                source = args[0].device if target is not None and target.type == "cpu" else None
+            elif func is torch.Tensor.copy_:
+                src = args[1] if len(args) > 1 else kwargs.get("src")
+                source = src.device if args[0].device.type == "cpu" and isinstance(src, torch.Tensor) else None
+            if source is not None and source.type != "cpu":
+                what = f"Tensor.{func.__name__} (to cpu from {source.type})"
+        if what is not None:
+            self.detector._record(what)
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -114,4 +168,4 @@ def no_host_sync(device: torch.device | str, detector: bool | None = None):
 
 
 __all__ = ["enable_fast_math", "peak_bf16_tflops", "HostSyncDetector", "no_host_sync", "SYNCING_OPS",
-           "BOOL_INDEXED_OPS", "PEAK_BF16_TFLOPS"]
+           "BOOL_INDEXED_OPS", "HOST_PULLS", "PEAK_BF16_TFLOPS"]
