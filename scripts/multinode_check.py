@@ -8,7 +8,8 @@ python scripts/multinode_check.py check RUN_DIR --world-size 2 --steps 6 12
     (b) all parameters and buffers (VQ codebook included) are identical on every rank after each fit,
     (c) the resumed fit continued the global step, and the final checkpoint holds the last step,
     (d) DDP all-reduced each tokenizer gradient exactly once per batch, and nothing else (the discriminator
-        reduces its own gradients outside DDP).
+        reduces its own gradients outside DDP), and no tokenizer gradient was all-reduced outside DDP; a record
+        without these data fails the check.
     Prints one line per check; exits 1 naming the failed checks.
 """
 
@@ -90,6 +91,51 @@ def compare_states(paths: list[str]) -> tuple[bool, str]:
     return True, f"{n_params} parameters + {n_buffers} buffers bit-identical on {len(states)} ranks"
 
 
+DDP_KEYS = ("managed_elements", "tokenizer_elements", "reduced_per_batch", "tokenizer_grad_outside_ddp_per_batch",
+            "other_outside_ddp_per_batch", "tokenizer_grad_outside_ddp_between_batches",
+            "other_outside_ddp_between_batches")
+
+
+def check_ddp(c: Checks, recs: list[dict], tag: str) -> bool:
+    """Check (d) on one fit's records (see tokenizer/training/callbacks.py for the "ddp" record): fails, rather
+    than skips, when a record lacks the data."""
+    name = f"(d) DDP reduces each tokenizer gradient once per batch [{tag}]"
+    missing = []
+    for r, rec in enumerate(recs):
+        ddp = rec.get("ddp")
+        if not isinstance(ddp, dict):
+            missing.append(f"rank {r}: no 'ddp' data (the model was not wrapped in DistributedDataParallel, or the "
+                           "record is not DistributedAudit's)")
+        elif [k for k in DDP_KEYS if k not in ddp]:
+            missing.append(f"rank {r}: 'ddp' lacks {[k for k in DDP_KEYS if k not in ddp]}")
+    if missing:
+        return c(name, False, "nothing to check: " + "; ".join(missing))
+    ddp = [rec["ddp"] for rec in recs]
+    problems = []
+    counts = [(len(d["reduced_per_batch"]), len(d["tokenizer_grad_outside_ddp_per_batch"]), len(rec["batches"]))
+              for d, rec in zip(ddp, recs)]
+    uneven = [(r, n) for r, n in enumerate(counts) if len(set(n)) != 1 or n[0] == 0]
+    if uneven:
+        problems.append(f"entries per batch (rank, (DDP, outside DDP, batches)) {uneven}")
+    managed = [d["managed_elements"] for d in ddp]
+    if any(m != d["tokenizer_elements"] for m, d in zip(managed, ddp)):
+        problems.append(f"DDP manages {managed} elements, the tokenizer has {ddp[0]['tokenizer_elements']}")
+    bad = [(r, i, n) for r, d in enumerate(ddp) for i, n in enumerate(d["reduced_per_batch"])
+           if n != d["tokenizer_elements"]]
+    if bad:
+        problems.append(f"DDP reduced other than the tokenizer's gradients (rank, batch, elements) {bad[:4]}")
+    twice = [(r, i, n) for r, d in enumerate(ddp) for i, n in enumerate(d["tokenizer_grad_outside_ddp_per_batch"])
+             if n] + [(r, "between batches", d["tokenizer_grad_outside_ddp_between_batches"])
+                      for r, d in enumerate(ddp) if d["tokenizer_grad_outside_ddp_between_batches"]]
+    if twice:
+        problems.append(f"tokenizer gradients also all-reduced outside DDP (rank, batch, elements) {twice[:4]}")
+    return c(name, not problems,
+             f"{ddp[0]['tokenizer_elements']} tokenizer gradient elements; DDP manages {managed}, reduced per batch "
+             f"{ddp[0]['reduced_per_batch']}; outside DDP per batch: tokenizer gradients "
+             f"{ddp[0]['tokenizer_grad_outside_ddp_per_batch']}, other (codebook statistics, discriminator "
+             f"gradients, ...) {ddp[0]['other_outside_ddp_per_batch']}" + "".join(f"; {p}" for p in problems))
+
+
 def check(run_dir: str, world: int, steps: list[int]) -> int:
     c = Checks()
     audit = os.path.join(run_dir, "audit")
@@ -123,16 +169,8 @@ def check(run_dir: str, world: int, steps: list[int]) -> int:
         )
         ok, detail = compare_states([r["state_path"] for r in recs])
         c(f"(b) identical parameters and buffers [{tag}]", ok, detail)
-        # (d) what DDP reduced: each batch, once the tokenizer's gradients
-        ddp = [r.get("ddp") for r in recs]
-        if all(ddp):
-            bad = [(r, i, n) for r, d in enumerate(ddp) for i, n in enumerate(d["reduced_per_batch"])
-                   if n != d["tokenizer_elements"]]
-            c(f"(d) DDP reduces each tokenizer gradient once per batch [{tag}]",
-              not bad and all(d["managed_elements"] == d["tokenizer_elements"] for d in ddp),
-              f"{ddp[0]['tokenizer_elements']} tokenizer gradient elements; DDP manages "
-              f"{[d['managed_elements'] for d in ddp]}, reduced per batch {ddp[0]['reduced_per_batch']}"
-              + (f"; mismatches (rank, batch, elements) {bad[:4]}" if bad else ""))
+        # (d) what DDP reduced: each batch, once the tokenizer's gradients; and nobody else reduced them
+        check_ddp(c, recs, tag)
     # (a) over all fits: a resumed fit re-enters its epoch, so merge the fits' batches by epoch
     complete = [recs for recs in records.values() if all(recs)]
     by_epoch: dict[int, list[set]] = {}

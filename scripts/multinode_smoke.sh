@@ -12,7 +12,9 @@
 #   3. fit #2: the same with `--ckpt_path last` to STEPS2 (resume);
 #   4. scripts/multinode_check.py checks (a) disjoint samples per rank, (b) bit-identical parameters and
 #      buffers (VQ codebook included) on both ranks after each fit, (c) the resumed global step and the
-#      final checkpoint. The callback tokenizer.training.callbacks.DistributedAudit records what it checks.
+#      final checkpoint, (d) DDP all-reduced each tokenizer gradient once per batch and nothing else, and no
+#      tokenizer gradient was all-reduced outside DDP. The callback tokenizer.training.callbacks.DistributedAudit
+#      records what it checks.
 #
 # Environment: PYTHON (default .venv/bin/python), TORCHRUN (default: next to PYTHON), STEPS1 (6), STEPS2 (12),
 # NUM_WORKERS (2, DataLoader workers per rank), PER_PHOTO (12 crops per photo, 14 photos), BREAK_SYNC (0),
