@@ -14,28 +14,15 @@ import pytest
 import torch
 from _eval_helpers import OneProcess as _OneProcess
 from _eval_helpers import free_port as _free_port
+from _weights_probe import have_lpips, needs_inception, needs_lpips
 
 from eval import codecs, metrics
 from eval import recon_eval as rec
 from eval import recon_report as report
-from tokenizer import OneDTokenizer, weights
+from tokenizer import OneDTokenizer
 from tokenizer.inception import fid_from_features
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _have(resolve) -> bool:
-    try:
-        resolve()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_lpips = pytest.mark.skipif(not _have(weights.resolve_vgg16_weights),
-                                 reason="LPIPS weights absent; make weights")
-needs_inception = pytest.mark.skipif(not _have(weights.resolve_inception_weights),
-                                     reason="FID Inception weights absent; make weights")
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -432,7 +419,7 @@ def test_bench_eval_runs_on_cpu_and_ends_with_json():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["bench"] == "eval" and out["device"] == "cpu" and out["precision"] == "bf16"
-    assert out["lpips_backbone"] == ("real" if _have(weights.resolve_vgg16_weights) else "random")
+    assert out["lpips_backbone"] == ("real" if have_lpips() else "random")
     assert out["fid"] is None and out["fid_backbone"] is None and out["peak_mem_gb"] is None
     assert [r["k"] for r in out["rows"]] == [4, 16]
     rates = [out["encode"]["images_per_s"], out["metrics"]["psnr_ssim_lpips_images_per_s"],

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from _data_helpers import make_awkward_tree, make_plain_tree
+from _weights_probe import needs_lpips
 
 from data.skips import SkipCounter
 from data.tokens import TokenShardError, TokenShardWriter, load_token_shards
@@ -370,13 +371,8 @@ def test_training_logs_the_skip_count(tmp_path):
     assert logged == sorted(logged) and logged[-1] == len(corrupt), logged  # the running count, ending at 3
 
 
+@needs_lpips
 def test_reconstruction_report_counts_skipped_images(tok_dir, tmp_path):
-    from tokenizer import weights
-
-    try:
-        weights.resolve_vgg16_weights()
-    except FileNotFoundError:
-        pytest.skip("LPIPS weights absent; make weights")
     src = str(tmp_path / "src")
     special = make_awkward_tree(src)
     out = tmp_path / "report"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _small_training import SMALL, SyncAudit, data, fresh_start, trainer
+from _weights_probe import skip_without_lpips
 
 from tokenizer import OneDTokenizer
 from tokenizer.gpu import HostSyncDetector, no_host_sync
@@ -36,10 +37,7 @@ def paper_module(**changes) -> tuple[TokenizerModule, str]:
 
 @pytest.fixture(scope="module")
 def lpips_available():
-    try:
-        TokenizerModule(preset="tiny", overrides=SMALL, perceptual_weight=1.0).lpips  # noqa: B018
-    except FileNotFoundError as err:
-        pytest.skip(f"LPIPS weights missing ({err}); run `make weights`")
+    skip_without_lpips()
 
 
 def test_paper_objective_bf16_fused_trains(lpips_available, tmp_path):

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from _small_training import SMALL
+from _weights_probe import needs_lpips
 
 from data.photos import PhotosDataModule
 from tokenizer.discriminator import PatchDiscriminator
@@ -112,12 +113,11 @@ def test_hinge_lecam_and_adaptive_weight_math():
     assert adaptive_gan_weight(rec_grad, torch.zeros(3)).item() == 1e4, "clamped when D gives no gradient"
 
 
+@needs_lpips
 def test_perceptual_term_uses_real_lpips_and_is_not_checkpointed():
     module = TokenizerModule(preset="tiny", overrides=SMALL, perceptual_weight=1.0)
-    try:
-        lpips = module.lpips
-    except FileNotFoundError as err:
-        pytest.skip(f"LPIPS weights missing ({err}); run `make weights`")
+    lpips = module.lpips
+    assert not lpips.random_backbone, "the pretrained VGG16 trunk, never a random one in training"
     assert not any(k.startswith("_lpips") or "lpips" in k for k in module.state_dict())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert lpips(x, x).abs().max() < 1e-6

@@ -16,21 +16,14 @@ import numpy as np
 import pytest
 from _dct_tokenizer import save_dct_tokenizer
 from _eval_helpers import OneProcess, free_port
+from _weights_probe import needs_lpips
 
 from eval.adaptive_eval import Target, adaptive_section, make_targets, matched_k
 from eval.recon_eval import evaluate
 from eval.sources import make_source
-from tokenizer import weights
 
 REPO = Path(__file__).resolve().parents[1]
 
-try:
-    weights.resolve_vgg16_weights()
-    HAVE_LPIPS = True
-except FileNotFoundError:
-    HAVE_LPIPS = False
-needs_lpips = pytest.mark.skipif(not HAVE_LPIPS, reason="LPIPS weights absent (every report metric needs them); "
-                                 "make weights")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
