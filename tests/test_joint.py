@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from _small_training import SMALL, data, fresh_start, trainer
+from _weights_probe import needs_lpips
 
 from tokenizer import OneDTokenizer
 from tokenizer.quantizer import position_histogram, usage_per_position
@@ -60,23 +64,89 @@ def test_codebook_monitor_flushes_full_windows_on_logging_steps_only():
     assert monitor.flush_if_due(True) is None, "a new window starts empty"
 
 
-def test_joint_training_with_the_full_objective(tmp_path):
+class JointAudit(pl.Callback):
+    """What each training step fed the three loss terms: the tokenizer's output and input (a forward hook), the
+    discriminator's inputs and logits (a forward hook), which tokenizer parameters had no gradient when the
+    generator's optimizer stepped, and, on logging steps, the logged loss values."""
+
+    def __init__(self, module: TokenizerModule):
+        self.steps, self.no_grad = [], []
+        module.tokenizer.register_forward_hook(self._tokenizer_forward)
+        module.discriminator.register_forward_hook(self._discriminator_forward)
+
+    def _tokenizer_forward(self, tokenizer, args, out):
+        self.step["images"], self.step["out"] = args[0].detach().clone(), out
+
+    def _discriminator_forward(self, disc, args, logits):
+        # the generator-side call is the one whose input still requires grad (the reconstruction itself)
+        side = "g" if args[0].requires_grad else "d"
+        self.step.setdefault(side, []).append((args[0].detach().clone(), logits.detach().clone()))
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.step = {"logging": module.is_logging_step()}
+        self.steps.append(self.step)
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if optimizer is module.optimizers()[0].optimizer:  # the tokenizer's (generator's) optimizer
+            self.no_grad.append([n for n, p in module.tokenizer.named_parameters() if p.grad is None])
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.step["logging"]:
+            self.step["logged"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+
+
+@needs_lpips
+def test_joint_training_with_the_full_objective():
     """Both decodes go through the reconstruction, LPIPS and GAN terms; the step still trains, logs per-position
     usage, and keeps every parameter in the loss (DDP without find_unused_parameters)."""
     pl.seed_everything(0)
-    try:
-        module = TokenizerModule(preset="tiny", overrides={**SMALL, "cross_length_joint": True}, perceptual_weight=1.0,
-                                 perceptual_subsample=2, gan_weight=0.1, lecam_weight=0.001, warmup_steps=1,
-                                 codebook_window=2, joint_prefix_weight=0.5)
-        module.lpips  # noqa: B018
-    except FileNotFoundError as err:
-        pytest.skip(f"LPIPS weights missing ({err}); run `make weights`")
-    fit = trainer(8, "32-true", log_every=2)
+    full_w, prefix_w, subsample = 1.0, 0.5, 2
+    module = TokenizerModule(preset="tiny", overrides={**SMALL, "cross_length_joint": True}, perceptual_weight=1.0,
+                             perceptual_subsample=subsample, gan_weight=0.1, lecam_weight=0.001, warmup_steps=1,
+                             codebook_window=2, joint_full_weight=full_w, joint_prefix_weight=prefix_w)
+    audit = JointAudit(module)
+    before = {n: p.detach().clone() for n, p in [*module.tokenizer.named_parameters(),
+                                                 *module.discriminator.named_parameters()]}  # fmt: skip
+    fit = trainer(8, "32-true", callbacks=[audit], log_every=2)
     fit.fit(module, datamodule=data())
-    metrics = fit.callback_metrics
-    for key in ("train/recon", "train/lpips", "train/g_adv", "train/d_loss", "codebook/usage_per_position_mean"):
-        assert torch.isfinite(metrics[key]), key
-    assert 0 < metrics["codebook/usage_per_position_mean"] <= 1
+
+    # every step: the discriminator judged both decodes in the generator's loss and took both as fakes in its own
+    assert len(audit.steps) == 4  # 8 optimizer steps = 4 batches of a generator and a discriminator step
+    k_max = module.tokenizer.max_tokens
+    assert any(s["out"].prefix_lengths.min() < k_max for s in audit.steps), "a prefix shorter than K was drawn"
+    for step in audit.steps:
+        out = step["out"]
+        assert out.prefix_recon is not None and 1 <= out.prefix_lengths.min() <= out.prefix_lengths.max() <= k_max
+        both = torch.cat([out.recon, out.prefix_recon]).detach()  # [2B, 3, H, W]
+        (g_input, _), = step["g"]
+        (real, _), (fake, _) = step["d"]
+        assert torch.equal(g_input, both) and torch.equal(fake, both)
+        assert torch.equal(real, step["images"] * 2 - 1)
+
+    # on logging steps, each logged term is the weighted sum of that term over the two decodes
+    logged = [s for s in audit.steps if s["logging"]]
+    assert len(logged) == 2
+    for step in logged:
+        out, target = step["out"], step["images"] * 2 - 1
+        decodes = [(out.recon.detach(), full_w), (out.prefix_recon.detach(), prefix_w)]
+        recon = sum(w * F.mse_loss(r, target) for r, w in decodes)
+        with torch.no_grad():
+            lpips = sum(w * module.lpips(r[:subsample], target[:subsample]).mean() for r, w in decodes)
+        (_, logits), = step["g"]
+        b = target.shape[0]
+        g_adv = full_w * -logits[:b].mean() + prefix_w * -logits[b:].mean()
+        for name, expected in (("recon", recon), ("lpips", lpips), ("g_adv", g_adv)):
+            assert step["logged"][f"train/{name}"] == pytest.approx(float(expected), rel=1e-5), name
+        assert math.isfinite(step["logged"]["train/d_loss"])
+
+    # every tokenizer parameter had a gradient at every generator step (none unused: DDP needs no graph walk),
+    # and every parameter of both networks moved
+    assert audit.no_grad == [[]] * 4
+    moved = {n: not torch.equal(p, before[n]) for n, p in [*module.tokenizer.named_parameters(),
+                                                           *module.discriminator.named_parameters()]}  # fmt: skip
+    assert all(moved.values()), [n for n, m in moved.items() if not m]
+    usage = fit.callback_metrics["codebook/usage_per_position_mean"]
+    assert 0 < usage <= 1
 
 
 @pytest.mark.slow  # two short trainings of the demo model (about a minute)
