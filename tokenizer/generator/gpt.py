@@ -67,7 +67,9 @@ class GPTConfig:
     unconditional: bool = False  # always the null class
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    dropout: float = 0.0  # residual/attention dropout (LlamaGen uses 0.1 resid dropout only for XL+)
+    # residual and attention dropout: off by default (the tests, the CPU demo configs/generator/tiny.yaml); the
+    # LlamaGen recipe, configs/base/generator-llamagen.yaml, sets 0.1 for every size it trains (B, L and XL)
+    dropout: float = 0.0
     init_std: float = 0.02
     end_token: bool = False  # one more id, end_id = vocab_size: "this image is done" (variable-length records)
 
