@@ -73,7 +73,7 @@ class TokenizerConfig:
     # Small-scale training aids (on in `tiny`, off in the paper presets). Trained from pixels, a 1D ViT tokenizer
     # only starts using its tokens once attention has learned to route image regions into latents and latents
     # back to patch positions; without these aids, at CPU-demo budgets that never happens (held-out PSNR stayed
-    # flat in k; see the README).
+    # flat in k; see docs/demo.md).
     # - token_mixing: a learned linear stem beside attention. Encoder latent j starts as
     #   latent_token_j + sum_i A[j, i] * patch_i (A: [K, N]); decoder patch query i starts as
     #   query + pos_i + sum_{j < k} B[i, j] * latent_j (B: [N, K], kept latents only, so any prefix stays valid).
