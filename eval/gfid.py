@@ -143,14 +143,6 @@ def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor) ->
     return {name: torch.cat(ts) for name, ts in parts.items()}
 
 
-def statistics_of(
-    batches: Iterable[torch.Tensor], extractor: FeatureExtractor
-) -> tuple[np.ndarray, np.ndarray, int]:
-    f = features_of(batches, extractor)["pool"]
-    mu, sigma = feature_statistics(f)
-    return mu.numpy(), sigma.numpy(), len(f)
-
-
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **info) -> Path:
     path = Path(path)
     with atomic_open(path) as f:
