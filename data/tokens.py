@@ -213,13 +213,6 @@ class TokenRecords(NamedTuple):
     meta: dict
 
 
-def load_token_shards(root: str, check_keys: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """All shards of root in memory: ids [N, (A,) K] (stored dtype), labels int64 [N], keys [N], meta (the
-    lengths of variable-length shards: `load_token_records`)."""
-    ids, labels, keys, _, meta = load_token_records(root, check_keys)
-    return ids, labels, keys, meta
-
-
 def load_token_records(root: str, check_keys: bool = True) -> TokenRecords:
     """All shards of root in memory, with the per-record lengths of variable-length shards."""
     meta = read_meta(root)
@@ -381,5 +374,5 @@ class TokenDataModule(pl.LightningDataModule):
 
 # the file-format names are part of this module's interface (tests and tools import them from here)
 __all__ = ["FORMAT", "VERSION", "TokenShardError", "finalize_meta", "ids_dtype", "length_stats", "load_shard",
-           "read_meta", "shard_paths", "write_meta_json", "TokenShardWriter", "TokenRecords", "load_token_shards",
-           "load_token_records", "key_bytes", "split_by_key", "TokenDataset", "TokenDataModule"]
+           "read_meta", "shard_paths", "write_meta_json", "TokenShardWriter", "TokenRecords", "load_token_records",
+           "key_bytes", "split_by_key", "TokenDataset", "TokenDataModule"]

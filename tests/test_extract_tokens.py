@@ -14,7 +14,7 @@ from _data_helpers import make_awkward_tree
 
 from data.extract_tokens import encode_batch, main
 from data.sources import PhotoCrops
-from data.tokens import load_token_shards, read_meta, shard_paths
+from data.tokens import load_token_records, read_meta, shard_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +56,7 @@ def test_two_processes_folder_exactly_once(tok_dir, tmp_path):
     _launch(2, ["--tokenizer", tok_dir, "--out", str(out), "--source", "folder", "--root", str(src),
                 "--shard-size", "2", "--batch-size", "3", "--flip", "--num-tokens", "16"])  # fmt: skip
 
-    ids, labels, keys, meta = load_token_shards(str(out))
+    ids, labels, keys, _, meta = load_token_records(str(out))
     assert meta["complete"] and meta["num_records"] == len(readable) == len(keys)
     assert sorted(keys.tolist()) == sorted(readable)  # each readable image once, the corrupt one skipped
     assert [int(label) for label in labels] == [readable[k] for k in keys.tolist()]
@@ -86,7 +86,7 @@ def test_sample_source_two_processes_then_resume(tok_dir, tmp_path):
     common = ["--tokenizer", tok_dir, "--out", str(out), "--source", "photos", "--num-crops", str(n),
               "--shard-size", "2", "--batch-size", "2", "--seed", "3"]  # fmt: skip
     _launch(2, common)
-    ids, labels, keys, meta = load_token_shards(str(out))
+    ids, labels, keys, _, meta = load_token_records(str(out))
     crops = PhotoCrops(64, n, seed=3)
     want = [crops.key(i) for i in range(n)]
     assert sorted(keys.tolist()) == want and meta["num_records"] == n and ids.shape == (n, 32)
@@ -109,7 +109,7 @@ def test_sample_source_two_processes_then_resume(tok_dir, tmp_path):
     # resume in ONE process (a different world size): only the lost keys are re-encoded
     meta2 = main([*common, "--no-progress"])
     assert meta2["complete"] and meta2["num_records"] == n
-    ids2, labels2, keys2, _ = load_token_shards(str(out))
+    ids2, labels2, keys2, _, _ = load_token_records(str(out))
     assert sorted(keys2.tolist()) == want
     order, order2 = np.argsort(keys), np.argsort(keys2)
     np.testing.assert_array_equal(ids[order], ids2[order2])  # same crops, same ids (deterministic keys)
@@ -159,7 +159,7 @@ def test_webdataset_source_splits_exactly_once(tok_dir, tmp_path):
     out = tmp_path / "tokens"
     res = main(["--tokenizer", tok_dir, "--out", str(out), "--source", "webdataset", "--shards", pattern,
                 "--no-progress", "--num-tokens", "4"])  # fmt: skip
-    ids, labels, keys, meta = load_token_shards(str(out))
+    ids, labels, keys, _, meta = load_token_records(str(out))
     assert res["num_records"] == 9 and ids.shape == (9, 4) and meta["num_classes"] == 3
     assert sorted(set(labels.tolist())) == [0, 1, 2]
 
@@ -179,7 +179,7 @@ def test_bf16_extraction_ids_mostly_equal_fp32(tmp_path):
     assert default["precision"] == "fp32" and bf16["precision"] == "bf16"
     ids = {}
     for name in ("default", "bf16"):
-        arr, _, keys, _ = load_token_shards(str(tmp_path / name))
+        arr, _, keys, _, _ = load_token_records(str(tmp_path / name))
         ids[name] = arr[np.argsort(keys)].astype(np.int64)  # [24, 2, 32], in key order
     assert ids["bf16"].shape == (24, 2, 32)
     agree = (ids["bf16"] == ids["default"]).mean()

@@ -18,7 +18,7 @@ from _data_helpers import make_awkward_tree, make_plain_tree
 from _weights_probe import needs_lpips
 
 from data.skips import SkipCounter
-from data.tokens import TokenShardError, TokenShardWriter, load_token_shards
+from data.tokens import TokenShardError, TokenShardWriter, load_token_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,7 +171,7 @@ def test_non_utf8_file_name_through_extraction_and_generator_training(tok_dir, t
     out = str(tmp_path / "tokens")
     extract_main(["--tokenizer", tok_dir, "--out", out, "--source", "folder", "--root", str(src),
                   "--batch-size", "4", "--cpu", "--no-progress"])  # fmt: skip
-    ids, labels, keys, meta = load_token_shards(out)
+    ids, labels, keys, _, meta = load_token_records(out)
     assert len(keys) == 9 and "a/caf\udcff.jpg" in keys.tolist()  # stored surrogate-escaped
     split_by_key(keys, 0.3)  # the old split_by_key: UnicodeEncodeError
 
@@ -209,7 +209,7 @@ def test_damaged_token_shard_error_names_the_file(tmp_path, damage):
         with open(shard, "wb") as f:  # old: numpy's advice to load with allow_pickle=True
             f.write(np.random.default_rng(1).bytes(4096))
     with pytest.raises(TokenShardError) as err:
-        load_token_shards(root)
+        load_token_records(root)
     text = _full_text(err)
     assert shard in str(err.value) and "re-run" in str(err.value) and "delete" in str(err.value)
     assert "allow_pickle" not in text
@@ -222,7 +222,7 @@ def test_out_of_range_token_ids_rejected_at_load(tmp_path):
     meta["codebook_size"] = 100  # the shards now hold ids outside the codebook meta.json describes
     json.dump(meta, open(os.path.join(root, "meta.json"), "w"))
     with pytest.raises(TokenShardError, match=r"ids in \[\d+, \d+\], outside the codebook \[0, 100\)") as err:
-        load_token_shards(root)
+        load_token_records(root)
     assert shards[0] in str(err.value)
     # negative ids, written by hand (the writer refuses them)
     root2 = str(tmp_path / "tok2")
@@ -231,7 +231,7 @@ def test_out_of_range_token_ids_rejected_at_load(tmp_path):
         np.savez(f, ids=np.full((10, 8), -3, np.int16), labels=np.zeros(10, np.int64),
                  keys=np.array([f"k{i}" for i in range(10)]))  # fmt: skip
     with pytest.raises(TokenShardError, match=r"\[-3, -3\]"):
-        load_token_shards(root2)
+        load_token_records(root2)
 
 
 # -------------------------------------------------------------------------------- 9e. nothing readable

@@ -14,7 +14,7 @@ from data.tokens import (
     TokenShardWriter,
     finalize_meta,
     ids_dtype,
-    load_token_shards,
+    load_token_records,
     read_meta,
     shard_paths,
     split_by_key,
@@ -54,7 +54,7 @@ def test_round_trip(tmp_path, codebook_size):
     meta = read_meta(root)
     assert meta["complete"] and meta["num_records"] == 25 and meta["num_shards"] == 3
     assert meta["dtype"] == ids_dtype(codebook_size).name and meta["tokenizer_dir"] == "/some/tok"
-    rids, rlabels, rkeys, _ = load_token_shards(root)
+    rids, rlabels, rkeys, _, _ = load_token_records(root)
     assert rids.dtype == ids_dtype(codebook_size)
     np.testing.assert_array_equal(rids, ids)
     np.testing.assert_array_equal(rlabels, labels)
@@ -81,7 +81,7 @@ def test_resume_keeps_finished_shards(tmp_path):
     meta = w2.close()
     assert meta["num_records"] == 30 and meta["complete"]
     assert {p: os.path.getmtime(p) for p in shard_paths(root)[:2]} == first  # untouched
-    rids, _, rkeys, _ = load_token_shards(root)
+    rids, _, rkeys, _, _ = load_token_records(root)
     order = np.argsort(rkeys)
     np.testing.assert_array_equal(rids[order], ids)
     with pytest.raises(ValueError, match="num_tokens"):
