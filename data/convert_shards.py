@@ -182,7 +182,7 @@ def _write_shard_task(args) -> dict:
     return write_shard(*args)
 
 
-def _fingerprint(src, split, shard_size, max_shard_bytes, shuffle, seed, classes, shards) -> str:
+def _fingerprint(split, shard_size, max_shard_bytes, shuffle, seed, classes, shards) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([STATE_VERSION, split, shard_size, max_shard_bytes, shuffle, seed, classes]).encode())
     for shard in shards:
@@ -218,7 +218,7 @@ def convert(
             os.remove(os.path.join(out, name))
     atomic.remove_stale_partials(state_dir)
     classes, shards = plan_shards(src, shard_size, max_shard_bytes, shuffle, seed)
-    fp = _fingerprint(src, split, shard_size, max_shard_bytes, shuffle, seed, classes, shards)
+    fp = _fingerprint(split, shard_size, max_shard_bytes, shuffle, seed, classes, shards)
     plan_path = os.path.join(state_dir, "plan.json")
     if os.path.exists(plan_path):
         with open(plan_path) as f:
