@@ -1,8 +1,10 @@
-"""The small tokenizer of the tests and its training harness."""
+"""The small tokenizer of the tests and the harness the tests train with: quiet Trainers, a loss recorder, and the
+least model a Trainer can fit, for tests of what the data side hands a model."""
 
 from __future__ import annotations
 
 import random
+import tempfile
 
 import lightning.pytorch as pl
 import torch
@@ -22,10 +24,25 @@ def as_flag(overrides: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in overrides.items()) + "}"
 
 
+# What a test Trainer leaves out: a test reads what it checks from the module, a callback or a logger it asks for.
+QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+# The same as train.py flags, checkpoints kept: the runs launched through the CLI are there to write and resume them.
+QUIET_FLAGS = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_model_summary", "false"]  # fmt: skip
+
+
+def quiet_trainer(**settings) -> pl.Trainer:
+    """A CPU Trainer with QUIET's settings, plus or overriding `settings` (a logger, max_steps, callbacks...). Its
+    default_root_dir is a fresh temporary directory, not the working directory: without a logger the tokenizer
+    exports itself to <default_root_dir>/checkpoints/tokenizer when training ends, which must not land in the
+    repository."""
+    defaults = dict(accelerator="cpu", default_root_dir=tempfile.mkdtemp(prefix="onedtok-test-trainer-"))
+    return pl.Trainer(**{**defaults, **QUIET, **settings})
+
+
 def trainer(steps: int, precision: str, callbacks=(), log_every: int = 4) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, accelerator="cpu", precision=precision, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, log_every_n_steps=log_every, callbacks=list(callbacks))
+    return quiet_trainer(max_steps=steps, precision=precision, limit_val_batches=0, log_every_n_steps=log_every,
+                         callbacks=list(callbacks))
 
 
 def fresh_start(model: OneDTokenizer):
@@ -43,6 +60,34 @@ def fresh_start(model: OneDTokenizer):
 
 def data(batch_size: int = 4) -> PhotosDataModule:
     return PhotosDataModule(image_size=32, batch_size=batch_size, train_crops_per_epoch=1000)
+
+
+class LossRecorder(pl.Callback):
+    """The loss of every training batch, as floats (`losses`), from what training_step returned (Lightning hands
+    callbacks {"loss": ...} under automatic optimization, the tensor itself under manual optimization)."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+
+class TinyModule(pl.LightningModule):
+    """The least a Trainer can fit on batches whose first item is images [B, 3, H, W]: a linear map of each image's
+    mean colour, trained by SGD. Records the size of every training batch it gets (`batch_sizes`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.batch_sizes: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.batch_sizes.append(len(batch[0]))
+        return self.lin(batch[0].mean((2, 3))).mean()  # on an empty batch: NaN
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 class SyncAudit(pl.Callback):

@@ -10,6 +10,7 @@ import tarfile
 import pytest
 import torch
 from _data_helpers import make_awkward_tree, make_plain_tree
+from _small_training import TinyModule, quiet_trainer
 
 from data.convert_shards import convert
 from data.folder import FolderDataModule
@@ -150,12 +151,11 @@ def test_folder_datamodule_skips_corrupt(tmp_path, caplog):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_lightning_fit_uses_exact_epoch_length(uneven_shards, tmp_path, num_workers):
-    import lightning.pytorch as pl
+    class Checked(TinyModule):
+        """Checks every batch it gets and records the keys of each epoch."""
 
-    class Tiny(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.lin = torch.nn.Linear(3, 1)
             self.seen = {"train": 0, "val": 0}
             self.keys: dict[int, list[str]] = {}
 
@@ -163,34 +163,22 @@ def test_lightning_fit_uses_exact_epoch_length(uneven_shards, tmp_path, num_work
             assert images.dtype == torch.float32 and images.shape[1:] == (3, 16, 16)
             assert 0 <= images.min() and images.max() <= 1 and images.max() > 0
 
-        def training_step(self, batch, _):
+        def training_step(self, batch, batch_idx):
             self._check(batch[0])
             self.seen["train"] += 1
             self.keys.setdefault(self.current_epoch, []).extend(batch[2])
-            return self.lin(batch[0].mean((2, 3))).mean()
+            return super().training_step(batch, batch_idx)
 
         def validation_step(self, batch, _):
             self._check(batch[0])
             self.seen["val"] += 1
 
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     dm = WebDatasetDataModule(
         uneven_shards["pattern"], uneven_shards["pattern"], image_size=16, batch_size=4, num_workers=num_workers,
         return_keys=True,
     )
-    model = Tiny()
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )
+    model = Checked()
+    trainer = quiet_trainer(max_epochs=2, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
     trainer.fit(model, datamodule=dm)
     assert model.seen == {"train": 2 * (23 // 4), "val": 2 * 6}
     # epoch 1 is a new (seed, epoch) stream even when the same workers serve both epochs

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _small_training import SMALL, as_flag
+from _small_training import QUIET_FLAGS, SMALL, as_flag
 
 from tokenizer.atomic import atomic_open, is_partial, remove_stale_partials
 from tokenizer.checkpoints import CheckpointError, checkpoint_files, newest_loadable, read_checkpoint
@@ -24,8 +24,7 @@ def cli_args(run: Path, steps: int, overrides: str = SMALL_FLAG, every: int = 2)
     return [
         "fit", "--config", str(REPO / "configs/tokenizer/tiny.yaml"),
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000000",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-        "--trainer.enable_model_summary", "false",
+        *QUIET_FLAGS,
         "--trainer.default_root_dir", str(run),  # without a logger, config.yaml goes here
         "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"),
         "--trainer.callbacks.init_args.every_n_train_steps", str(every),

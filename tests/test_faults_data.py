@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from _data_helpers import make_awkward_tree, make_plain_tree
+from _small_training import TinyModule, quiet_trainer
 from _weights_probe import needs_lpips
 
 from data.skips import SkipCounter
@@ -157,8 +158,6 @@ def test_truncated_shard_trains_and_evaluates(truncated_shards, caplog):
 
 # ------------------------------------------------------------------------------------- 5. non-UTF-8 names
 def test_non_utf8_file_name_through_extraction_and_generator_training(tok_dir, tmp_path):
-    import lightning.pytorch as pl
-
     from data.extract_tokens import main as extract_main
     from data.tokens import TokenDataModule, split_by_key
     from tokenizer.generator.lightning import GeneratorModule
@@ -179,9 +178,7 @@ def test_non_utf8_file_name_through_extraction_and_generator_training(tok_dir, t
     module = GeneratorModule(overrides=dict(vocab_size=meta["codebook_size"], max_tokens=meta["num_tokens"],
                                             num_classes=2, dim=32, depth=1, heads=2),
                              warmup_steps=1, num_val_samples=0)  # fmt: skip
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-                         num_sanity_val_steps=0)  # fmt: skip
+    trainer = quiet_trainer(max_steps=2, devices=1, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
 
@@ -244,32 +241,15 @@ def _corrupt_tree(root, n: int = 4) -> None:
 
 
 def test_all_corrupt_folder_is_an_error_before_the_first_step(tmp_path):
-    import lightning.pytorch as pl
-
     from data.folder import FolderDataModule
 
     root = str(tmp_path / "corrupt")
     _corrupt_tree(root)
-    steps = []
-
-    class Tiny(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(3, 1)
-
-        def training_step(self, batch, _):
-            steps.append(len(batch[0]))
-            return self.lin(batch[0].mean((2, 3))).mean()  # on an empty batch: NaN
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
+    model = TinyModule()  # on an empty batch its loss would be NaN
     dm = FolderDataModule(root, image_size=16, batch_size=4, num_workers=0)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with pytest.raises(ValueError, match="none of the 8 of 8 image files decodes") as err:
-        trainer.fit(Tiny(), datamodule=dm)
-    assert root in str(err.value) and steps == []
+        quiet_trainer(max_steps=2).fit(model, datamodule=dm)
+    assert root in str(err.value) and model.batch_sizes == []
 
 
 def test_batch_of_only_unreadable_images_is_an_error(tmp_path):
@@ -343,7 +323,6 @@ def test_training_logs_the_skip_count(tmp_path):
     in shared memory): the loggers get data/skipped_images = 3, the number of files skipped, not just the name."""
     import csv
 
-    import lightning.pytorch as pl
     from _small_training import SMALL
     from lightning.pytorch.loggers import CSVLogger
 
@@ -360,9 +339,8 @@ def test_training_logs_the_skip_count(tmp_path):
     dm = FolderDataModule(str(src), image_size=32, batch_size=4, num_workers=1, drop_last=False)
     torch.manual_seed(0)
     module = TokenizerModule(preset="tiny", overrides=SMALL, warmup_steps=1, export_dir=str(tmp_path / "export"))
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(str(tmp_path / "logs")),
-                         default_root_dir=str(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1)  # fmt: skip
+    trainer = quiet_trainer(max_epochs=1, logger=CSVLogger(str(tmp_path / "logs")), default_root_dir=str(tmp_path),
+                            limit_val_batches=0, log_every_n_steps=1)  # fmt: skip
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 3 and dm.num_skipped == len(corrupt)
     with open(os.path.join(trainer.logger.log_dir, "metrics.csv"), newline="") as f:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _small_training import LossRecorder, quiet_trainer
 
 from tokenizer.generator import (
     GPT,
@@ -275,7 +276,6 @@ class _FakeTokenizer:
 
 
 def test_lightning_training_loss_drops(tmp_path):
-    import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from data.tokens import TokenDataModule
@@ -292,28 +292,12 @@ def test_lightning_training_loss_drops(tmp_path):
         sample_cfg_scale=2.0,
     )
     module.set_tokenizer(_FakeTokenizer())
-    losses = []
-
-    class Record(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    trainer = pl.Trainer(
-        max_steps=30,
-        accelerator="cpu",
-        devices=1,
-        logger=TensorBoardLogger(str(tmp_path)),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        val_check_interval=30,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        callbacks=[Record()],
-        log_every_n_steps=5,
-    )
+    record = LossRecorder()
+    trainer = quiet_trainer(max_steps=30, devices=1, logger=TensorBoardLogger(str(tmp_path)), val_check_interval=30,
+                            check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
+                            callbacks=[record], log_every_n_steps=5)  # fmt: skip
     trainer.fit(module, datamodule=dm)
+    losses = record.losses
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:3]), losses  # ~3.4 -> ~1.9 in 30 steps
     metrics = trainer.callback_metrics
@@ -329,8 +313,6 @@ def test_lightning_training_loss_drops(tmp_path):
 
 
 def test_lightning_module_rejects_mismatched_data(tmp_path):
-    import lightning.pytorch as pl
-
     from data.tokens import TokenDataModule
     from tokenizer.generator.lightning import GeneratorModule
 
@@ -338,14 +320,7 @@ def test_lightning_module_rejects_mismatched_data(tmp_path):
     module = GeneratorModule(
         overrides=dict(vocab_size=16, max_tokens=16, num_classes=4, dim=64, depth=1, heads=4)
     )
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(ValueError, match="vocab_size"):
         trainer.fit(module, datamodule=TokenDataModule(str(tmp_path / "tokens"), batch_size=8))
 
@@ -354,8 +329,6 @@ def test_lightning_checks_token_values_once_at_setup(tmp_path):
     """GPT.forward range-checks CPU tensors only (on a GPU every batch would sync the host), so the module
     checks the loaded token arrays once, at setup, with the same error: here labels -1 (a data set without
     classes) for a class-conditional model."""
-    import lightning.pytorch as pl
-
     from data.tokens import TokenDataModule, TokenShardWriter
     from tokenizer.generator.lightning import GeneratorModule
 
@@ -363,8 +336,7 @@ def test_lightning_checks_token_values_once_at_setup(tmp_path):
     with TokenShardWriter(root, num_tokens=16, codebook_size=16, shard_size=100) as w:
         w.write(np.zeros((20, 16), np.int64), np.full(20, -1), [f"s{i}" for i in range(20)])
     module = GeneratorModule(overrides=dict(vocab_size=16, max_tokens=16, num_classes=4, dim=64, depth=1, heads=4))
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 4\].*got \[-1, -1\]") as err:
         trainer.fit(module, datamodule=TokenDataModule(root, batch_size=8))
     assert any(entry.name == "setup" for entry in err.traceback)  # raised at setup, not in a step

@@ -6,11 +6,11 @@ targets put END right after each record, and `generate` without stopping never d
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _small_training import quiet_trainer
 
 from data.tokens import TokenDataModule, TokenShardWriter, read_meta
 from tokenizer.generator import GPT, GPTConfig, Sampled, generate, linear_cross_entropy
@@ -99,9 +99,8 @@ def trained(tmp_path_factory, one_thread):
     module = GeneratorModule(preset="tiny", overrides=dict(vocab_size=VOCAB, max_tokens=K, num_classes=CLASSES,
                              dim=64, depth=2, heads=4, end_token=True, class_dropout_prob=0.1),
                              lr=3e-3, warmup_steps=10, num_val_samples=6, sample_cfg_scale=2.0)  # fmt: skip
-    trainer = pl.Trainer(max_steps=250, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=250,
-                         check_val_every_n_epoch=None, num_sanity_val_steps=0, limit_val_batches=1)  # fmt: skip
+    trainer = quiet_trainer(max_steps=250, devices=1, val_check_interval=250, check_val_every_n_epoch=None,
+                            num_sanity_val_steps=0, limit_val_batches=1)  # fmt: skip
     trainer.fit(module, datamodule=dm)
     assert 1 <= float(trainer.callback_metrics["val/sample_mean_length"]) <= K  # validation sampled and stopped
     return module.gpt.eval(), written, read_meta(root)
@@ -177,8 +176,7 @@ def test_variable_length_shards_need_an_end_token_model(trained, tmp_path):
     assert ids.shape == (8, K) and lengths.shape == (8,) and lengths.dtype == torch.int64
     module = GeneratorModule(preset="tiny", overrides=dict(vocab_size=VOCAB, max_tokens=K, num_classes=CLASSES,
                              dim=32, depth=1, heads=2), num_val_samples=0)  # fmt: skip
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(ValueError, match="end_token: true"):
         trainer.fit(module, datamodule=dm)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _small_training import SyncAudit
+from _small_training import LossRecorder, SyncAudit, quiet_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenizer.generator import GPT, PRESETS, generate
@@ -161,9 +161,8 @@ def fit(module, tmp_path, steps: int, precision: str, callbacks=(), log_every: i
     from data.tokens import TokenDataModule
 
     write_shards(tmp_path / "tokens")
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision=precision, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, log_every_n_steps=log_every, callbacks=list(callbacks))  # fmt: skip
+    trainer = quiet_trainer(max_steps=steps, devices=1, precision=precision, limit_val_batches=0,
+                            log_every_n_steps=log_every, callbacks=list(callbacks))  # fmt: skip
     trainer.fit(module, datamodule=TokenDataModule(str(tmp_path / "tokens"), batch_size=16))
     return trainer
 
@@ -172,14 +171,10 @@ def test_b_config_shrunk_trains_bf16_mixed_with_fused_adamw(tmp_path):
     pl.seed_everything(0)
     module, trainer_cfg = b_module()
     assert trainer_cfg["precision"] == "bf16-mixed"
-    losses = []
-
-    class Record(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
+    record = LossRecorder()
     before = [p.detach().clone() for p in module.gpt.parameters()]
-    trainer = fit(module, tmp_path, 12, trainer_cfg["precision"], [Record()])
+    trainer = fit(module, tmp_path, 12, trainer_cfg["precision"], [record])
+    losses = record.losses
     assert module.optimizers().optimizer.defaults["fused"], "the optimizer a CUDA run builds"
     assert trainer.global_step == 12 and len(losses) == 12 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses

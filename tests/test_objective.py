@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from _small_training import SMALL
+from _small_training import SMALL, quiet_trainer
 from _weights_probe import needs_lpips
 
 from data.photos import PhotosDataModule
@@ -38,10 +38,8 @@ class Recorder(pl.Callback):
 def fit(module, root, steps_per_batch_total: int, batch_size: int = 8):
     dm = PhotosDataModule(image_size=32, batch_size=batch_size, train_crops_per_epoch=1000)
     recorder = Recorder()
-    trainer = pl.Trainer(max_steps=steps_per_batch_total, accelerator="cpu", logger=False,
-                         default_root_dir=str(root), log_every_n_steps=1,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[recorder])
+    trainer = quiet_trainer(max_steps=steps_per_batch_total, default_root_dir=str(root), log_every_n_steps=1,
+                            limit_val_batches=0, callbacks=[recorder])
     trainer.fit(module, datamodule=dm)
     return trainer, recorder.rows
 

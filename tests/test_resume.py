@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _small_training import SMALL, as_flag
+from _small_training import QUIET_FLAGS, SMALL, as_flag, quiet_trainer
 
 from data.photos import PhotosDataModule
 from tokenizer.training import TokenizerModule
@@ -51,7 +51,7 @@ def test_resume_after_sigkill_restores_step_optimizer_and_ema(tmp_path):
     args = [
         sys.executable, "train.py", "fit", "--config", "configs/tokenizer/tiny.yaml",
         "--trainer.max_steps", "100000", "--trainer.val_check_interval", "1000000",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+        *QUIET_FLAGS,
         "--trainer.default_root_dir", str(run),  # without a logger, config.yaml goes here (not into the repo)
         "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"),
         "--trainer.callbacks.init_args.every_n_train_steps", "2",
@@ -76,10 +76,8 @@ def test_resume_after_sigkill_restores_step_optimizer_and_ema(tmp_path):
     hp = saved["hyper_parameters"]
     module = TokenizerModule(**{k: v for k, v in hp.items() if not k.startswith("_")})
     probe = Probe()
-    trainer = pl.Trainer(max_steps=step + 4, accelerator="cpu", logger=False,
-                         default_root_dir=str(tmp_path / "resumed"), enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[probe])
+    trainer = quiet_trainer(max_steps=step + 4, default_root_dir=str(tmp_path / "resumed"), limit_val_batches=0,
+                            callbacks=[probe])
     trainer.fit(module, datamodule=PhotosDataModule(image_size=32, batch_size=4), ckpt_path=ckpt)
 
     assert probe.global_step == step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from _small_training import SMALL
+from _small_training import SMALL, quiet_trainer
 
 from data.photos import TRAIN_IMAGES, VAL_IMAGES, PhotosDataModule
 from tokenizer import OneDTokenizer
@@ -65,9 +65,7 @@ def test_short_training_run_reduces_loss_on_real_photos(tmp_path):
         return torch.nn.functional.mse_loss(out.recon, held_out * 2 - 1).item()
 
     before = held_out_loss()
-    trainer = pl.Trainer(max_steps=60, accelerator="cpu", logger=False,
-                         default_root_dir=str(tmp_path), enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = quiet_trainer(max_steps=60, default_root_dir=str(tmp_path), limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     after = held_out_loss()
     assert trainer.global_step == 60  # one optimizer step per batch
