@@ -4,7 +4,6 @@ least model a Trainer can fit, for tests of what the data side hands a model."""
 from __future__ import annotations
 
 import random
-import tempfile
 
 import lightning.pytorch as pl
 import torch
@@ -32,12 +31,8 @@ QUIET_FLAGS = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "fa
 
 
 def quiet_trainer(**settings) -> pl.Trainer:
-    """A CPU Trainer with QUIET's settings, plus or overriding `settings` (a logger, max_steps, callbacks...). Its
-    default_root_dir is a fresh temporary directory, not the working directory: without a logger the tokenizer
-    exports itself to <default_root_dir>/checkpoints/tokenizer when training ends, which must not land in the
-    repository."""
-    defaults = dict(accelerator="cpu", default_root_dir=tempfile.mkdtemp(prefix="onedtok-test-trainer-"))
-    return pl.Trainer(**{**defaults, **QUIET, **settings})
+    """A CPU Trainer with QUIET's settings, plus or overriding `settings` (a logger, max_steps, callbacks...)."""
+    return pl.Trainer(**{"accelerator": "cpu", **QUIET, **settings})
 
 
 def trainer(steps: int, precision: str, callbacks=(), log_every: int = 4) -> pl.Trainer:

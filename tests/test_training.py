@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from _small_training import SMALL, quiet_trainer
+from _small_training import SMALL, data, quiet_trainer, trainer
 
 from data.photos import TRAIN_IMAGES, VAL_IMAGES, PhotosDataModule
 from tokenizer import OneDTokenizer
@@ -103,6 +103,18 @@ def test_warmup_cosine_schedule():
 def test_powers_of_two_upto():
     assert powers_of_two_upto(32) == [1, 2, 4, 8, 16, 32]
     assert powers_of_two_upto(12) == [1, 2, 4, 8, 12]
+
+
+def test_export_goes_to_export_dir_or_the_run_directory_never_a_guessed_path(tmp_path):
+    """Without a logger there is no run directory: the fit writes nothing (it used to export to
+    <working directory>/checkpoints/tokenizer, replacing a model there); with export_dir it writes exactly there."""
+    trainer(2, "32-true").fit(TokenizerModule(preset="tiny", overrides=SMALL, warmup_steps=1), datamodule=data())
+    assert list(tmp_path.iterdir()) == []  # tmp_path is the working directory (conftest.py)
+    module = TokenizerModule(preset="tiny", overrides=SMALL, warmup_steps=1, export_dir=str(tmp_path / "export"))
+    trainer(2, "32-true").fit(module, datamodule=data())
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(OneDTokenizer.from_pretrained(tmp_path / "export").encode(x), module.eval_tokenizer.encode(x))
 
 
 def test_cli_trains_exports_and_resumes(tmp_path, monkeypatch):

@@ -4,27 +4,34 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 
+log = logging.getLogger(__name__)
+
 
 def export_tokenizer(module: pl.LightningModule) -> Path | None:
-    """save_pretrained of the module's evaluation weights (EMA when on) to `export_dir`, else <run dir>/tokenizer;
-    returns the directory on global rank 0 (None elsewhere). Every rank must call it (see below)."""
+    """save_pretrained of the module's evaluation weights (EMA when on) to `export_dir`, else <run dir>/tokenizer,
+    else (no logger, so no run directory) nowhere; returns the directory on global rank 0 when it wrote one (None
+    elsewhere). Every rank must call it (see below)."""
     trainer = module.trainer
     # `trainer.log_dir` is a collective under DDP (broadcast from rank 0): every rank must evaluate it, or rank 0
     # waits in the broadcast while the others exit.
     log_dir = trainer.log_dir
     if not trainer.is_global_zero:
         return None
-    # without a logger there is no run directory (and log_dir is default_root_dir itself): fall back to
-    # <root>/checkpoints/tokenizer, never to <root>/tokenizer, which from the repository root is this package's
-    # own source directory.
-    has_run_dir = trainer.loggers and log_dir
-    base = Path(log_dir) if has_run_dir else Path(trainer.default_root_dir) / "checkpoints"
-    directory = Path(module.hparams.export_dir or base / "tokenizer")
+    has_run_dir = bool(trainer.loggers) and bool(log_dir)
+    if not module.hparams.export_dir and not has_run_dir:
+        # Without a logger there is no run directory (log_dir is then default_root_dir, by default the working
+        # directory). Any path guessed from it would overwrite whatever model is there: a benchmark or a test run
+        # from the repository root replaced checkpoints/tokenizer. Library use keeps the model in memory.
+        log.info("no run directory (the Trainer has no logger) and no export_dir: the tokenizer is not exported; "
+                 "it is module.eval_tokenizer")
+        return None
+    directory = Path(module.hparams.export_dir or Path(log_dir) / "tokenizer")
     module.eval_tokenizer.save_pretrained(directory, provenance(module))
     return directory
 
