@@ -5,7 +5,8 @@ One implementation for every model this project exports (the tokenizer and the A
 - the weights carry the config in their own metadata, so a directory whose two files come from different saves
   (a kill between the two renames, or a hand copy) is refused instead of loading weights under the wrong config;
 - loading names the file and the problem: missing file, invalid JSON, wrong format tag, no config object,
-  missing / unexpected / mis-shaped weights.
+  missing / unexpected / mis-shaped weights, and weights that hold NaN or inf (a diverged training: such a model
+  encodes every image to the same ids and decodes black images, with no error anywhere downstream).
 """
 
 from __future__ import annotations
@@ -97,8 +98,24 @@ def load_model_state(directory: str | Path, config: dict[str, Any],
     return state
 
 
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `state` that hold a NaN or an inf, in state-dict order."""
+    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], source: object = "state dict") -> None:
+    """Raise ValueError naming the first tensor of `state` that holds NaN/inf (and how many others do)."""
+    bad = non_finite_tensors(state)
+    if bad:
+        more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+        raise ValueError(f"{source}: weight {bad[0]!r}{more} hold(s) NaN/inf values: these weights come from a "
+                         "diverged training and compute nothing; retrain (lower lr, longer warmup, fp32) or export "
+                         "from a checkpoint saved before the divergence")
+
+
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: object = "state dict") -> None:
-    """load_state_dict(strict=True) with one readable error for missing, unexpected or mis-shaped keys."""
+    """load_state_dict(strict=True) with one readable error for missing, unexpected or mis-shaped keys, and for
+    weights that hold NaN/inf (check_finite_weights)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -107,8 +124,9 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     if missing or unexpected or shapes:
         raise ValueError(f"{source} does not match this {type(model).__name__}: missing keys {missing[:8]}, "
                          f"unexpected keys {unexpected[:8]}, shape mismatches {shapes[:8]}")
+    check_finite_weights(state, source)
     model.load_state_dict(state, strict=True)
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_model_dir", "read_model_config", "load_model_state",
-           "load_state_strict", "read_provenance", "weights_sha256"]
+           "load_state_strict", "read_provenance", "weights_sha256", "non_finite_tensors", "check_finite_weights"]
