@@ -306,6 +306,10 @@ class Quantizer(nn.Module):
             else:
                 quantized, ids = self.impl(z)
                 aux = z.new_zeros(())
+                # FSQ casts NaN latents (a diverged step) to the integer minimum: an out-of-range id would fail
+                # the histogram below with an index error (a device assert on CUDA) before the divergence check
+                # (tokenizer/training/divergence.py) can name the cause. In-range ids are unchanged.
+                ids = ids.clamp(0, self.codebook_size - 1)
         ids = ids.long()
         stats = histogram_stats(code_histogram(ids.detach(), self.codebook_size))
         return QuantizerOutput(quantized, ids, aux.reshape(()), stats)

@@ -4,6 +4,8 @@
 - `--ckpt_path last` resumes from the newest checkpoint that loads, and says which ones it skipped; an explicit
   `--ckpt_path FILE` that cannot be read is refused with the reason and the checkpoints that would work.
 - The checkpoint's architecture is checked against the config's before anything is written (`ArchitectureGuard`).
+- A run whose loss diverges to NaN/inf stops with the step range and the last finite checkpoint
+  (`TrainingDiverged`, tokenizer/training/divergence.py), not with status 0 and a NaN model.
 - The run's `config.yaml` is written only once the restore has succeeded (a failed resume with a wrong config
   must not replace the one config that resumes the run). A resume whose config differs keeps the previous file as
   `config.1.yaml`, `config.2.yaml`, ... so the run's history stays readable.
@@ -23,6 +25,7 @@ from tokenizer.atomic import write_text
 from ..checkpoints import CheckpointError, checkpoint_files, newest_first, newest_loadable, read_checkpoint
 from .checkpoints import check_architecture
 from .config_files import expand_config_args
+from .divergence import TrainingDiverged
 
 
 class SaveConfigAfterRestore(SaveConfigCallback):
@@ -109,7 +112,7 @@ def readable_or_explain(ckpt_path: str) -> None:
     """Raise CheckpointError when `ckpt_path` cannot be read, naming the checkpoints beside it that can."""
     try:
         read_checkpoint(ckpt_path)
-    except CheckpointError as e:
+    except (CheckpointError, TrainingDiverged) as e:
         usable = [str(p) for p in checkpoint_files([os.path.dirname(os.path.abspath(ckpt_path))])
                   if p.resolve() != Path(ckpt_path).resolve() and _loads(p)]
         hint = (" Checkpoints that load: " + ", ".join(usable[:5]) + " (or --ckpt_path last).") if usable else ""
@@ -125,13 +128,14 @@ def _loads(path: Path) -> bool:
 
 
 def main(args: list[str] | None = None) -> TrainCLI:
-    """Entry point of train.py; a CheckpointError exits with its message (status 2), without a traceback."""
+    """Entry point of train.py; a CheckpointError or a TrainingDiverged exits with its message (status 1), without
+    a traceback."""
     from tokenizer.gpu import enable_fast_math
 
     enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
     try:
         return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
-    except CheckpointError as e:
+    except (CheckpointError, TrainingDiverged) as e:
         if args is not None:  # called from Python (tests): let the caller see the exception
             raise
         sys.exit(f"error: {e}")

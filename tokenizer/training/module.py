@@ -19,6 +19,9 @@ GPU path (see tokenizer/gpu.py):
 - No host sync in the steady-state step: metrics are logged, and so read, only every `log_every_n_steps`; keep
   lengths and codebook histograms stay on the device; gradient clipping is ours (sync-free, and it works with the
   fused AdamW that Lightning's `clip_gradients` refuses under mixed precision).
+- Divergence (tokenizer/training/divergence.py): each step ORs "loss or gradient norm is NaN/inf" into a device
+  flag, read on logging steps and before checkpoints and the export: a diverged run stops with TrainingDiverged
+  instead of exporting NaN weights, and no step pays a host sync for it.
 - DDP (plain `--trainer.strategy ddp`) reduces each tokenizer gradient once per step and nothing else: the
   discriminator and every buffer are kept out of DDP (`_ddp_params_and_buffers_to_ignore`). The discriminator
   averages its own gradients in one flat all-reduce; buffers are kept identical by construction (the codebook
@@ -53,11 +56,12 @@ from ..metrics import psnr, to_uint8
 from ..model import OneDTokenizer
 from .checkpoints import ArchitectureGuard
 from .codebook import CodebookMonitor, usage_curve_figure
+from .divergence import DivergenceGuard
 from .export import export_tokenizer
 from .optim import clip_grad_norm, make_adamw, param_groups, warmup_cosine
 
 
-class TokenizerModule(ArchitectureGuard, pl.LightningModule):
+class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
@@ -246,6 +250,7 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
         else:
             self.manual_backward(loss)
         logs["train/grad_norm"] = clip_grad_norm(list(self.tokenizer.parameters()), hp.grad_clip)
+        self.watch_finite(loss, logs["train/grad_norm"])  # device flag only: read in check_finite below
         opt_g.step()
         sched_g.step()
         self.update_ema()
@@ -271,6 +276,7 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
                          "lr": sched_g.get_last_lr()[0]})
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=images.shape[0])
             self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+            self.check_finite(self.global_step)  # the logging step reads the device anyway
         return loss.detach()
 
     def generator_gradient(self, recon: torch.Tensor, rec_total: torch.Tensor, g_loss: torch.Tensor):
@@ -381,6 +387,7 @@ class TokenizerModule(ArchitectureGuard, pl.LightningModule):
 
     # ---- export ---------------------------------------------------------------------------------------------
     def on_train_end(self) -> None:
+        super().on_train_end()  # DivergenceGuard: refuses a run that diverged after its last logging step
         export_tokenizer(self)  # tokenizer/training/export.py: where, and with which provenance
 
 
