@@ -10,7 +10,8 @@ stats.
 GPU path (as the tokenizer stage, tokenizer/gpu.py): the loss is the chunked `linear_cross_entropy` (never the
 fp32 logits of the whole batch, `max_loss_logits`); AdamW is fused on CUDA (`fused_optimizer`); gradient
 clipping is `tokenizer.training.optim.clip_grad_norm` (sync-free; Lightning's `clip_gradients` refuses fused
-optimizers under mixed precision); metrics are logged, and so read, only on Lightning's logging steps (every
+optimizers under mixed precision); a NaN/inf loss or gradient norm stops the run (`DivergenceGuard`, read on
+logging steps and before checkpoints only); metrics are logged, and so read, only on Lightning's logging steps (every
 `log_every_n_steps`); ids and labels are range-checked once, at setup, not per batch. `compile=True` compiles
 each transformer block in place (parameter names and checkpoints unchanged). Multi-GPU: plain DDP
 (`trainer.strategy: ddp`), every parameter takes part in every loss.
@@ -31,12 +32,13 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..training.checkpoints import ArchitectureGuard
+from ..training.divergence import DivergenceGuard
 from ..training.optim import clip_grad_norm, make_adamw, warmup_cosine
 from .gpt import GPT, preset_config
 from .sampling import generate
 
 
-class GeneratorModule(ArchitectureGuard, pl.LightningModule):
+class GeneratorModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
@@ -142,6 +144,7 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
         if not val or val <= 0:
             return
         norm = clip_grad_norm(list(self.gpt.parameters()), val)  # the pre-clip norm, a device tensor
+        self.watch_finite(norm)  # device flag only (tokenizer/training/divergence.py)
         if self.is_logging_step():
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
@@ -149,9 +152,11 @@ class GeneratorModule(ArchitectureGuard, pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         ids, labels, *lengths = batch  # [B, k] int64, [B] int64, variable-length shards: lengths [B] int64
         loss = self.loss(ids, labels, lengths=lengths[0] if lengths else None)
+        self.watch_finite(loss)
         if self.is_logging_step():
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+            self.check_finite(self.global_step + 1)  # this batch's optimizer step is not taken yet
         return loss
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor, drop_labels: bool | None = None,
