@@ -10,13 +10,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from ..persistence import non_finite_tensors
+from .divergence import TrainingDiverged
+
 log = logging.getLogger(__name__)
 
 
 def export_tokenizer(module: pl.LightningModule) -> Path | None:
     """save_pretrained of the module's evaluation weights (EMA when on) to `export_dir`, else <run dir>/tokenizer,
     else (no logger, so no run directory) nowhere; returns the directory on global rank 0 when it wrote one (None
-    elsewhere). Every rank must call it (see below)."""
+    elsewhere). Every rank must call it (see below). Weights that hold NaN/inf are refused (TrainingDiverged)."""
     trainer = module.trainer
     # `trainer.log_dir` is a collective under DDP (broadcast from rank 0): every rank must evaluate it, or rank 0
     # waits in the broadcast while the others exit.
@@ -32,6 +35,13 @@ def export_tokenizer(module: pl.LightningModule) -> Path | None:
                  "it is module.eval_tokenizer")
         return None
     directory = Path(module.hparams.export_dir or Path(log_dir) / "tokenizer")
+    # The divergence check reads the loss and gradient norm; this reads the weights themselves (an EMA copy, a
+    # codebook buffer): a model with NaN/inf encodes every image to the same ids, with no error anywhere after.
+    bad = non_finite_tensors(module.eval_tokenizer.state_dict())
+    if bad:
+        raise TrainingDiverged(f"not exporting to {directory}: the trained tokenizer's weight {bad[0]!r} (and "
+                               f"{len(bad) - 1} more tensor(s)) hold(s) NaN/inf; the training diverged. Lower lr, "
+                               "lengthen warmup_steps or train in fp32, from a checkpoint saved before it diverged")
     module.eval_tokenizer.save_pretrained(directory, provenance(module))
     return directory
 
