@@ -133,11 +133,15 @@ def extract(args: argparse.Namespace) -> dict | None:
     from tqdm.auto import tqdm
 
     from tokenizer import OneDTokenizer
+    from tokenizer.persistence import weights_sha256
 
     state = process_state(cpu=args.cpu)
     pi, n = state.process_index, state.num_processes
     device = state.device
-    tokenizer = OneDTokenizer.from_pretrained(args.tokenizer, map_location="cpu").to(device).eval()
+    try:
+        tokenizer = OneDTokenizer.from_pretrained(args.tokenizer, map_location="cpu").to(device).eval()
+    except (ValueError, FileNotFoundError) as e:  # a named problem (e.g. NaN weights): one line, no traceback
+        raise SystemExit(f"data.extract_tokens: {e}") from None
     tokenizer.requires_grad_(False)
     k = args.num_tokens or tokenizer.max_tokens
     if not 1 <= k <= tokenizer.max_tokens:
@@ -156,6 +160,7 @@ def extract(args: argparse.Namespace) -> dict | None:
         num_views=2 if args.flip else 1,
         flip=args.flip,
         tokenizer_dir=os.path.abspath(args.tokenizer),
+        tokenizer_sha256=weights_sha256(args.tokenizer),  # a resume with another tokenizer is refused
         image_size=tokenizer.image_size,
         write_meta=False,
         variable_length=target is not None,

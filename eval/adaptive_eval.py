@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from eval.gather import FidReference, broadcast_object, fids_against_reference, gather_rows
-from eval.metrics import FeatureSet, LPIPSReference, lpips_model, to_uint8
-from eval.recon_eval import FID_MAX_ROWS, Row, add_features, batches, image_metrics
+from eval.metrics import FeatureSet, LPIPSReference, lpips_model
+from eval.recon_eval import FID_MAX_ROWS, Row, add_features, batches, image_metrics, uint8_reconstruction
 from tokenizer.adaptive import check_targets
 from tokenizer.precision import autocast
 
@@ -131,7 +131,7 @@ def evaluate_adaptive(accelerator, tokenizer, loader, total: int, targets: list[
             with autocast(precision, device):
                 ids, chosen = target.search(tokenizer, refs_dev.float() / 255, lpips_fp32)  # [b, K], [b]
                 images = tokenizer.decode(ids, lengths=chosen)  # [b, 3, S, S], each from its own prefix
-            rec = to_uint8(images.float())
+            rec = uint8_reconstruction(images.float(), f"adaptive target {target}")
             lengths[:, t] = chosen.cpu()
             row[:, t] = image_metrics(rec, refs_dev, lpips_ref)  # psnr, ssim, lpips
             if fid:

@@ -78,6 +78,23 @@ def load_tokenizer(tokenizer_dir: str | None, checkpoint: str | None) -> OneDTok
     return tokenizer_from_checkpoint(checkpoint)
 
 
+class NonFiniteReconstruction(ValueError):
+    """A decoded image holds NaN/inf: the tokenizer's weights or the precision are broken, no metric is valid."""
+
+
+def uint8_reconstruction(images: torch.Tensor, what: str) -> torch.Tensor:
+    """Decoded images [b, 3, S, S] float in [0, 1] -> uint8, refusing NaN/inf. `to_uint8` alone would turn a NaN
+    into a black pixel, and the report would score black images (6.5 dB) as if the tokenizer had made them."""
+    finite = torch.isfinite(images)  # [b, 3, S, S]
+    if not bool(finite.all()):
+        bad = int((~finite).flatten(1).any(1).sum())
+        raise NonFiniteReconstruction(
+            f"{what}: {bad} of {images.shape[0]} reconstruction(s) hold NaN/inf values; refusing to score them. "
+            "The tokenizer's weights are not finite (a diverged training) or the precision overflows: try "
+            "--precision fp32, or evaluate a checkpoint from before the divergence")
+    return to_uint8(images.float())
+
+
 @torch.no_grad()
 def reconstruct(tokenizer: OneDTokenizer, refs: torch.Tensor, num_tokens: list[int],
                 precision: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -93,7 +110,7 @@ def reconstruct(tokenizer: OneDTokenizer, refs: torch.Tensor, num_tokens: list[i
     for k in num_tokens:
         with autocast(precision, device):
             images = tokenizer.decode(ids[:, :k])  # [b, 3, S, S] in [0, 1]
-        recs.append(to_uint8(images.float()))
+        recs.append(uint8_reconstruction(images.float(), f"k={k}"))
     return ids, recs
 
 

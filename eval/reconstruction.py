@@ -135,7 +135,12 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
     given = args.adaptive_psnr is not None or args.adaptive_lpips is not None
     targets = make_targets(args.adaptive_psnr, args.adaptive_lpips) if given else None  # bad values: now
     accelerator = Accelerator(cpu=args.cpu)
-    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer, args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:  # a named problem (e.g. NaN weights): one line, no traceback
+        if argv is not None:  # from Python (tests): the caller sees the exception
+            raise
+        raise SystemExit(f"eval.reconstruction: {e}") from None
     k_max = tokenizer.max_tokens
     ks = sorted(set(args.num_tokens or powers_of_two_upto(k_max)))
     if not all(1 <= k <= k_max for k in ks):
