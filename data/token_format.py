@@ -17,7 +17,8 @@ Every shard holds these arrays with the same first dimension N (records in that 
 
 meta.json:
     {"format": "onedtok-token-shards", "version": 1, "num_tokens": K, "codebook_size": V, "dtype": "int16",
-     "num_views": A, "flip": true|false, "num_classes": C|null, "tokenizer_dir": "...", "image_size": 256,
+     "num_views": A, "flip": true|false, "num_classes": C|null, "tokenizer_dir": "...",
+     "tokenizer_sha256": "<sha256 of its model.safetensors>", "image_size": 256,
      "num_records": N_total, "num_shards": S, "complete": true|false, ...extra fields given to the writer}
     variable-length shards add "variable_length": true, "length_target" (e.g. {"min_psnr": 20.0}: what chose
     the lengths) and, once finalized, "lengths": {"mean", "median", "min", "max", "histogram": {k: count}}.

@@ -4,7 +4,9 @@ The files (meta.json + .npz shards, fixed or variable length) are described in `
 Keys are file names and may hold non-UTF-8 bytes (as lone surrogates); they are hashed through `key_bytes`.
 
 `complete` is false while an extraction runs (or after a crash); `TokenShardWriter` on the same root resumes:
-finished shards are kept and their keys are skipped, a leftover temp file is removed.
+finished shards are kept and their keys are skipped, a leftover temp file is removed. A resume must use the same
+tokenizer: meta.json records its weights' sha256 (`tokenizer_sha256`), and a writer with another one is refused
+(the ids of two tokenizers of the same shape look alike, but mean different images).
 Multi-process extraction: give each process its own `prefix` (e.g. "tokens-r03") and, when all are done,
 run `finalize_meta(root)` once; readers glob every `*.npz`.
 
@@ -52,6 +54,8 @@ class TokenShardWriter:
     this run. Records still buffered when the process dies are lost and re-extracted on resume.
     `variable_length=True`: every `write` also takes lengths [N] (or [N, A]) in 1..K and the ids past them are
     stored as 0; `length_target` (what chose the lengths, e.g. {"min_psnr": 20.0}) goes into meta.json.
+    `tokenizer_sha256` (`tokenizer.persistence.weights_sha256(tokenizer_dir)`) names the tokenizer; resuming a
+    directory written with another one is refused.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class TokenShardWriter:
         flip: bool = False,
         num_classes: int | None = None,
         tokenizer_dir: str | None = None,
+        tokenizer_sha256: str | None = None,
         image_size: int | None = None,
         write_meta: bool = True,
         variable_length: bool = False,
@@ -96,6 +101,7 @@ class TokenShardWriter:
             flip=flip,
             num_classes=num_classes,
             tokenizer_dir=tokenizer_dir,
+            tokenizer_sha256=tokenizer_sha256,
             image_size=image_size,
             num_records=None,
             num_shards=None,
@@ -107,6 +113,13 @@ class TokenShardWriter:
         meta_path = os.path.join(root, "meta.json")
         if os.path.exists(meta_path):
             old = read_meta(root)
+            if old.get("tokenizer_sha256") != tokenizer_sha256:
+                raise ValueError(
+                    f"{root} holds tokens of another tokenizer (weights sha256 {old.get('tokenizer_sha256')}, from "
+                    f"{old.get('tokenizer_dir')}), this writer's is {tokenizer_sha256} (from {tokenizer_dir}); "
+                    "resuming would mix two tokenizers' ids in one set. Extract into a new directory (a new --out), "
+                    "or resume with the tokenizer that started this one"
+                )
             for field in ("num_tokens", "codebook_size", "num_views", "flip", "variable_length", "length_target"):
                 if old.get(field) != self.meta.get(field):
                     raise ValueError(
