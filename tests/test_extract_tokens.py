@@ -231,3 +231,35 @@ def test_adaptive_extraction_lengths_equal_encode_adaptive(tmp_path):
     dm.setup("fit")
     batch_ids, _, batch_lengths = next(iter(dm.train_dataloader()))
     assert batch_ids.shape == (4, tok.max_tokens) and batch_lengths.min() >= 1
+
+
+def test_resume_with_another_tokenizer_of_the_same_shape_is_refused(tmp_path):
+    """Two tokenizers of one shape (seeds 0 and 1): an extraction interrupted with A and resumed with B used to
+    keep A's records, add B's and mark the set complete under B's name. meta.json records A's weights hash; B is
+    refused with the way out (a new --out), A resumes."""
+    from _small_training import SMALL
+
+    from tokenizer import OneDTokenizer
+    from tokenizer.persistence import weights_sha256
+
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        dirs.append(str(OneDTokenizer.from_preset("tiny", **SMALL).save_pretrained(tmp_path / f"tok{seed}")))
+    a, b = dirs
+    out = tmp_path / "tokens"
+    common = ["--out", str(out), "--source", "photos", "--num-crops", "12", "--batch-size", "4", "--shard-size", "4",
+              "--no-progress", "--cpu"]  # fmt: skip
+    main(["--tokenizer", a, *common])
+    assert read_meta(str(out))["tokenizer_sha256"] == weights_sha256(a)
+    # interrupted: the last shard never written, meta.json not complete
+    os.remove(sorted(shard_paths(str(out)))[-1])
+    meta_path = out / "meta.json"
+    meta_path.write_text(meta_path.read_text().replace('"complete": true', '"complete": false'))
+    with pytest.raises(ValueError, match=r"another tokenizer.*new directory \(a new --out\)"):
+        main(["--tokenizer", b, *common])
+    assert not read_meta(str(out))["complete"] and len(shard_paths(str(out))) == 2  # nothing of B written
+    meta = main(["--tokenizer", a, *common])
+    assert meta["complete"] and meta["num_records"] == 12 and meta["tokenizer_sha256"] == weights_sha256(a)
+    with pytest.raises(ValueError, match="another tokenizer"):  # a rerun of a complete set with B, too
+        main(["--tokenizer", b, *common])
