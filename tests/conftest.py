@@ -4,12 +4,13 @@ Every test runs in its own temporary working directory, so an output path relati
 Trainer's default root, an export directory) lands there and not in the repository, where it could overwrite a
 user's model and race with a parallel run. Tests that need the repository name it (REPO, or cwd= for a
 subprocess). At the end of the run the repository's files are compared with what they were at the start: any
-file created, changed or deleted fails the run, named.
+file created, changed or deleted fails the run, named (the user's untracked scratch files aside: scratch_files).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,15 +36,30 @@ def repository_files() -> dict[str, tuple[int, int]]:
     return files
 
 
+def scratch_files() -> set[str]:
+    """Files that are neither tracked nor ignored by git (`git status`'s "??"): the user's own scratch files, such
+    as a log this very run is being written into (`make test > test.log`). They are not watched: the run changes
+    them, the suite does not. Without git (a source tarball) every file is watched."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=REPO, text=True,
+                             capture_output=True, timeout=60, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {os.path.normpath(p) for p in out.split("\0") if p}
+
+
 def pytest_sessionstart(session):
-    session.config.stash[_BEFORE] = repository_files()
+    scratch = scratch_files()
+    session.config.stash[_SCRATCH] = scratch
+    session.config.stash[_BEFORE] = {p: v for p, v in repository_files().items() if p not in scratch}
 
 
 def pytest_sessionfinish(session, exitstatus):
     before = session.config.stash.get(_BEFORE, None)
     if before is None:
         return
-    after = repository_files()
+    scratch = session.config.stash[_SCRATCH]
+    after = {p: v for p, v in repository_files().items() if p not in scratch}
     created = sorted(set(after) - set(before))
     deleted = sorted(set(before) - set(after))
     changed = sorted(p for p in set(before) & set(after) if before[p] != after[p])
@@ -61,6 +77,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 _BEFORE = pytest.StashKey[dict]()
+_SCRATCH = pytest.StashKey[set]()
 
 
 @pytest.fixture(autouse=True)

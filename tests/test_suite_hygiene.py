@@ -19,12 +19,17 @@ def test_relative_paths_land_in_the_tests_temporary_directory(tmp_path):
 
 
 def _copy_of_the_guard(tmp_path: Path, test_body: str) -> Path:
-    """A small repository with this suite's conftest.py and one test file."""
+    """A small git repository with this suite's conftest.py, one test file and a tracked file, plus an untracked
+    scratch file (run.log) that is not committed."""
     repo = tmp_path / "repo"
     (repo / "tests").mkdir(parents=True)
     shutil.copy(REPO / "tests" / "conftest.py", repo / "tests" / "conftest.py")
     (repo / "kept.txt").write_text("a user's file")
     (repo / "tests" / "test_one.py").write_text(test_body)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "x"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    (repo / "run.log").write_text("a log the run is written into\n")
     return repo
 
 
@@ -48,6 +53,11 @@ def test_a_run_that_writes_into_the_repository_fails_naming_the_files(tmp_path):
 
 
 def test_a_run_that_writes_only_under_tmp_path_passes(tmp_path):
-    body = "from pathlib import Path\n\ndef test_writes(tmp_path):\n    Path('out.txt').write_text('x')\n"
+    """Also when the user's untracked scratch file changes during the run (output redirected into the checkout)."""
+    body = ("from pathlib import Path\nfrom conftest import REPO\n\n"
+            "def test_writes(tmp_path):\n"
+            "    Path('out.txt').write_text('x')\n"
+            "    with open(REPO / 'run.log', 'a') as log:\n"
+            "        log.write('more output\\n')\n")  # fmt: skip
     proc = _pytest(_copy_of_the_guard(tmp_path, body))
     assert proc.returncode == 0 and "REPOSITORY CHANGED" not in proc.stdout, proc.stdout + proc.stderr
