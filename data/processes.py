@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -50,10 +51,22 @@ def process_state(cpu: bool = False):
                              "(pip install accelerate)") from None
         return SingleProcess()
     state = PartialState(cpu=cpu or not torch.cuda.is_available())
+    if world > 1:
+        atexit.register(_destroy_process_group)
     if world > 1 and state.num_processes != world:
         raise SystemExit(f"WORLD_SIZE={world} but accelerate sees {state.num_processes} process(es); refusing "
                          "to run (every process would do all the work): check the launcher's settings")
     return state
+
+
+def _destroy_process_group() -> None:
+    """At exit, the process group accelerate created: left to interpreter teardown, its communication threads were
+    still running when C++ destroyed them, and a process that had finished its work aborted (SIGABRT, "terminate
+    called without an active exception"), failing the whole torchrun launch after the output was complete."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_objects(state, obj) -> list:
