@@ -112,6 +112,18 @@ def test_decode_with_another_tokenizer_is_refused(tokenizer_dir, images, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+def test_decode_refuses_keys_that_share_a_png_name(tokenizer_dir, images, tmp_path):
+    """things/coffee.jpg and things/coffee.png both decode to things/coffee.png: refused before any file is
+    written (it used to write one image and report two)."""
+    shutil.copy(images / "cats" / "chelsea.png", images / "things" / "coffee.png")
+    tokens = tmp_path / "tokens.npz"
+    main(["encode", str(images / "things"), "--tokenizer", str(tokenizer_dir), "--num-tokens", "3", "--out",
+          str(tokens), "--quiet"])
+    with pytest.raises(ValueError, match=r"keys 'coffee.jpg' and 'coffee.png' would both decode to .*coffee.png"):
+        main(["decode", str(tokens), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_inputs_are_named(tokenizer_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
         main(["encode", str(tmp_path / "nowhere"), "--tokenizer", str(tokenizer_dir), "--num-tokens", "2",

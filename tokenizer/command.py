@@ -117,6 +117,20 @@ def _png_path(out: Path, key: str) -> Path:
     return out / rel
 
 
+def _distinct_png_paths(out: Path, keys: list[str], tokens) -> list[Path]:
+    """The PNG path of every key, refusing two keys that share one (a.jpg and a.png both decode to a.png: the
+    second would overwrite the first while the count still said both were written)."""
+    paths, claimed = [], {}
+    for key in keys:
+        path = _png_path(out, key)
+        if path in claimed:
+            raise ValueError(f"{tokens}: keys {claimed[path]!r} and {key!r} would both decode to {path}; nothing "
+                             "was written. Give those images distinct names (besides the extension) and encode again")
+        claimed[path] = key
+        paths.append(path)
+    return paths
+
+
 def cmd_encode(a) -> int:
     from .adaptive import check_targets
     from .model import OneDTokenizer
@@ -161,6 +175,7 @@ def cmd_decode(a) -> int:
             raise ValueError(f"--num-tokens must be in 1..{tok.max_tokens}, got {a.num_tokens}")
         lengths = lengths.clamp(max=a.num_tokens)  # an image stored with fewer tokens keeps its own length
     out = Path(a.out)
+    paths = _distinct_png_paths(out, keys, a.tokens)  # checked before anything is written
     from PIL import Image
 
     from .metrics import to_uint8
@@ -169,8 +184,7 @@ def cmd_decode(a) -> int:
         rows = slice(start, start + a.batch_size)
         k = int(lengths[rows].max())
         images = to_uint8(tok.decode(ids[rows, :k].to(a.device), lengths=lengths[rows].to(a.device))).cpu()
-        for key, image in zip(keys[rows], images):
-            path = _png_path(out, key)
+        for path, image in zip(paths[rows], images):
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
