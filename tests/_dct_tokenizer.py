@@ -86,21 +86,25 @@ def _dct(tok: OneDTokenizer) -> torch.Tensor:
     return dct_basis(tok.config.grid_size, tok.max_tokens)  # [K, N]
 
 
+def smallest_k_meeting(ok: torch.Tensor) -> torch.Tensor:
+    """ok [B, K] (the target met at k = 1..K) -> [B] int64: the smallest k that meets it, K where none does (what
+    a scan of every k, the brute force the adaptive search must agree with, chooses)."""
+    k_max = ok.shape[1]
+    return torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full((ok.shape[0],), float(k_max))).long()
+
+
 def separating_target(curves: torch.Tensor, decimals: int = 2, margin: float = 0.005) -> float:
     """A PSNR target for a test: curves [B, K] (per image, quality at k = 1..K) -> the target, rounded to
     `decimals`, that gives the most distinct brute-force lengths (smallest k meeting it, K if none) among those at
     least `margin` dB from every measured value, so that float differences between machines (~1e-6 dB) cannot
     move any image across it."""
     values = curves.flatten().double().sort().values
-    k_max = curves.shape[1]
     best, best_spread = None, 0
     for lo, hi in zip(values[:-1].tolist(), values[1:].tolist()):
         target = round((lo + hi) / 2, decimals)
         if (values - target).abs().min() < margin:
             continue
-        met = curves >= target  # [B, K]
-        first = met.float().argmax(1) + 1  # [B] the first k that meets it (1 where none does)
-        spread = len(set(torch.where(met.any(1), first, k_max).tolist()))
+        spread = len(set(smallest_k_meeting(curves >= target).tolist()))
         if spread > best_spread:
             best, best_spread = target, spread
     if best is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _dct_tokenizer import dct_tokenizer
+from _dct_tokenizer import dct_tokenizer, smallest_k_meeting
 
 from data.photos import PhotosDataModule
 from tokenizer import OneDTokenizer
@@ -36,9 +36,7 @@ def quality_curves(tok: OneDTokenizer, images: torch.Tensor, quality) -> torch.T
 def brute_force(ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ok [B, K] (target met at k = 1..K) -> the smallest k that meets it (K if none), and whether `ok` is
     monotone in k (once met, stays met), where bisection and a scan must agree."""
-    k_max = ok.shape[1]
-    first = torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full((ok.shape[0],), float(k_max))).long()
-    return first, (ok.int().diff(dim=1) >= 0).all(1)
+    return smallest_k_meeting(ok), (ok.int().diff(dim=1) >= 0).all(1)
 
 
 def test_the_hand_built_tokenizer_improves_with_k(tok, photos, tmp_path):
