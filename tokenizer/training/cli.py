@@ -112,7 +112,7 @@ def readable_or_explain(ckpt_path: str) -> None:
     """Raise CheckpointError when `ckpt_path` cannot be read, naming the checkpoints beside it that can."""
     try:
         read_checkpoint(ckpt_path)
-    except (CheckpointError, TrainingDiverged) as e:
+    except CheckpointError as e:
         usable = [str(p) for p in checkpoint_files([os.path.dirname(os.path.abspath(ckpt_path))])
                   if p.resolve() != Path(ckpt_path).resolve() and _loads(p)]
         hint = (" Checkpoints that load: " + ", ".join(usable[:5]) + " (or --ckpt_path last).") if usable else ""
