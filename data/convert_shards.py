@@ -15,7 +15,8 @@ Output in ``--out``:
 - ``{split}-meta.json``: classes, per-shard sample counts, totals, the brace pattern (used by
   ``WebDatasetDataModule`` to size epochs), and the conversion settings.
 - ``classes.json``: sorted class-folder names (index = label); shared by the splits of one ``--out``.
-- ``{split}-skipped.json``: files that were skipped, with the reason (a file PIL cannot fully decode).
+- ``{split}-skipped.json``: files that were skipped, with the reason (``tokenizer.images.decode_error``: a file
+  PIL cannot fully decode, a decompression bomb, or an extreme aspect ratio, which every reader would skip).
 - ``.{split}-state/``: per-shard bookkeeping that makes reruns resumable.
 
 Determinism and resume: files are listed in sorted order, shuffled with ``--seed`` (unless

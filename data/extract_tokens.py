@@ -221,7 +221,7 @@ def extract(args: argparse.Namespace) -> dict | None:
             f"token shards complete: {meta['num_records']} records in {meta['num_shards']} shard(s) "
             f"at {args.out} "
             f"(K={meta['num_tokens']}, views={meta['num_views']}, classes={meta['num_classes']}, "
-            f"{skipped['count']} unreadable image(s) skipped, {time.time() - t0:.1f}s)",
+            f"{skipped['count']} image(s) skipped, {time.time() - t0:.1f}s)",
             flush=True,
         )
     state.wait_for_everyone()

@@ -2,11 +2,12 @@
 
 The tree is listed by ``walk_image_files`` (symlinks followed, no directory entered twice: a link loop can
 neither repeat images nor relabel them). Unreadable files are skipped without a full pre-scan: the map-style
-dataset returns a ``Skipped`` record for an image that cannot be decoded, and ``SkipCorruptCollate`` drops
-those items from the batch (the batch gets smaller, the number of batches per epoch does not change, so DDP
-ranks stay in step). Skips are counted in a shared-memory counter visible from the main process
-(``FolderDataModule.num_skipped``, also sent to the trainer's loggers as ``data/skipped_images``) and each one
-is logged as a warning with the path and the running count. Two cases are errors instead of NaN losses: a
+dataset returns a ``Skipped`` record for an image that cannot be decoded (or is a decompression bomb, or has an
+extreme aspect ratio: ``tokenizer.images``), and ``SkipCorruptCollate`` drops those items from the batch (the batch
+gets smaller, the number of batches per epoch does not change, so DDP ranks stay in step). Skips are counted in a
+shared-memory counter visible from the main process (``FolderDataModule.num_skipped``, also sent to the trainer's
+loggers as ``data/skipped_images``) and each one is logged as a warning with the path, the reason and the running
+count. Two cases are errors instead of NaN losses: a
 tree in which no file decodes (``setup`` probes for one readable image, before the first step) and a batch
 in which every item was unreadable.
 
@@ -30,7 +31,7 @@ from data.datamodule import ImageDataModule
 from data.loading import PREFETCH_FACTOR
 from data.skips import SkipCounter, Skipped
 from data.transforms import train_transform
-from tokenizer.images import IMAGE_EXTENSIONS, eval_transform, read_image, walk_image_files
+from tokenizer.images import IMAGE_EXTENSIONS, eval_transform, read_image, read_image_or_reason, walk_image_files
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def scan_image_folder(
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Map-style dataset over ``scan_image_folder``: ``(image, label)``, or a ``Skipped`` record (path, reason)
-    when the file does not decode (counted and logged by a ``SkipCounter`` sharing ``skipped_counter``)."""
+    when the file is skipped (``tokenizer.images.read_image_or_reason``: unreadable, a decompression bomb, an
+    extreme aspect ratio; counted and logged by a ``SkipCounter`` sharing ``skipped_counter``)."""
 
     def __init__(self, root: str, transform: Callable | None = None, skipped_counter=None):
         self.root = root
@@ -78,10 +80,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         rel, label = self.items[index]
         path = os.path.join(self.root, rel)
-        img = read_image(path)
+        img, why = read_image_or_reason(path)
         if img is None:
-            self.skips(path, "unreadable image")
-            return Skipped(path, "unreadable image")
+            self.skips(path, why)
+            return Skipped(path, why)
         if self.transform is not None:
             img = self.transform(img)
         return img, label

@@ -87,7 +87,7 @@ def report_line(report: dict, where: str = "metrics.json") -> str:
         return "Skipped: none (every listed image was read)."
     first = ", ".join(f"{p['path']} ({p['reason']})" for p in report.get("paths", [])[:5])
     more = f" (first {len(report.get('paths', []))} listed in {where})" if n > 5 else ""
-    return f"Skipped: {n} unreadable record(s), e.g. {first}{more}."
+    return f"Skipped: {n} record(s), e.g. {first}{more}."
 
 
 __all__ = ["MAX_LISTED", "Skipped", "SkipCounter", "merge_reports", "report_line"]

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data.skips import SkipCounter, Skipped
-from tokenizer.images import eval_transform, read_image
+from tokenizer.images import eval_transform, read_image_or_reason
 from tokenizer.metrics import to_uint8
 
 
@@ -89,8 +89,8 @@ class FolderImages(Listed):
 
     def load(self, i: int) -> torch.Tensor | Skipped:
         path = os.path.join(self.root, self.items[i][0])
-        img = read_image(path)
-        return Skipped(path, "unreadable image") if img is None else self.transform(img)
+        img, why = read_image_or_reason(path)
+        return Skipped(path, why) if img is None else self.transform(img)
 
 
 class PhotoCrops:

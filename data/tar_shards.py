@@ -23,7 +23,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 
-from tokenizer.images import decode_image
+from tokenizer.images import decode_image_or_reason
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,12 @@ _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, n
 
 def sample_image(sample: dict) -> tuple[object | None, str]:
     """A webdataset sample's first image member (IMAGE_KEYS order) decoded to an RGB PIL image, as (image, "");
-    or (None, why) when there is no image member or it does not decode."""
+    or (None, why) when there is no image member or it is skipped (``tokenizer.images.decode_image_or_reason``:
+    unreadable, a decompression bomb, an extreme aspect ratio)."""
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
         return None, "no image member"
-    img = decode_image(data)
-    return (img, "") if img is not None else (None, "undecodable image")
+    return decode_image_or_reason(data)
 
 
 def sample_label(sample: dict) -> int:

@@ -27,6 +27,9 @@ def to_float_images(images: torch.Tensor) -> torch.Tensor:
 def train_transform(image_size: int = 256, *, uint8: bool = False):
     """Resize the shorter side to ``image_size`` (bicubic, antialiased), random crop, random h-flip.
 
+    The resize and the crop are one ``tokenizer.square_crop.ShorterSideCrop``: torchvision's ``Resize`` +
+    ``RandomCrop`` pixels, positions and RNG draws, in memory bounded by the output whatever the aspect ratio.
+
     Returns a callable PIL RGB image -> tensor [3, image_size, image_size]: float32 in [0, 1], or with
     ``uint8=True`` uint8 in [0, 255] (what the training DataModules' workers send). Both go through the same PIL
     resize, which on an 8-bit RGB image resamples to 8 bit in either case, so ``uint8=True`` followed by
@@ -34,10 +37,11 @@ def train_transform(image_size: int = 256, *, uint8: bool = False):
     """
     from torchvision import transforms as T
 
+    from tokenizer.square_crop import ShorterSideCrop
+
     return T.Compose(
         [
-            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.RandomCrop(image_size),
+            ShorterSideCrop(image_size, random=True),
             T.RandomHorizontalFlip(),
             T.PILToTensor() if uint8 else T.ToTensor(),
         ]

@@ -47,3 +47,22 @@ def make_plain_tree(
         os.makedirs(os.path.join(root, cls), exist_ok=True)
         for i in range(n_per_class):
             _rgb(rng, *size).save(os.path.join(root, cls, f"{cls}{i:03d}.jpg"), quality=85)
+
+
+ODD_IMAGES = {  # name -> (file name, PIL mode, width, height)
+    "thin": ("thin_200000x1.png", "RGB", 200000, 1),  # 666 bytes: 4.4 GB at 64 px through a whole-image resize
+    "thin_short": ("thin_20000x1.png", "RGB", 20000, 1),  # 143 bytes: 5.9 GB at 256 px
+    "wide": ("wide_4000x300.png", "RGB", 4000, 300),  # 13.3:1, a legitimate panorama: read, not refused
+    "bomb": ("bomb_20000x10000.png", "1", 20000, 10000),  # 24 KB, 2e8 pixels: over PIL's 1.8e8 limit
+}
+
+
+def make_odd_images(folder: str) -> dict[str, str]:
+    """The ODD_IMAGES as real PNG files in `folder` (flat colour, so they compress to almost nothing);
+    returns {name: path}."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for name, (file_name, mode, width, height) in ODD_IMAGES.items():
+        paths[name] = os.path.join(folder, file_name)
+        Image.new(mode, (width, height), (200, 40, 40) if mode == "RGB" else 0).save(paths[name])
+    return paths

@@ -57,7 +57,7 @@ def test_encode_decode_round_trip_equals_the_library(tokenizer_dir, images, tmp_
     assert main(["encode", str(images), "--tokenizer", str(tokenizer_dir), "--num-tokens", "5", "--out",
                  str(tokens), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "skipped 1 unreadable file(s)" in err and "broken.jpg" in err
+    assert "skipped 1 file(s)" in err and "broken.jpg: unreadable image" in err
     ids, lengths, keys, header = load_tokens(tokens)
     assert keys == ["cats/chelsea.png", "things/astronaut.png", "things/coffee.jpg"]
     assert ids.shape == (3, 5) and lengths.tolist() == [5, 5, 5]
@@ -148,3 +148,24 @@ def test_info_and_the_installed_command(tokenizer_dir):
     tok = OneDTokenizer.from_pretrained(tokenizer_dir)
     assert info["max_tokens (K)"] == 8 and info["codebook_size"] == 256 and info["image_size"] == 32
     assert info["parameters"]["total"] == sum(p.numel() for p in tok.parameters())
+
+
+def test_encode_names_a_decompression_bomb_and_an_extreme_aspect_ratio(tokenizer_dir, tmp_path, capsys):
+    """A 2e8-pixel PNG of 24 KB and PNGs of a few hundred bytes at 200000x1 and 20000x1 are skipped, each with its
+    own reason in the token file and on stderr (the bomb used to be 'unreadable or not an image'); the 4000x300
+    panorama is encoded."""
+    from _data_helpers import make_odd_images
+
+    make_odd_images(str(tmp_path / "odd"))
+    tokens = tmp_path / "tokens.npz"
+    assert main(["encode", str(tmp_path / "odd"), "--tokenizer", str(tokenizer_dir), "--num-tokens", "3", "--out",
+                 str(tokens), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    _, _, keys, header = load_tokens(tokens)
+    assert keys == ["wide_4000x300.png"]
+    reasons = {Path(s["path"]).name: s["reason"] for s in header["skipped"]}
+    assert sorted(reasons) == ["bomb_20000x10000.png", "thin_200000x1.png", "thin_20000x1.png"]
+    assert reasons["bomb_20000x10000.png"].startswith("decompression bomb (Image size (200000000 pixels)")
+    assert reasons["thin_200000x1.png"].startswith("extreme aspect ratio 200000x1 ")
+    assert reasons["thin_20000x1.png"].startswith("extreme aspect ratio 20000x1 ")
+    assert "skipped 3 file(s)" in err and "thin_200000x1.png: extreme aspect ratio 200000x1" in err

@@ -364,5 +364,5 @@ def test_reconstruction_report_counts_skipped_images(tok_dir, tmp_path):
     path = os.path.join(src, special["corrupt"])
     assert meta["num_images"] == 9 and meta["skipped"] == {"count": 1, "paths": [
         {"path": path, "reason": "unreadable image"}]}
-    assert f"Skipped: 1 unreadable record(s), e.g. {path}" in (out / "metrics.md").read_text()
+    assert f"Skipped: 1 record(s), e.g. {path} (unreadable image)" in (out / "metrics.md").read_text()
     assert not [p for p in os.listdir(out) if ".partial-" in p]  # every file renamed into place

@@ -6,8 +6,9 @@
     onedtok info DIR
 
 Images are read as in evaluation: any mode to RGB, shorter side resized to the tokenizer's image size (bicubic,
-antialiased), centre crop. Folders are walked recursively (symlink loops are safe); unreadable files are
-skipped, listed at the end and recorded in the token file. The token file (`tokens.npz`, format
+antialiased), centre crop. Folders are walked recursively (symlink loops are safe); unreadable files, decompression
+bombs and images with an extreme aspect ratio (over 16:1) are skipped, listed at the end with the reason and
+recorded in the token file. The token file (`tokens.npz`, format
 `onedtok-tokens/1`) holds ids [N, k] (0 past each image's length), lengths [N], keys [N] (paths relative to the
 folder given, or the file name for a file given directly), and a JSON header with the SHA-256 of the
 tokenizer's weights: `decode` with another tokenizer is refused.
@@ -54,7 +55,7 @@ def encode_files(tok, files: list[tuple[str, str]], *, num_tokens: int | None = 
     """(ids [N, k] int64, lengths [N] int64, keys, skipped [(path, reason)]) for the readable files."""
     from tqdm import tqdm
 
-    from .images import eval_transform, read_image
+    from .images import eval_transform, read_image_or_reason
 
     transform = eval_transform(tok.image_size)
     adaptive = min_psnr is not None or max_lpips is not None
@@ -63,9 +64,9 @@ def encode_files(tok, files: list[tuple[str, str]], *, num_tokens: int | None = 
     for start in range(0, len(files), batch_size):
         batch, batch_keys = [], []
         for key, path in files[start : start + batch_size]:
-            img = read_image(path)
-            if img is None:
-                skipped.append((path, "unreadable or not an image"))
+            img, why = read_image_or_reason(path)
+            if img is None:  # unreadable, a decompression bomb, an extreme aspect ratio: the reason says which
+                skipped.append((path, why))
             else:
                 batch.append(transform(img))
                 batch_keys.append(key)
@@ -152,7 +153,7 @@ def cmd_encode(a) -> int:
     print(f"{len(keys)} images -> {a.out}: {float(lengths.float().mean()):.1f} tokens per image on average "
           f"(min {int(lengths.min())}, max {int(lengths.max())})")
     if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+        print(f"skipped {len(skipped)} file(s):", file=sys.stderr)
         for path, reason in skipped:
             print(f"  {path}: {reason}", file=sys.stderr)
     return 0

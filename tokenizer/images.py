@@ -6,8 +6,18 @@ float conversion on the device, are in `data/transforms.py`.)
 
 Decoding policy
 ---------------
-``decode_image`` returns an RGB ``PIL.Image`` or ``None`` when the bytes cannot be decoded. The full
-pixel data is decoded eagerly (``Image.load()``), so truncated files are detected here and not later in a
+``decode_image_or_reason`` returns ``(RGB PIL.Image, "")``, or ``(None, reason)`` for an image that is skipped,
+and the reason names why (the skip reasons every reader reports):
+
+- ``"extreme aspect ratio WxH (...)"``: the longer side is over ``MAX_ASPECT_RATIO`` (16) times the shorter
+  (``tokenizer/square_crop.py`` says why 16). Refused from the header, before a pixel is decoded: a 666-byte
+  200000x1 PNG is a line, not a picture, and a square crop of it is under 1/16 of it;
+- ``"decompression bomb (...)"``: more pixels than PIL's limit (``Image.MAX_IMAGE_PIXELS`` x 2, PIL's
+  ``DecompressionBombError``, raised from the header) or a PNG text chunk that decompresses past PIL's limit;
+- ``"unreadable image"``: the file cannot be read or does not decode (not an image, corrupt, truncated).
+
+``decode_image`` / ``read_image`` return just the image (None when skipped). The full pixel data is decoded
+eagerly (``Image.load()``), so truncated files are detected here and not later in a
 transform. ``ImageFile.LOAD_TRUNCATED_IMAGES`` is deliberately *not* enabled: a truncated JPEG would
 otherwise come back silently padded with grey, which is worse for a reconstruction model than skipping it.
 Mode conversion (``to_rgb``):
@@ -41,11 +51,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .square_crop import MAX_ASPECT_RATIO
+
 log = logging.getLogger(__name__)
 
 # Exceptions PIL raises for unreadable data: UnidentifiedImageError and "image file is truncated" are
 # OSError; broken PNG chunks raise SyntaxError; some plugins raise ValueError/EOFError/struct.error/
-# IndexError on malformed headers; DecompressionBombError (> 2x MAX_IMAGE_PIXELS) is treated as corrupt.
+# IndexError on malformed headers. DecompressionBombError (> 2x MAX_IMAGE_PIXELS) is caught apart: its own reason.
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     SyntaxError,
@@ -53,8 +65,8 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
     IndexError,
     struct.error,
-    Image.DecompressionBombError,
 )
+UNREADABLE = "unreadable image"  # the skip reason of a file that cannot be read or decoded
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
@@ -87,38 +99,59 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes) -> Image.Image | None:
-    """Decode encoded image bytes to an RGB PIL image, or return ``None`` if they are corrupt/truncated."""
+def aspect_refusal(width: int, height: int) -> str | None:
+    """The skip reason of a ``width`` x ``height`` image too elongated to use, or None (see the module docstring)."""
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"extreme aspect ratio {width}x{height} (longer side over {MAX_ASPECT_RATIO}x the shorter; a square "
+                "crop would keep under 1/16 of it)")
+    return None
+
+
+def decode_image_or_reason(data: bytes, *, detail: bool = False) -> tuple[Image.Image | None, str]:
+    """``(RGB image, "")``, or ``(None, skip reason)`` (see the module docstring). ``detail``: an unreadable file's
+    reason also names PIL's error (the shard converter lists it)."""
     try:
         with warnings.catch_warnings():
             # e.g. "Palette images with Transparency expressed in bytes should be converted to RGBA"
             warnings.simplefilter("ignore", UserWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                refusal = aspect_refusal(*img.size)
+                if refusal is not None:
+                    return None, refusal
                 img.load()
-                return to_rgb(img)
-    except DECODE_ERRORS:
-        return None
+                return to_rgb(img), ""
+    except Image.DecompressionBombError as exc:
+        return None, f"decompression bomb ({exc})"
+    except DECODE_ERRORS as exc:
+        if isinstance(exc, ValueError) and "Decompressed data too large" in str(exc):  # a PNG text chunk bomb
+            return None, f"decompression bomb ({exc})"
+        return None, f"{UNREADABLE} ({type(exc).__name__}: {exc})" if detail else UNREADABLE
+
+
+def read_image_or_reason(path: str) -> tuple[Image.Image | None, str]:
+    """``decode_image_or_reason`` of a file; a file that cannot be read (I/O error, vanished) is unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None, UNREADABLE
+    return decode_image_or_reason(data)
+
+
+def decode_image(data: bytes) -> Image.Image | None:
+    """Encoded image bytes as an RGB PIL image, or None when they are skipped (``decode_image_or_reason``)."""
+    return decode_image_or_reason(data)[0]
 
 
 def read_image(path: str) -> Image.Image | None:
-    """An image file as RGB, or None when it cannot be read (I/O error, vanished) or decoded (corrupt)."""
-    try:
-        with open(path, "rb") as f:
-            return decode_image(f.read())
-    except OSError:
-        return None
+    """An image file as RGB, or None when it is skipped (``read_image_or_reason``)."""
+    return read_image_or_reason(path)[0]
 
 
 def decode_error(data: bytes) -> str | None:
-    """Return ``None`` if ``data`` decodes fully, else a short reason (used by the shard converter)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-        return None
-    except DECODE_ERRORS as exc:
-        return f"{type(exc).__name__}: {exc}"
+    """Return ``None`` if ``data`` is a usable image, else the skip reason, with PIL's error for an unreadable
+    file (the shard converter's ``{split}-skipped.json``)."""
+    return decode_image_or_reason(data, detail=True)[1] or None
 
 
 def image_format(data: bytes) -> str | None:
@@ -126,19 +159,21 @@ def image_format(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.format
-    except DECODE_ERRORS:
+    except (*DECODE_ERRORS, Image.DecompressionBombError):
         return None
 
 
 def eval_transform(image_size: int = 256, *, uint8: bool = False):
     """Resize the shorter side to ``image_size`` and center crop; float32 [3, H, W] in [0, 1], or uint8 with
-    ``uint8=True`` (same pixels, see ``train_transform``)."""
+    ``uint8=True`` (same pixels, see ``train_transform``). The resize and crop are one ``ShorterSideCrop``
+    (``tokenizer/square_crop.py``): torchvision's ``Resize`` + ``CenterCrop`` pixels, in bounded memory."""
     from torchvision import transforms as T
+
+    from .square_crop import ShorterSideCrop
 
     return T.Compose(
         [
-            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(image_size),
+            ShorterSideCrop(image_size),
             T.PILToTensor() if uint8 else T.ToTensor(),
         ]
     )
