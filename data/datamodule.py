@@ -3,18 +3,19 @@
 - The loader settings (`data/loading.py`): uint8 batches from persistent workers, pinned memory for CUDA,
   `prefetch_factor` batches in flight per worker.
 - `on_after_batch_transfer`: uint8 -> float32 in [0, 1] on the device, and the running skip count to the loggers.
-- One skip counter per DataModule, a shared-memory integer that every worker of this process adds to (created
-  lazily, so the DataModule stays picklable until it is set up); a warning at teardown gives the total.
+- One skip tally per DataModule (`data.skips.SkipTally`), in shared memory, that every worker of this process adds
+  to, each skipped file once however many epochs meet it (created lazily, so the DataModule stays picklable until
+  it is set up); a warning at teardown gives the total.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 
 from lightning.pytorch import LightningDataModule
 
 from data.loading import PREFETCH_FACTOR, float_image_batch, loader_kwargs, log_skipped
+from data.skips import SkipTally
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,17 @@ class ImageDataModule(LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.prefetch_factor = prefetch_factor
-        self._skipped = None  # multiprocessing.Value, see skip_counter()
+        self._skipped: SkipTally | None = None  # see skip_counter()
 
     @property
     def num_skipped(self) -> int:
-        """Unreadable images skipped so far, by every worker of this process (each rank counts its own)."""
-        return 0 if self._skipped is None else int(self._skipped.value)
+        """Distinct images skipped so far, by every worker of this process (each rank counts its own)."""
+        return 0 if self._skipped is None else self._skipped.total
 
-    def skip_counter(self):
-        """The shared-memory counter the datasets of this DataModule add their skips to."""
+    def skip_counter(self) -> SkipTally:
+        """The shared-memory tally the datasets of this DataModule add their skips to."""
         if self._skipped is None:
-            self._skipped = mp.Value("l", 0)
+            self._skipped = SkipTally()
         return self._skipped
 
     def loader_kwargs(self) -> dict:
@@ -52,7 +53,8 @@ class ImageDataModule(LightningDataModule):
 
     def teardown(self, stage: str | None = None) -> None:
         if self.num_skipped:
-            log.warning("%s: %d unreadable images were skipped", type(self).__name__, self.num_skipped)
+            log.warning("%s: %d image(s) skipped (each named in a warning above)", type(self).__name__,
+                        self.num_skipped)
 
 
 __all__ = ["ImageDataModule"]

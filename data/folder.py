@@ -4,10 +4,10 @@ The tree is listed by ``walk_image_files`` (symlinks followed, no directory ente
 neither repeat images nor relabel them). Unreadable files are skipped without a full pre-scan: the map-style
 dataset returns a ``Skipped`` record for an image that cannot be decoded (or is a decompression bomb, or has an
 extreme aspect ratio: ``tokenizer.images``), and ``SkipCorruptCollate`` drops those items from the batch (the batch
-gets smaller, the number of batches per epoch does not change, so DDP ranks stay in step). Skips are counted in a
-shared-memory counter visible from the main process (``FolderDataModule.num_skipped``, also sent to the trainer's
-loggers as ``data/skipped_images``) and each one is logged as a warning with the path, the reason and the running
-count. Two cases are errors instead of NaN losses: a
+gets smaller, the number of batches per epoch does not change, so DDP ranks stay in step). Skips are counted, each
+file once however many epochs meet it, in a shared-memory tally visible from the main process
+(``FolderDataModule.num_skipped``, also sent to the trainer's loggers as ``data/skipped_images``) and each file is
+logged once as a warning with the path, the reason and the running count. Two cases are errors instead of NaN losses: a
 tree in which no file decodes (``setup`` probes for one readable image, before the first step) and a batch
 in which every item was unreadable.
 
@@ -66,13 +66,13 @@ def scan_image_folder(
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Map-style dataset over ``scan_image_folder``: ``(image, label)``, or a ``Skipped`` record (path, reason)
     when the file is skipped (``tokenizer.images.read_image_or_reason``: unreadable, a decompression bomb, an
-    extreme aspect ratio; counted and logged by a ``SkipCounter`` sharing ``skipped_counter``)."""
+    extreme aspect ratio; counted once per file and logged by a ``SkipCounter`` sharing ``skipped_counter``)."""
 
     def __init__(self, root: str, transform: Callable | None = None, skipped_counter=None):
         self.root = root
         self.classes, self.items = scan_image_folder(root)
         self.transform = transform
-        self.skips = SkipCounter(skipped_counter)  # multiprocessing.Value("l") shared with the workers
+        self.skips = SkipCounter(skipped_counter)  # a data.skips.SkipTally shared with the workers
 
     def __len__(self) -> int:
         return len(self.items)

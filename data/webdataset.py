@@ -5,9 +5,9 @@ with ``::``, or a list. Samples are ``{__key__, jpg|png|webp|..., cls}`` as writ
 ``data.convert_shards``; shards are read by ``data.tar_shards.iter_shard`` and any image extension is decoded
 by ``tokenizer.images.decode_image`` (any mode -> RGB). Corrupt/truncated images (and decompression bombs and
 extreme aspect ratios, which ``tokenizer.images`` refuses by name) and the damaged tail of a truncated shard are
-skipped, counted (``WebDatasetDataModule.num_skipped``, shared by all workers, also sent to the trainer's loggers
-as ``data/skipped_images``) and logged as warnings naming the shard; they never crash. Shards without one
-decodable image are an error before the first step (``check_readable_shards``).
+skipped, counted once each however many passes meet them (``WebDatasetDataModule.num_skipped``, shared by all
+workers, also sent to the trainer's loggers as ``data/skipped_images``) and logged as warnings naming the shard;
+they never crash. Shards without one decodable image are an error before the first step (``check_readable_shards``).
 
 Training: equal number of batches on every rank
 -----------------------------------------------

@@ -1,6 +1,6 @@
 """Images that cost more than their bytes (issue 25), with real files: PNGs of a few hundred bytes and an extreme
 aspect ratio go through the transforms in bounded memory (peak RSS of a subprocess) and are refused as a named skip
-by every reader; a decompression bomb has its own reason.
+by every reader; a decompression bomb has its own reason; a corrupt file is one skip however many epochs meet it.
 Ordinary images keep torchvision's crops pixel for pixel, and the same RNG draws."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -185,3 +186,42 @@ def test_convert_shards_refuses_extreme_ratios_and_bombs_by_name(odd, tmp_path):
     assert sorted(skipped) == sorted(rel[n] for n in EXPECTED)
     for name, start in EXPECTED.items():
         assert skipped[rel[name]].startswith(start), (name, skipped[rel[name]])
+
+
+def _shards_with_one_corrupt_sample(tmp_path) -> str:
+    """Two shards of 4 samples; the first holds one corrupt JPEG (a converter would not write it: made by hand)."""
+    make_plain_tree(str(tmp_path / "src"), 4, classes=("a", "b"), size=(40, 40))
+    files = sorted((tmp_path / "src").rglob("*.jpg"))
+    for j in range(2):
+        with tarfile.open(tmp_path / f"s-{j}.tar", "w") as tar:
+            for i, path in enumerate(files[4 * j : 4 * j + 4]):
+                data = path.read_bytes()
+                if (j, i) == (0, 1):
+                    data = data[: len(data) // 3]
+                for ext, payload in (("jpg", data), ("cls", b"0")):
+                    info = tarfile.TarInfo(f"s{j}{i}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, __import__("io").BytesIO(payload))
+    return str(tmp_path / "s-{0..1}.tar")
+
+
+@pytest.mark.parametrize("source", ["folder", "webdataset"])
+def test_a_corrupt_file_is_one_skip_however_many_epochs_meet_it(source, tmp_path):
+    """Two epochs (and, for shards, several passes over them per epoch) with two workers, which shuffle which worker
+    meets the file: the DataModule counts it once (the old count: one per visit, '2 unreadable images')."""
+    from data.folder import FolderDataModule
+    from data.webdataset import WebDatasetDataModule
+
+    if source == "folder":
+        make_plain_tree(str(tmp_path / "src"), 4, classes=("a", "b"), size=(40, 40))
+        good = (tmp_path / "src" / "a" / "a000.jpg").read_bytes()
+        (tmp_path / "src" / "a" / "cut.jpg").write_bytes(good[: len(good) // 3])
+        dm = FolderDataModule(str(tmp_path / "src"), image_size=16, batch_size=3, num_workers=2, drop_last=False)
+        dm.setup("fit")
+    else:
+        dm = WebDatasetDataModule(_shards_with_one_corrupt_sample(tmp_path), image_size=16, batch_size=2,
+                                  num_workers=2, shard_mode="split", epoch_length=16, shuffle_buffer=1)  # fmt: skip
+    loader = dm.train_dataloader()
+    for _ in range(2):
+        assert sum(len(batch[0]) for batch in loader) > 0
+    assert dm.num_skipped == 1
