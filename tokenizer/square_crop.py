@@ -48,12 +48,12 @@ def resize_crop(img: Image.Image, size: int, top: int, left: int) -> Image.Image
     if not (0 <= top <= new_h - size and 0 <= left <= new_w - size):
         raise ValueError(f"a {size}x{size} square at top={top}, left={left} does not fit in {new_w}x{new_h} (the "
                          f"{width}x{height} image with its shorter side resized to {size})")
+    if (new_w, new_h) == (width, height):  # torchvision does not resample an image already at its size
+        return img.crop((left, top, left + size, top + size))
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         return box_crop(img, size, top, left)
-    if (new_w, new_h) != (width, height):  # torchvision does not resample an image already at its size
-        # torchvision's own call (F.resize on a PIL image), so the same pixels; at most MAX_ASPECT_RATIO x size^2
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    return img.crop((left, top, left + size, top + size))
+    # torchvision's own call (F.resize on a PIL image), so the same pixels; at most MAX_ASPECT_RATIO x size^2 of them
+    return img.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
 
 
 def box_crop(img: Image.Image, size: int, top: int, left: int) -> Image.Image:
