@@ -9,13 +9,12 @@ token-set directory wrote shards of the same name with different contents, leavi
 
 How: `fcntl.flock(LOCK_EX | LOCK_NB)` on `<directory>/.onedtok.lock`. The kernel releases the lock when the
 holder's file descriptor closes, which includes every death (SIGKILL, the OOM killer): a lock file left behind by
-a dead process is simply taken over, with nothing to clean up and no pid to guess about. Forked children (DataLoader
-workers) close their copy of the descriptor at once: a killed holder's orphaned workers, which live on for seconds,
-would otherwise keep its lock. The file is never
-deleted (deleting a lock file that another process has open is the classic race of lock files: two holders of
-two inodes). The holder writes its host, pid, start time and command line into the file, so that the refusal
-names it. The lock is advisory: it stops processes that ask for it (train.py fit, data.extract_tokens), not a
-`cp` into the directory.
+a dead process is simply taken over, with nothing to clean up and no pid to guess about. Forked children
+(DataLoader workers) close their copy of the descriptor at once: a killed holder's orphaned workers, which live on
+for seconds, would otherwise keep its lock. The file is never deleted (deleting a lock file that another process
+has open is the classic race of lock files: two holders of two inodes). The holder writes its host, pid, start
+time and command line into the file, so that the refusal names it. The lock is advisory: it stops processes that
+ask for it (train.py fit, data.extract_tokens), not a `cp` into the directory.
 
 Filesystems. Local disks: as above. NFS: Linux turns flock into an NFS byte-range lock, held across clients when
 the server supports locking (NFSv4, or NFSv3 with lockd); a `nolock` mount keeps locks local to one client, so
