@@ -39,12 +39,19 @@ to process ``j % num_processes``: disjoint, complete, no padding, any number of 
 whole when there are at least as many as processes, else by record). Each process writes its own shards
 (prefix ``tokens-r{process_index:03d}``); after ``wait_for_everyone()`` the main process runs
 ``finalize_meta`` (which also rejects duplicate keys). An interrupted run keeps its finished shards; rerunning
-the same command skips their keys, even with a different number of processes.
+the same command skips their keys, even with a different number of processes or another ``--shard-size``
+(shards are found by name and their keys read, whatever their size; numbering goes on after the highest).
+
+One extraction per directory: the main process locks ``--out`` (``tokenizer/directory_lock.py``) before any
+process reads or writes there; a second extraction into it is refused at once, naming the holder's host and pid.
+Two at once used to write shards of the same names with different contents (with different ``--shard-size``),
+leaving keys in two shards; a directory already in that state is refused up front, naming the shards to delete.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -60,6 +67,7 @@ from data.adaptive_records import add_adaptive_args, encode_adaptive_batch, leng
 from data.processes import gather_objects, process_state  # noqa: E402
 from data.skips import merge_reports  # noqa: E402
 from data.sources import ImageLoader, PhotoCrops, TarShards, process_dataset, remaining  # noqa: E402
+from data.token_format import KeyOwners, TokenShardError  # noqa: E402
 from data.tokens import (  # noqa: E402
     TokenShardWriter,
     finalize_meta,
@@ -69,6 +77,7 @@ from data.tokens import (  # noqa: E402
     write_meta_json,
 )
 from data.transforms import to_float_images  # noqa: E402
+from tokenizer.directory_lock import DirectoryInUse, lock_directory  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
 log = logging.getLogger("extract_tokens")
@@ -112,11 +121,36 @@ def encode_batch(tokenizer, images: torch.Tensor, num_tokens: int, flip: bool,
 
 
 def finished_keys(root: str) -> set[str]:
-    """Keys of every finished shard in root, whichever process wrote it."""
-    keys: set[str] = set()
-    for path in shard_paths(root):
-        keys.update(load_shard(path)["keys"].tolist())
-    return keys
+    """Keys of every finished shard in root, whichever process wrote it. A key in two shards, or a damaged shard,
+    ends the run here, before any work, with what to do (finalize_meta would only find it at the end)."""
+    owners = KeyOwners(root)
+    try:
+        for path in shard_paths(root):
+            owners.add(path, load_shard(path)["keys"].tolist())
+        owners.check()
+    except TokenShardError as e:
+        raise SystemExit(f"data.extract_tokens: {e}") from None
+    return set(owners.owner)
+
+
+@contextlib.contextmanager
+def locked_output(state, out: str):
+    """The main process holds the lock of the token-set directory `out` for the block. Every process learns
+    whether it got it: a refusal ends all of them with its message, none is left waiting in a barrier."""
+    lock, refusal = None, None
+    if state.is_main_process:
+        try:
+            lock = lock_directory(out, "token-set directory", "extract into another --out directory")
+        except DirectoryInUse as e:
+            refusal = str(e)
+    refusal = gather_objects(state, refusal)[0]
+    if refusal:
+        raise SystemExit(f"data.extract_tokens: {refusal}")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _labels_num_classes(root: str) -> int | None:
@@ -130,12 +164,18 @@ def _labels_num_classes(root: str) -> int | None:
 
 def extract(args: argparse.Namespace) -> dict | None:
     """Run the extraction in this process; returns the final meta (main process) or None."""
+    state = process_state(cpu=args.cpu)
+    with locked_output(state, args.out):  # before anything in --out is read or written
+        return extract_locked(args, state)
+
+
+def extract_locked(args: argparse.Namespace, state) -> dict | None:
+    """`extract`, in a process whose main process holds the lock of args.out."""
     from tqdm.auto import tqdm
 
     from tokenizer import OneDTokenizer
     from tokenizer.persistence import weights_sha256
 
-    state = process_state(cpu=args.cpu)
     pi, n = state.process_index, state.num_processes
     device = state.device
     try:

@@ -127,27 +127,53 @@ def length_stats(lengths: np.ndarray) -> dict[str, Any]:
             "max": int(values[-1]), "histogram": {str(int(v)): int(c) for v, c in zip(values, counts)}}  # fmt: skip
 
 
+class KeyOwners:
+    """{key: the shard that holds it}, filled shard by shard; a key met twice is a TokenShardError (`check`)
+    naming both shards and what to do, never a bare "duplicate keys" that every later rerun repeats."""
+
+    def __init__(self, root: str):
+        self.root, self.owner, self.clashes = root, {}, {}  # clashes: key -> (first shard, second shard)
+
+    def add(self, path: str, keys: list[str]) -> None:
+        """The keys of the shard at `path` (each shard once)."""
+        in_this_shard: set[str] = set()
+        for key in keys:
+            first = self.owner.setdefault(key, path)
+            if first != path or key in in_this_shard:
+                self.clashes.setdefault(key, (first, path))
+            in_this_shard.add(key)
+
+    def check(self) -> None:
+        if not self.clashes:
+            return
+        key, (first, second) = next(iter(self.clashes.items()))
+        shards = sorted({os.path.basename(p) for pair in self.clashes.values() for p in pair})  # all: the fix
+        raise TokenShardError(
+            f"{self.root}: {len(self.clashes)} duplicate key(s) held by more than one record (e.g. {key!r} in "
+            f"{os.path.basename(first)} and {os.path.basename(second)}): two extractions wrote into this "
+            f"directory at once, or shards were copied in. Delete the {len(shards)} shard(s) holding them "
+            f"({' '.join(shards)}) and re-run the same `python -m data.extract_tokens ... --out` command: it "
+            "keeps the other shards and re-extracts only the missing records")
+
+
 def finalize_meta(root: str, **updates) -> dict[str, Any]:
     """Count the records of every shard, check keys are unique, and mark meta.json complete; variable-length
     shards also get the statistics of their lengths ("lengths", over every record and view)."""
     meta = read_meta(root)
-    seen: set[str] = set()
+    owners = KeyOwners(root)
     lengths = []
     for path in shard_paths(root):
         shard = load_shard(path)
-        keys = shard["keys"].tolist()
-        dup = seen.intersection(keys)
-        if dup or len(set(keys)) != len(keys):
-            raise ValueError(f"duplicate keys in {path}: {sorted(dup)[:5] or 'within the shard'}")
-        seen.update(keys)
+        owners.add(path, shard["keys"].tolist())
         if "lengths" in shard:
             lengths.append(shard["lengths"].reshape(-1))
+    owners.check()
     if meta.get("variable_length"):
         updates = {"lengths": length_stats(np.concatenate(lengths) if lengths else np.zeros(0)), **updates}
-    meta.update(num_records=len(seen), num_shards=len(shard_paths(root)), complete=True, **updates)
+    meta.update(num_records=len(owners.owner), num_shards=len(shard_paths(root)), complete=True, **updates)
     write_meta_json(root, meta)
     return meta
 
 
-__all__ = ["FORMAT", "VERSION", "TokenShardError", "finalize_meta", "ids_dtype", "length_stats", "load_shard",
-           "read_meta", "shard_paths", "write_meta_json"]
+__all__ = ["FORMAT", "VERSION", "KeyOwners", "TokenShardError", "finalize_meta", "ids_dtype", "length_stats",
+           "load_shard", "read_meta", "shard_paths", "write_meta_json"]

@@ -3,7 +3,9 @@ least model a Trainer can fit, for tests of what the data side hands a model."""
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 
 import lightning.pytorch as pl
 import torch
@@ -28,6 +30,21 @@ QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False
 # The same as train.py flags, checkpoints kept: the runs launched through the CLI are there to write and resume them.
 QUIET_FLAGS = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                "--trainer.enable_model_summary", "false"]  # fmt: skip
+
+
+def demo_run_command(root, steps: int, seed: int = 0) -> list[str]:
+    """`python train.py fit` on the demo config at SMALL size, run from the repository, with its TensorBoard
+    logger: the run directory is root/demo (config.yaml, events, tokenizer/) and checkpoints go to root/demo/ckpt
+    every 2 steps."""
+    return [sys.executable, "train.py", "fit", "--config", "configs/tokenizer/tiny.yaml",
+            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000000",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.logger.init_args.save_dir", str(root),
+            "--trainer.callbacks.init_args.dirpath", os.path.join(root, "demo", "ckpt"),
+            "--trainer.callbacks.init_args.every_n_train_steps", "2",
+            "--model.init_args.overrides", as_flag(SMALL), "--model.init_args.warmup_steps", "2",
+            "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
+            "--seed_everything", str(seed)]  # fmt: skip
 
 
 def quiet_trainer(**settings) -> pl.Trainer:

@@ -8,6 +8,12 @@ Why the destination directory: `os.replace` is atomic only within one filesystem
 fsspec, and so Lightning's default checkpoint writer, uses) is *copied* when `$TMPDIR` is on another filesystem,
 the usual cluster layout, and a kill during that copy leaves a truncated file under the final name.
 
+Permissions: the temp file is created like any file `open` creates (mode 0o666 filtered by the process umask, or
+by the directory's default ACL), and that mode is set again just before the rename, for libraries that replace the
+file by their own temp file. `tempfile.mkstemp` (and safetensors' own temp file) create 0o600, which survived the
+rename: every checkpoint, shard and report was unreadable by the rest of the group on a shared cluster, whatever
+umask the user had set.
+
 A writer killed with SIGKILL cannot clean up: its temp file stays behind, named `.<final name>.partial-*.tmp`.
 `remove_stale_partials(directory)` deletes exactly those (and nothing else), and the checkpoint writer calls it
 when a run starts.
@@ -18,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from typing import Any, BinaryIO, TextIO
 
@@ -36,6 +43,18 @@ def _fsync_directory(directory: str) -> None:
             os.close(fd)
 
 
+def _create_partial(directory: str, name: str) -> str:
+    """A new, empty `.<name>.partial-XXXXXXXX.tmp` in `directory` (O_EXCL: never another writer's file), with the
+    mode the umask allows (module docstring)."""
+    while True:
+        tmp = os.path.join(directory, f".{name}{PARTIAL_MARK}{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temp path beside `path`; when the block exits cleanly the temp file is fsynced and renamed to
@@ -44,13 +63,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}{PARTIAL_MARK}",
-                               suffix=PARTIAL_SUFFIX)
-    os.close(fd)
+    tmp = _create_partial(directory, os.path.basename(path))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what the umask (or a default ACL) gives a new file here
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # the library may not have fsynced what it wrote
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # a library may have replaced it by its own 0600 temp file (safetensors 0.8 does)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -6,6 +6,9 @@
 - The checkpoint's architecture is checked against the config's before anything is written (`ArchitectureGuard`).
 - A run whose loss diverges to NaN/inf stops with the step range and the last finite checkpoint
   (`TrainingDiverged`, tokenizer/training/divergence.py), not with status 0 and a NaN model.
+- One training per run directory: global rank 0 locks the run directory (and a checkpoint directory outside it)
+  before anything is read or written there (`run_lock.py`); a second `fit` into it is refused at once, naming the
+  holder's host and pid. A resume after the first run ended (or died: the kernel drops its lock) works.
 - The run's `config.yaml` is written only once the restore has succeeded (a failed resume with a wrong config
   must not replace the one config that resumes the run). A resume whose config differs keeps the previous file as
   `config.1.yaml`, `config.2.yaml`, ... so the run's history stays readable.
@@ -21,11 +24,13 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tokenizer.atomic import write_text
+from tokenizer.directory_lock import DirectoryInUse
 
 from ..checkpoints import CheckpointError, checkpoint_files, newest_first, newest_loadable, read_checkpoint
 from .checkpoints import check_architecture
 from .config_files import expand_config_args
 from .divergence import TrainingDiverged
+from .run_lock import lock_run_directories
 
 
 class SaveConfigAfterRestore(SaveConfigCallback):
@@ -73,12 +78,26 @@ class TrainCLI(LightningCLI):
             readable_or_explain(ckpt_path)
 
     def before_fit(self) -> None:
-        fit = self.config_init[self.subcommand]
-        fit["ckpt_path"] = self.resolve_resume(fit.get("ckpt_path"))
-        if fit["ckpt_path"] not in (None, "last", "hpc", "best") and hasattr(self.model, "architecture"):
-            # a file: refuse another architecture before anything is set up ("last" left to Lightning's own
-            # lookup is checked by ArchitectureGuard when the module loads it)
-            check_architecture(read_checkpoint(fit["ckpt_path"]), self.model.architecture(), str(fit["ckpt_path"]))
+        self.run_lock = lock_run_directories(self.trainer)  # first: a second writer is refused before any work
+        try:
+            fit = self.config_init[self.subcommand]
+            fit["ckpt_path"] = self.resolve_resume(fit.get("ckpt_path"))
+            if fit["ckpt_path"] not in (None, "last", "hpc", "best") and hasattr(self.model, "architecture"):
+                # a file: refuse another architecture before anything is set up ("last" left to Lightning's own
+                # lookup is checked by ArchitectureGuard when the module loads it)
+                check_architecture(read_checkpoint(fit["ckpt_path"]), self.model.architecture(),
+                                   str(fit["ckpt_path"]))
+        except BaseException:
+            self.run_lock.close()
+            raise
+
+    def fit(self, **kwargs) -> None:
+        """`trainer.fit`, with the run directories' lock released however it ends (a process that dies releases
+        it too: the kernel drops it)."""
+        try:
+            self.trainer.fit(**kwargs)
+        finally:
+            self.run_lock.close()
 
     def resolve_resume(self, ckpt_path: str | None) -> str | None:
         """`last` -> the newest checkpoint that loads, of the ModelCheckpoint directories and the SLURM requeue
@@ -128,14 +147,14 @@ def _loads(path: Path) -> bool:
 
 
 def main(args: list[str] | None = None) -> TrainCLI:
-    """Entry point of train.py; a CheckpointError or a TrainingDiverged exits with its message (status 1), without
-    a traceback."""
+    """Entry point of train.py; a CheckpointError, a TrainingDiverged or a DirectoryInUse exits with its message
+    (status 1), without a traceback."""
     from tokenizer.gpu import enable_fast_math
 
     enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
     try:
         return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
-    except (CheckpointError, TrainingDiverged) as e:
+    except (CheckpointError, TrainingDiverged, DirectoryInUse) as e:
         if args is not None:  # called from Python (tests): let the caller see the exception
             raise
         sys.exit(f"error: {e}")
