@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/bench_tokenizer.py                                   # tiny, CPU, batch 32
     PYTHONPATH=. python scripts/bench_tokenizer.py --preset B --device cuda --dtype bfloat16 --batch-size 64
+    PYTHONPATH=. python scripts/bench_tokenizer.py --lfq-entropy --lfq-tokens 512     # LFQ entropy, one JSON line
 
 Encoding always produces all K tokens (one number per mechanism). Decoding a prefix of k tokens: with
 ``tail_token_drop`` / ``fixed`` the decoder runs on N patch queries + k tokens only, so short prefixes are
@@ -10,11 +11,16 @@ Times are the best of ``--repeats`` after one warm-up, all (mechanism, op, k) in
 images/s = batch size / wall seconds per batch. CPU: torch uses all cores unless ``--threads`` says otherwise,
 and the CPU-time columns (process CPU seconds, all threads) show the work done, which is robust to other
 processes competing for the cores (wall-clock numbers on a shared machine are not).
+
+``--lfq-entropy`` times LFQ's entropy loss instead (tokenizer/quantizer.py `lfq_entropy`, forward + backward of
+``--lfq-tokens`` unit-scale tokens over ``--lfq-codebook-size`` codes, in its default checkpointed chunks), eager
+and torch.compile'd, and prints one JSON line: ms per call and the largest loss / gradient difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -25,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenizer import OneDTokenizer  # noqa: E402
 from tokenizer.length import powers_of_two_upto  # noqa: E402
+from tokenizer.quantizer import lfq_entropy  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -49,6 +56,35 @@ def best_times(fns: dict, device: str, repeats: int) -> dict:
     return wall, cpu
 
 
+def bench_lfq_entropy(args) -> dict:
+    """Eager vs compiled `lfq_entropy`, forward + backward: ms per call (best of --repeats; the compiled one's
+    warm-up call compiles) and how far the compiled loss and input gradient are from eager's."""
+    bits = args.lfq_codebook_size.bit_length() - 1
+    codes = ((torch.arange(args.lfq_codebook_size)[:, None] >> torch.arange(bits - 1, -1, -1)) & 1) * 2.0 - 1.0
+    codes = codes.to(args.device)  # [V, d] the +-1 codes (any code order: the entropies do not depend on it)
+    z = torch.randn(args.lfq_tokens, bits, device=args.device)  # [N, d] unit scale, as the encoder makes it
+    results = {}
+
+    def call(compiled: bool):
+        x = z.clone().requires_grad_()
+        per_sample, codebook_entropy = lfq_entropy(x, codes, compiled=compiled)
+        loss = per_sample - codebook_entropy
+        loss.backward()
+        results[compiled] = loss.detach(), x.grad
+
+    t0 = time.perf_counter()
+    call(True)  # compiles
+    compile_s = time.perf_counter() - t0
+    wall, cpu = best_times({"eager": lambda: call(False), "compiled": lambda: call(True)}, args.device, args.repeats)
+    (loss_e, grad_e), (loss_c, grad_c) = results[False], results[True]
+    return {"op": "lfq_entropy forward+backward", "device": args.device, "codebook_size": args.lfq_codebook_size,
+            "tokens": args.lfq_tokens, "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "eager_ms": round(1e3 * wall["eager"], 2), "compiled_ms": round(1e3 * wall["compiled"], 2),
+            "eager_cpu_ms": round(1e3 * cpu["eager"], 2), "compiled_cpu_ms": round(1e3 * cpu["compiled"], 2),
+            "compile_s": round(compile_s, 1), "loss_abs_diff": (loss_c - loss_e).abs().item(),
+            "grad_max_abs_diff": (grad_c - grad_e).abs().max().item(), "grad_max_abs": grad_e.abs().max().item()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
@@ -60,10 +96,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mechanisms", nargs="+", default=["tail_token_drop", "nested_dropout"],
                    choices=["tail_token_drop", "nested_dropout", "fixed"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--lfq-entropy", action="store_true", help="time LFQ's entropy loss, eager vs compiled")
+    p.add_argument("--lfq-tokens", type=int, default=4096, help="tokens (B x K) for --lfq-entropy")
+    p.add_argument("--lfq-codebook-size", type=int, default=2**16, help="codes (a power of two) for --lfq-entropy")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(0)
+    if args.lfq_entropy:
+        print(json.dumps(bench_lfq_entropy(args)))
+        return
     dtype = getattr(torch, args.dtype)
     print(f"preset {args.preset}, device {args.device}, dtype {args.dtype}, batch {args.batch_size}, "
           f"torch threads {torch.get_num_threads()}, best of {args.repeats}")

@@ -18,10 +18,14 @@ or host-to-device copy), so the CPU never waits for the GPU in steady state. Lib
   `if self.initted:` and the one-hot of its code lookup are swapped for sync-free equivalents (from_config).
 - LFQ's entropy term held [tokens, codebook_size] probabilities several times over (forward + backward of 4096
   tokens x 2^16 codes: +7 GiB); `lfq_entropy` computes the same loss in checkpointed token chunks (+0.5 GiB).
+  Eager, each chunk is ~25 elementwise passes over [chunk, codebook_size] (8 forward, 7 in the checkpoint's
+  replay, 10 backward) for almost no FLOPs; `compiled=True` (set by the training module's `compile` switch via
+  `Quantizer.compiled_entropy`) runs the chunk through torch.compile, which fuses them.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -175,6 +179,18 @@ def _lfq_entropy_chunk(x: torch.Tensor, codebook: torch.Tensor, inv_temperature:
     return entropy, prob.sum(dim=0)
 
 
+@functools.cache
+def _compiled_lfq_entropy_chunk():
+    """_lfq_entropy_chunk under torch.compile, built on first use (importing the quantizer stays cheap).
+    fullgraph: the chunk is pure tensor math, so a graph break would be a bug, not a fallback to accept.
+    dynamic=None with the token dimension marked dynamic by the caller (maybe_mark_dynamic): one graph serves
+    every chunk length, so the short last chunk of any batch size does not recompile, while the codebook
+    dimensions (fixed for a model) stay static and get kernels specialised to them. Inductor's defaults are kept
+    (no fast-math; the CPU build passes -fno-unsafe-math-optimizations -ffp-contract=off): results equal eager
+    up to float32 rounding (summation order, softmax's division), see tests/test_quantizer.py."""
+    return torch.compile(_lfq_entropy_chunk, fullgraph=True, dynamic=None)
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks, differentiably: every rank's loss depends on every rank's input, so the gradient of a
     rank's input is the sum of all ranks' output gradients. (The library's LFQ meant to do this with
@@ -195,7 +211,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def lfq_entropy(x: torch.Tensor, codebook: torch.Tensor, inv_temperature: float = LFQ_INV_TEMPERATURE,
-                chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_tokens: int | None = None, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """LFQ's two entropy terms, exactly as the library computes them, in chunks of tokens.
 
     x: [N, d] the quantizer input; codebook: [V, d] the +-1 codes. With p_t = softmax(2 * inv_temperature *
@@ -204,7 +220,8 @@ def lfq_entropy(x: torch.Tensor, codebook: torch.Tensor, inv_temperature: float 
         codebook   = H(mean_t p_t)                 (high: all codes used; mean over ranks under torch.distributed)
     Memory is bounded by chunk_tokens x V (default: LFQ_ENTROPY_CHUNK_ELEMENTS elements) in the forward and the
     backward: each chunk is checkpointed, so its [chunk, V] probabilities are recomputed during backward rather
-    than kept for all N tokens at once.
+    than kept for all N tokens at once. `compiled`: each chunk (forward, replay and backward) runs torch.compile'd
+    (_compiled_lfq_entropy_chunk): the same loss, fused into a few passes over [chunk, V] instead of ~25.
 
     Why not factorise the per-sample term over bits (p_t is a product of per-bit Bernoullis, so its Shannon
     entropy is a sum of d binary entropies): the library clamps p at 1e-5 inside the log, which does not
@@ -217,14 +234,17 @@ def lfq_entropy(x: torch.Tensor, codebook: torch.Tensor, inv_temperature: float 
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     chunk = chunk_tokens or max(1, LFQ_ENTROPY_CHUNK_ELEMENTS // num_codes)
     recompute = x.requires_grad and torch.is_grad_enabled() and num_tokens > chunk
+    chunk_fn = _compiled_lfq_entropy_chunk() if compiled else _lfq_entropy_chunk
     entropy_sum, prob_sum = x.new_zeros(()), x.new_zeros(num_codes)  # scalar, [V]
     for start in range(0, num_tokens, chunk):
         part = x[start : start + chunk]  # [n, d]
+        if compiled:  # n varies with the batch size (last chunk): one dynamic graph, not one per n
+            torch._dynamo.maybe_mark_dynamic(part, 0)
         if recompute:
-            h, p = checkpoint(_lfq_entropy_chunk, part, codebook, inv_temperature,
+            h, p = checkpoint(chunk_fn, part, codebook, inv_temperature,
                               use_reentrant=False, preserve_rng_state=False)  # fmt: skip
         else:  # one chunk: keeping its activations is within the budget, recomputing would only cost time
-            h, p = _lfq_entropy_chunk(part, codebook, inv_temperature)
+            h, p = chunk_fn(part, codebook, inv_temperature)
         entropy_sum, prob_sum = entropy_sum + h, prob_sum + p
     per_sample = entropy_sum / num_tokens
     avg_prob = prob_sum / num_tokens  # [V]
@@ -245,6 +265,9 @@ class Quantizer(nn.Module):
         # vq: re-seed codes whose EMA cluster size falls below this (0: never); sync: identically on all ranks
         self.dead_code_threshold = float(dead_code_threshold)
         self.sync_codebook = sync_codebook
+        # lfq: compute the entropy loss with torch.compile'd chunks (lfq_entropy's `compiled`); TokenizerModule
+        # sets it under its `compile` switch. Eager by default (CPU, tests); no effect on vq and fsq.
+        self.compiled_entropy = False
 
     @property
     def vq_codebook(self) -> nn.Module:
@@ -324,7 +347,8 @@ class Quantizer(nn.Module):
         if not self.training:
             return quantized, ids, z.new_zeros(())
         out = z + (quantized - z).detach()  # straight-through
-        per_sample, codebook_entropy = lfq_entropy(z.reshape(-1, z.shape[-1]), lfq.codebook.float())
+        per_sample, codebook_entropy = lfq_entropy(z.reshape(-1, z.shape[-1]), lfq.codebook.float(),
+                                                   compiled=self.compiled_entropy)
         entropy_loss = per_sample - lfq.diversity_gamma * codebook_entropy
         commitment = F.mse_loss(z, quantized)
         aux = entropy_loss * lfq.entropy_loss_weight + commitment * lfq.commitment_loss_weight
