@@ -11,9 +11,10 @@ GPU path (as the tokenizer stage, tokenizer/gpu.py): the loss is the chunked `li
 fp32 logits of the whole batch, `max_loss_logits`); AdamW is fused on CUDA (`fused_optimizer`); gradient
 clipping is `tokenizer.training.optim.clip_grad_norm` (sync-free; Lightning's `clip_gradients` refuses fused
 optimizers under mixed precision); a NaN/inf loss or gradient norm stops the run (`DivergenceGuard`, read on
-logging steps and before checkpoints only); metrics are logged, and so read, only on Lightning's logging steps (every
-`log_every_n_steps`); ids and labels are range-checked once, at setup, not per batch. `compile=True` compiles
-each transformer block in place (parameter names and checkpoints unchanged). Multi-GPU: plain DDP
+logging steps and before checkpoints only); metrics are logged, and so read, only on Lightning's logging steps
+(every `log_every_n_steps`), none with `prog_bar=True` (Lightning reads those after every batch); ids and labels
+are range-checked once, at setup, not per batch. `compile=True` compiles each transformer block in place
+(parameter names and checkpoints unchanged). Multi-GPU: plain DDP
 (`trainer.strategy: ddp`), every parameter takes part in every loss.
 
 Variable-length token shards (adaptive extraction, `data/adaptive_records.py`) give batches (ids, labels,
@@ -154,7 +155,8 @@ class GeneratorModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         loss = self.loss(ids, labels, lengths=lengths[0] if lengths else None)
         self.watch_finite(loss)
         if self.is_logging_step():
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+            # not prog_bar: Lightning would read it after every later step (tokenizer/training/progress.py)
+            self.log("train/loss", loss, on_step=True, on_epoch=False)
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
             self.check_finite(self.global_step + 1)  # this batch's optimizer step is not taken yet
         return loss

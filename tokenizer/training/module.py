@@ -16,8 +16,10 @@ two per batch, so `trainer.max_steps` counts both; `gan_start` and `warmup_steps
 gradients (a no-op) so that the count stays two per batch from the first step.
 
 GPU path (see tokenizer/gpu.py):
-- No host sync in the steady-state step: metrics are logged, and so read, only every `log_every_n_steps`; keep
-  lengths and codebook histograms stay on the device; gradient clipping is ours (sync-free, and it works with the
+- No host sync in the steady-state step, Lightning's hooks after it included: metrics are logged, and so read,
+  only every `log_every_n_steps`, and none with `prog_bar=True` (Lightning reads those after every batch; the
+  progress display reads `train/loss` on logging steps itself, progress.py); keep lengths and codebook
+  histograms stay on the device; gradient clipping is ours (sync-free, and it works with the
   fused AdamW that Lightning's `clip_gradients` refuses under mixed precision).
 - Divergence (tokenizer/training/divergence.py): each step ORs "loss or gradient norm is NaN/inf" into a device
   flag, read on logging steps and before checkpoints and the export: a diverged run stops with TrainingDiverged
@@ -274,8 +276,8 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
             logs.update({"train/loss": loss, "train/keep_tokens": lengths.float().mean(),
                          "train/batch_usage": out.stats.usage, "train/batch_perplexity": out.stats.perplexity,
                          "lr": sched_g.get_last_lr()[0]})
+            # no prog_bar value: Lightning would read it after every later step (tokenizer/training/progress.py)
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=images.shape[0])
-            self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
             self.check_finite(self.global_step)  # the logging step reads the device anyway
         return loss.detach()
 
