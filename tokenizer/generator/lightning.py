@@ -15,7 +15,8 @@ logging steps and before checkpoints only); metrics are logged, and so read, onl
 (every `log_every_n_steps`), none with `prog_bar=True` (Lightning reads those after every batch); ids and labels
 are range-checked once, at setup, not per batch. `compile=True` compiles each transformer block in place
 (parameter names and checkpoints unchanged). Multi-GPU: plain DDP
-(`trainer.strategy: ddp`), every parameter takes part in every loss.
+(`trainer.strategy: ddp`), every parameter takes part in every loss, and each rank draws its own dropout masks
+(tokenizer/training/seeding.py).
 
 Variable-length token shards (adaptive extraction, `data/adaptive_records.py`) give batches (ids, labels,
 lengths); the GPT must then have `overrides.end_token: true` (it learns the end-of-image token, end_token.py)
@@ -35,6 +36,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from ..training.checkpoints import ArchitectureGuard
 from ..training.divergence import DivergenceGuard
 from ..training.optim import clip_grad_norm, make_adamw, warmup_cosine
+from ..training.seeding import seed_device_per_rank
 from .gpt import GPT, preset_config
 from .sampling import generate
 
@@ -116,6 +118,10 @@ class GeneratorModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
                 self.gpt.check_ids(torch.as_tensor(ds.ids))
             if getattr(ds, "labels", None) is not None:
                 self.gpt.check_labels(torch.as_tensor(ds.labels))
+
+    def on_fit_start(self) -> None:
+        seed_device_per_rank(self.global_rank)  # dropout and class-dropout draws differ per rank (seeding.py)
+        super().on_fit_start()
 
     def configure_model(self) -> None:
         if self.hparams.compile:

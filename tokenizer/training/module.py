@@ -24,6 +24,8 @@ GPU path (see tokenizer/gpu.py):
 - Divergence (tokenizer/training/divergence.py): each step ORs "loss or gradient norm is NaN/inf" into a device
   flag, read on logging steps and before checkpoints and the export: a diverged run stops with TrainingDiverged
   instead of exporting NaN weights, and no step pays a host sync for it.
+- Random draws: the one k per batch of tail drop is the same on every rank (Python's `random`, seeded alike);
+  the device draws (per-sample lengths) differ per rank (seeding.py).
 - DDP (plain `--trainer.strategy ddp`) reduces each tokenizer gradient once per step and nothing else: the
   discriminator and every buffer are kept out of DDP (`_ddp_params_and_buffers_to_ignore`). The discriminator
   averages its own gradients in one flat all-reduce; buffers are kept identical by construction (the codebook
@@ -61,6 +63,7 @@ from .codebook import CodebookMonitor, usage_curve_figure
 from .divergence import DivergenceGuard
 from .export import export_tokenizer
 from .optim import clip_grad_norm, make_adamw, param_groups, warmup_cosine
+from .seeding import seed_device_per_rank
 
 
 class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
@@ -173,6 +176,9 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         # it: broadcast those here (the discriminator's initialisation, the codebook, the EMA weights).
         ignored = set(self._ddp_params_and_buffers_to_ignore)
         broadcast_from_rank0(t for name, t in [*self.named_parameters(), *self.named_buffers()] if name in ignored)
+        # per-rank device draws (nested-dropout lengths, ...); tail drop's shared k comes from Python's `random`
+        seed_device_per_rank(self.global_rank)
+        super().on_fit_start()
 
     @property
     def lpips(self):
