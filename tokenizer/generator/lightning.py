@@ -33,6 +33,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ..compiling import compile_in_place
 from ..training.checkpoints import ArchitectureGuard
 from ..training.divergence import DivergenceGuard
 from ..training.optim import clip_grad_norm, make_adamw, warmup_cosine
@@ -125,9 +126,9 @@ class GeneratorModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile:
-            # in place: parameter names (and so checkpoints) stay the same; one graph per block shape
-            for block in self.gpt.blocks:
-                block.compile()
+            # in place: parameter names (and so checkpoints) stay the same; one graph per block shape;
+            # Inductor's compile workers: this rank's share of the node (tokenizer/compiling.py)
+            compile_in_place(self.gpt.blocks, self.trainer.num_devices)
 
     def configure_optimizers(self):
         hp = self.hparams

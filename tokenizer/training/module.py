@@ -50,6 +50,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ..compiling import compile_in_place
 from ..config import TokenizerOverrides
 from ..discriminator import PatchDiscriminator
 from ..distributed import average_gradients, broadcast_from_rank0
@@ -148,9 +149,8 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
             # only, which inside a compiled graph would rerun the whole compiled backward. The quantizer stays
             # eager too (data-dependent codebook updates, fp32). The decoder's sequence length N + k changes with
             # tail drop's k: the first new k makes that dimension dynamic, so any number of k values costs two
-            # compilations, not one per k.
-            self.tokenizer.encoder.compile()
-            self.tokenizer.decoder.transformer.compile()
+            # compilations, not one per k. Inductor's compile workers: this rank's share of the node (compiling.py).
+            compile_in_place([self.tokenizer.encoder, self.tokenizer.decoder.transformer], self.trainer.num_devices)
 
     def configure_optimizers(self):
         hp = self.hparams
