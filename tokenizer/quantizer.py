@@ -18,6 +18,9 @@ or host-to-device copy), so the CPU never waits for the GPU in steady state. Lib
   `if self.initted:` and the one-hot of its code lookup are swapped for sync-free equivalents (from_config).
 - LFQ's entropy term held [tokens, codebook_size] probabilities several times over (forward + backward of 4096
   tokens x 2^16 codes: +7 GiB); `lfq_entropy` computes the same loss in checkpointed token chunks (+0.5 GiB).
+These replacements reach into the library's internals (`impl._codebook` and its `init_embed_`, `gumbel_sample`,
+`all_reduce_fn`): pyproject.toml and scripts/gpu_wheels.sh pin vector-quantize-pytorch to the version they were
+written against; raise the pin only with tests/test_quantizer.py passing on the new version.
 """
 
 from __future__ import annotations
