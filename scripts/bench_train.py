@@ -56,14 +56,17 @@ warnings.filterwarnings("ignore", message=".*(eval mode|LeafSpec|ModelCheckpoint
 
 
 class SameBatch(IterableDataset):
-    """`n` copies of one fixed random batch: the loader costs nothing, the host-to-device copy stays real."""
+    """`n` copies of one fixed random batch: the loader costs nothing, the host-to-device copy stays real (from
+    pinned memory when the batch is pinned, labels included: it runs inside the checked steps' windows)."""
 
     def __init__(self, batch: torch.Tensor, n: int):
         self.batch, self.n = batch, n
+        labels = torch.zeros(batch.shape[0], dtype=torch.long)  # [B]
+        self.labels = labels.pin_memory() if batch.is_pinned() else labels
 
     def __iter__(self):
         for _ in range(self.n):
-            yield self.batch, torch.zeros(self.batch.shape[0], dtype=torch.long)
+            yield self.batch, self.labels
 
 
 class StepTimer(pl.Callback):

@@ -22,13 +22,15 @@ from tokenizer.training.progress import StepProgress, duration
 from tokenizer.training.sync_audit import StepSyncAudit
 
 REPO = Path(__file__).resolve().parents[1]
-LINE = re.compile(r"^step (\d+)/12 \(\d+%\)  loss [0-9.e+-]+  [0-9.]+ img/s  ETA \S+$")
+LINE = re.compile(r"^step (\d+)/12 \(\d+%\)  loss [0-9.e+-]+  (val/recon [0-9.e+-]+  )?[0-9.]+ img/s  ETA \S+$")
+VALIDATION = re.compile(r"^step 8/12 \(67%\)  validation  val/recon [0-9.e+-]+$")
 
 
 def train_command(run: Path) -> list[str]:
     """train.py on the demo config, shrunk: 12 steps, a logging step every 4, progress display as configured."""
     return [sys.executable, "train.py", "fit", "--config", "configs/tokenizer/tiny.yaml",
-            "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "4", "--trainer.val_check_interval", "1000",
+            "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "4", "--trainer.val_check_interval", "8",
+            "--trainer.limit_val_batches", "1",
             "--trainer.logger", "false", "--trainer.enable_model_summary", "false",
             "--trainer.default_root_dir", str(run), "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"),
             "--model.init_args.overrides", as_flag(SMALL), "--model.init_args.export_dir", str(run / "tokenizer"),
@@ -43,8 +45,9 @@ def test_train_py_prints_plain_lines_into_a_pipe_and_the_bar_on_a_terminal(tmp_p
     assert piped.returncode == 0, piped.stderr[-3000:]
     assert "\r" not in piped.stdout, "no progress-bar redraws in a log"
     lines = piped.stdout.splitlines()
-    assert len(lines) == 3 and all(LINE.match(line) for line in lines), lines
-    assert [int(LINE.match(line)[1]) for line in lines] == [4, 8, 12]
+    assert len(lines) == 4 and VALIDATION.match(lines[2]), lines  # the validation at step 8, when it ends
+    assert [int(LINE.match(line)[1]) for line in lines[:2] + lines[3:]] == [4, 8, 12], lines
+    assert "val/recon" not in lines[1] and "val/recon" in lines[3], "validation values from the validation on"
 
     # the same run on a terminal (a pseudo-terminal 100 columns wide): Lightning's tqdm bar, with the loss
     parent, child = pty.openpty()

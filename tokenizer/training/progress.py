@@ -5,6 +5,7 @@ them. Anywhere else (a SLURM log, a pipe, `make demo > log`) a bar is redrawn in
 instead: one plain line per `every_n_steps` (a multiple of `trainer.log_every_n_steps`), on global rank 0 only:
 
     step 200/800 (25%)  loss 0.04321  val/recon 0.03987  46.2 img/s  ETA 2m10s
+    step 400/800 (50%)  validation  val/recon 0.03512
 
 GPU path: no metric is logged with `prog_bar=True` during training. Lightning converts every progress-bar value
 in its result cache with `.item()` after every batch, logging step or not, with or without a bar (its logger
@@ -66,14 +67,21 @@ class StepProgress(TQDMProgressBar):
                 print(self.line(trainer), flush=True)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # the bar (off when plain)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn != "fit" or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        values = {k: v for k, v in trainer.progress_bar_metrics.items() if isinstance(v, (int, float))}
+        self.shown.update(values)  # already on the host: Lightning read them when the validation ended
+        if self.plain and values:
+            print(f"{self.step_text(trainer)}  validation  " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()),
+                  flush=True)  # fmt: skip
+
     def read_logged_values(self, trainer: pl.Trainer) -> None:
-        """On a logging step: the step's loss (a device read; the step has already waited for the device) and the
-        validation values Lightning keeps on the host."""
+        """On a logging step: the step's loss (a device read, where the step has already waited for the device)."""
         loss = trainer.callback_metrics.get(LOSS_KEY)
         if isinstance(loss, torch.Tensor):
             self.shown["loss"] = float(loss)
-        # after a validation: its prog_bar metrics, already floats (no training metric is a prog_bar one)
-        self.shown.update({k: v for k, v in trainer.progress_bar_metrics.items() if isinstance(v, (int, float))})
 
     def _line_due(self, trainer: pl.Trainer) -> bool:
         every = max(1, trainer.log_every_n_steps)
@@ -87,12 +95,18 @@ class StepProgress(TQDMProgressBar):
         elapsed = max(now - last_time, 1e-9)
         self._mark = (now, step, self._images)
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"]
+        parts = [self.step_text(trainer)]
         parts += [f"{name} {value:.4g}" for name, value in self.shown.items()]
         parts.append(f"{(self._images - last_images) / elapsed:.1f} img/s")
         if total and step > last_step:
             parts.append(f"ETA {duration((total - step) * elapsed / (step - last_step))}")
         return "  ".join(parts)
+
+    @staticmethod
+    def step_text(trainer: pl.Trainer) -> str:
+        """'step 200/800 (25%)', or 'step 200' when max_steps does not bound the run."""
+        step, total = trainer.global_step, trainer.max_steps
+        return f"step {step}/{total} ({100 * step / total:.0f}%)" if total and total > 0 else f"step {step}"
 
 
 def batch_size(batch) -> int:

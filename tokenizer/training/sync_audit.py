@@ -15,7 +15,8 @@ or at the end of the epoch (what runs between epochs, a new DataLoader iterator,
 Each window runs under `HostSyncDetector` (tokenizer/gpu.py). The next batch is fetched inside the window: data
 loaded in this process (num_workers=0) shows up as well, so audit with a loader of ready-made tensors
 (a TensorDataset) or with workers. A step is a logging step when the module's `is_logging_step()` says so at its
-start (both stages define it); only those may read the device.
+start (both stages define it); only those may read the device. A step that ends with a validation or a checkpoint
+save reads it there as well (and is recorded as it is): audit with `limit_val_batches=0` and no checkpointing.
 """
 
 from __future__ import annotations
