@@ -9,13 +9,16 @@
 The step is `TokenizerModule.training_step` driven by a Lightning Trainer, exactly as `train.py` runs it (manual
 optimization, the config's precision, EMA, LPIPS, GAN + LeCam), with the GAN on from the first step (the paper
 configs start it at step 20k). `--tokenizer-only` drops LPIPS and the GAN: encoder, quantizer, decoder forward and
-backward, optimizer and EMA. Nothing is logged during the timed steps.
+backward, optimizer and EMA. The last warm-up batch is a logging step, as every step of a long run follows one
+(Lightning keeps what was logged, and reads some of it after every later step); the timed steps log nothing.
 
 FLOPs per image are counted by `torch.utils.flop_counter.FlopCounterMode` (forward, the adaptive-weight
 products and backward), not by a formula, in an eager rerun of the timed steps with the same seed (so the same
 tail-drop k at each step: k sets the decoder's cost). MFU is against the device's dense bf16 peak
-(tokenizer/gpu.py), null where unknown (CPU). `--check-syncs` runs every timed step under
-`no_host_sync` (on CUDA: torch.cuda.set_sync_debug_mode("error")) and fails on the first host sync.
+(tokenizer/gpu.py), null where unknown (CPU). `--check-syncs` checks every timed step for host syncs, the whole step
+from its start to the next one's, Lightning's own hooks included: off CUDA with HostSyncDetector (the JSON line
+gives host_syncs_per_step; the script then exits 1 naming where, if any), on CUDA with
+torch.cuda.set_sync_debug_mode("error"), which raises at the first one.
 (With `--check-syncs` the AdamW is fused on CPU too, as CUDA builds it.)
 `--random-lpips` uses a randomly initialised LPIPS backbone (same FLOPs) where the weight files are missing.
 
@@ -47,55 +50,92 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from tokenizer.training import TokenizerModule  # noqa: E402
 from tokenizer.training.config_files import load_config  # noqa: E402
+from tokenizer.training.sync_audit import StepSyncAudit  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*(eval mode|LeafSpec|ModelCheckpoint|does not have many workers).*")
 
 
 class SameBatch(IterableDataset):
-    """`n` copies of one fixed random batch: the loader costs nothing, the host-to-device copy stays real."""
+    """`n` copies of one fixed random batch: the loader costs nothing, the host-to-device copy stays real (from
+    pinned memory when the batch is pinned, labels included: it runs inside the checked steps' windows)."""
 
     def __init__(self, batch: torch.Tensor, n: int):
         self.batch, self.n = batch, n
+        labels = torch.zeros(batch.shape[0], dtype=torch.long)  # [B]
+        self.labels = labels.pin_memory() if batch.is_pinned() else labels
 
     def __iter__(self):
         for _ in range(self.n):
-            yield self.batch, torch.zeros(self.batch.shape[0], dtype=torch.long)
+            yield self.batch, self.labels
 
 
 class StepTimer(pl.Callback):
-    """Wall time from the start of batch `warmup` to the end of the last batch, device synced at both ends; with
-    `check_syncs`, every timed batch runs under no_host_sync."""
+    """Wall time of the timed batches (`warmup` on), whole steps: from the start of batch `warmup` to the end of the
+    epoch (Lightning's hooks after each step included), device synced at both ends. With `check_syncs`, each timed
+    step, from its start to the next one's, runs under StepSyncAudit (HostSyncDetector) off CUDA, and on CUDA under
+    torch's sync debug mode "error", which raises at the first sync (also inside compiled graphs)."""
 
     def __init__(self, warmup: int, device: torch.device, check_syncs: bool):
         self.warmup, self.device, self.check_syncs = warmup, device, check_syncs
         self.start = self.end = None
         self.timed = 0
-        self._guard = None
+        self.audit = StepSyncAudit(start=warmup) if check_syncs and device.type != "cuda" else None
 
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.audit is not None:
+            self.audit.on_train_batch_start(trainer, module, batch, batch_idx)
         if batch_idx == self.warmup:
             self._sync()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+                if self.check_syncs:
+                    torch.cuda.set_sync_debug_mode("error")
             self.start = time.perf_counter()
-        if batch_idx >= self.warmup and self.check_syncs:
-            from tokenizer.gpu import no_host_sync
-
-            self._guard = no_host_sync(self.device)
-            self._guard.__enter__()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self._guard is not None:
-            guard, self._guard = self._guard, None
-            guard.__exit__(None, None, None)
         if batch_idx >= self.warmup:
             self.timed += 1
+
+    def on_train_epoch_end(self, trainer, module):
+        if self.start is not None and self.end is None:
+            if self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
             self._sync()
             self.end = time.perf_counter()
+        if self.audit is not None:
+            self.audit.on_train_epoch_end(trainer, module)
+
+    def on_exception(self, trainer, module, exception):
+        if self.audit is not None:
+            self.audit.on_exception(trainer, module, exception)
+
+    def syncs_per_step(self) -> float:
+        """Host syncs per timed step (on CUDA 0: the debug mode would have raised at the first one)."""
+        if self.audit is None:
+            return 0.0
+        return sum(sum(found.values()) for _, _, found in self.audit.rows) / max(1, len(self.audit.rows))
+
+    def fail_on_syncs(self) -> None:
+        """Exit with status 1 naming where the timed steps synced (after the JSON line is printed)."""
+        synced = self.audit.quiet_syncs() if self.audit is not None else {}
+        if synced:
+            first = min(synced)
+            raise SystemExit(f"host syncs in {len(synced)} of {self.timed} timed steps: {synced[first]} in batch "
+                             f"{first}, at: " + "; ".join(self.audit.sites[first][:3]))
+
+
+class LogUntil(pl.Callback):
+    """Logging steps (every `trainer.log_every_n_steps`) up to batch `batch`, none from it on: the warm-up ends
+    with a logging step, as every step of a long run follows one, and the timed steps log nothing."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.batch:
+            trainer.log_every_n_steps = 10**9
 
 
 class SameIds(IterableDataset):
@@ -109,8 +149,8 @@ class SameIds(IterableDataset):
             yield self.ids, self.labels
 
 
-def generator_bench(a, config: dict, device: torch.device, precision: str) -> dict:
-    """Time GeneratorModule.training_step (see the module docstring); returns the JSON fields."""
+def generator_bench(a, config: dict, device: torch.device, precision: str) -> tuple[dict, StepTimer]:
+    """Time GeneratorModule.training_step (see the module docstring); returns the JSON fields and the timer."""
     from tokenizer.generator.lightning import GeneratorModule
 
     args = dict(config["model"]["init_args"])
@@ -133,20 +173,20 @@ def generator_bench(a, config: dict, device: torch.device, precision: str) -> di
         ids, labels = ids.pin_memory(), labels.pin_memory()
     timer = StepTimer(a.warmup, device, a.check_syncs)
     fit(module, DataLoader(SameIds(ids, labels, a.warmup + a.steps), batch_size=None), device, precision, 1,
-        a.warmup + a.steps, [timer])  # fmt: skip
+        a.warmup + a.steps, [timer], a.warmup)  # fmt: skip
     elapsed = timer.end - timer.start
 
     counter = FlopsPerStep()  # FLOPs of the timed steps, counted in an eager rerun (FlopCounterMode)
     pl.seed_everything(0, verbose=False)
     counted = GeneratorModule(**{**args, "compile": False})
     fit(counted, DataLoader(SameIds(ids, labels, a.warmup + 1), batch_size=None), device, precision, 1,
-        a.warmup + 1, [counter])  # every step costs the same: one timed step counted  # fmt: skip
+        a.warmup + 1, [counter], a.warmup)  # every step costs the same: one timed step counted  # fmt: skip
     flops = counter.per_step[-1] / batch_size
     return dict(batch_size=batch_size, timed_steps=timer.timed, step_s=elapsed / timer.timed,
                 img_per_s=batch_size * timer.timed / elapsed,
                 tokens_per_s=batch_size * cfg.max_tokens * timer.timed / elapsed, flop_per_img=flops,
                 compile=bool(module.hparams.compile), params_m=module.gpt.num_params() / 1e6,
-                vocab_size=cfg.vocab_size, max_tokens=cfg.max_tokens, model="generator")  # fmt: skip
+                vocab_size=cfg.vocab_size, max_tokens=cfg.max_tokens, model="generator"), timer  # fmt: skip
 
 
 def module_args(config: dict, tokenizer_only: bool, compile_: bool | None) -> dict:
@@ -177,12 +217,14 @@ def build(args: dict, random_lpips: bool) -> tuple[TokenizerModule, str]:
     return module, backbone
 
 
-def fit(module, loader, device, precision, steps_per_batch, batches, callbacks):
+def fit(module, loader, device, precision, steps_per_batch, batches, callbacks, warmup: int):
+    """A Trainer as train.py builds one (no logger, checkpoints nor progress bar); the last of the `warmup` batches
+    is a logging step and no later one is (LogUntil)."""
     trainer = pl.Trainer(
         accelerator=device.type if device.type == "cpu" else "gpu", devices=1, precision=precision,
         max_steps=steps_per_batch * batches, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10**9,
-        callbacks=list(callbacks),
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=max(1, warmup),
+        callbacks=[LogUntil(warmup), *callbacks],
     )
     trainer.fit(module, train_dataloaders=loader)
     return trainer
@@ -212,7 +254,7 @@ def count_flops(args: dict, random_lpips: bool, batch: torch.Tensor, device, pre
     module, _ = build({**args, "compile": False}, random_lpips)
     counter = FlopsPerStep()
     loader = DataLoader(SameBatch(batch, warmup + steps), batch_size=None)
-    fit(module, loader, device, precision, module.optimizers_per_batch, warmup + steps, [counter])
+    fit(module, loader, device, precision, module.optimizers_per_batch, warmup + steps, [counter], warmup)
     timed = counter.per_step[warmup:]
     return sum(timed) / len(timed)
 
@@ -261,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = batch.pin_memory() if device.type == "cuda" else batch
     timer = StepTimer(a.warmup, device, a.check_syncs)
     loader = DataLoader(SameBatch(batch, a.warmup + a.steps), batch_size=None)
-    fit(module, loader, device, precision, module.optimizers_per_batch, a.warmup + a.steps, [timer])
+    fit(module, loader, device, precision, module.optimizers_per_batch, a.warmup + a.steps, [timer], a.warmup)
     elapsed = timer.end - timer.start
     img_per_s = batch_size * timer.timed / elapsed
     mem, mem_kind = peak_memory_gb(device)
@@ -279,15 +321,17 @@ def main(argv: list[str] | None = None) -> dict:
         "step_s": elapsed / timer.timed, "img_per_s": img_per_s, "tflop_per_img": flops / 1e12,
         "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
         "peak_mem_gb": mem, "peak_mem_kind": mem_kind, "syncs_checked": a.check_syncs,
+        "host_syncs_per_step": timer.syncs_per_step() if a.check_syncs else None,
     }  # fmt: skip
     print(json.dumps(result), flush=True)
+    timer.fail_on_syncs()
     return result
 
 
 def report_generator(a, config: dict, device: torch.device, precision: str) -> dict:
     from tokenizer.gpu import peak_bf16_tflops
 
-    r = generator_bench(a, config, device, precision)
+    r, timer = generator_bench(a, config, device, precision)
     mem, mem_kind = peak_memory_gb(device)
     achieved = r["flop_per_img"] * r["img_per_s"] / 1e12
     peak = peak_bf16_tflops(device)
@@ -297,9 +341,10 @@ def report_generator(a, config: dict, device: torch.device, precision: str) -> d
         "precision": precision, **{k: v for k, v in r.items() if k != "flop_per_img"},
         "tflop_per_img": r["flop_per_img"] / 1e12, "achieved_tflops": achieved, "peak_tflops": peak,
         "mfu": achieved / peak if peak else None, "peak_mem_gb": mem, "peak_mem_kind": mem_kind,
-        "syncs_checked": a.check_syncs,
+        "syncs_checked": a.check_syncs, "host_syncs_per_step": timer.syncs_per_step() if a.check_syncs else None,
     }  # fmt: skip
     print(json.dumps(result), flush=True)
+    timer.fail_on_syncs()
     return result
 
 

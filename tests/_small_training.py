@@ -1,5 +1,6 @@
-"""The small tokenizer of the tests and the harness the tests train with: quiet Trainers, a loss recorder, and the
-least model a Trainer can fit, for tests of what the data side hands a model."""
+"""The small tokenizer of the tests and the harness the tests train with: quiet Trainers, a loss recorder, batches
+made in advance for the sync audit, and the least model a Trainer can fit, for tests of what the data side hands a
+model."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import sys
 
 import lightning.pytorch as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from data.photos import PhotosDataModule
 from tokenizer import OneDTokenizer
-from tokenizer.gpu import HostSyncDetector
 
 # The one small tokenizer of the tests: 32 px, 8 tokens, one block each side. Big enough to exercise every code
 # path, small enough for CPU. A test that needs something else says so as a delta: {**SMALL, "codebook_size": 1024}.
@@ -74,6 +75,15 @@ def data(batch_size: int = 4) -> PhotosDataModule:
     return PhotosDataModule(image_size=32, batch_size=batch_size, train_crops_per_epoch=1000)
 
 
+def fixed_batches(batches: int, batch_size: int = 4, image_size: int = 32) -> DataLoader:
+    """`batches` batches of (random images [B, 3, S, S], labels [B]) made before the fit, for the sync audit
+    (tokenizer/training/sync_audit.py): handing them out runs no operator it looks for, where PhotosDataModule's
+    crops (drawn in this process with num_workers=0) read random numbers with int(tensor)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batches * batch_size, 3, image_size, image_size, generator=g)
+    return DataLoader(TensorDataset(images, torch.zeros(batches * batch_size, dtype=torch.long)), batch_size=batch_size)
+
+
 class LossRecorder(pl.Callback):
     """The loss of every training batch, as floats (`losses`), from what training_step returned (Lightning hands
     callbacks {"loss": ...} under automatic optimization, the tensor itself under manual optimization)."""
@@ -100,31 +110,3 @@ class TinyModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class SyncAudit(pl.Callback):
-    """Runs every batch from `start` on under HostSyncDetector; records what it found per batch, and whether the
-    batch was a logging step, in `rows` [(batch_idx, logging, {what: count})], and where each was called from in
-    `sites` {batch_idx: ["Tensor.cpu at module.py:260: ...", ...]}."""
-
-    def __init__(self, start: int):
-        self.start, self.rows, self.sites, self.detector = start, [], {}, None
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if batch_idx >= self.start:
-            self.logging = module.is_logging_step()
-            self.detector = HostSyncDetector()
-            self.detector.__enter__()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.detector is not None:
-            self.detector.__exit__(None, None, None)
-            self.rows.append((batch_idx, self.logging, dict(self.detector.found)))
-            self.sites[batch_idx] = list(self.detector.hits)
-            self.detector = None
-
-    def on_exception(self, trainer, module, exception):
-        # a step that raised never reaches on_train_batch_end: leave no detector active for the next test
-        if self.detector is not None:
-            self.detector.__exit__(None, None, None)
-            self.detector = None

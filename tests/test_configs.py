@@ -102,3 +102,31 @@ def test_cli_validates_tokenizer_overrides_while_parsing(overrides, capsys):
                     "--model.init_args.overrides", overrides, "--print_config"])
     assert done.value.code not in (0, None)
     assert "overrides" in capsys.readouterr().err
+
+
+def test_paper_checkpoints_keep_last_and_every_nth_only(tmp_path):
+    """The multi-GPU base keeps `last.ckpt` (rewritten every n steps) and every N-th checkpoint, not all of them: a
+    1M-step run of L keeps 11 files, not 101 (configs/base/trainer-8gpu.yaml). Its two callbacks, run as they are
+    with the intervals scaled down (10000 -> 2, 100000 -> 20), over 24 steps of the small tokenizer."""
+    import lightning.pytorch as pl
+    import torch
+    from _small_training import SMALL, data, quiet_trainer
+
+    from tokenizer.training import TokenizerModule
+
+    callbacks = load_config(CONFIG_DIR / "tokenizer" / "onedpiece-L-256.yaml")["trainer"]["callbacks"]
+    checkpoints = [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+    last, kept = sorted(checkpoints, key=lambda c: c["every_n_train_steps"])
+    assert (last["save_last"], last["save_top_k"], kept["save_top_k"]) == (True, 0, -1)
+    assert not kept.get("save_last") and kept["dirpath"] == last["dirpath"] == "checkpoints/onedpiece-L-256/ckpt"
+    assert 1_000_000 // kept["every_n_train_steps"] + 1 == 11
+
+    scaled = [resolve(c["class_path"])(**{**c["init_args"], "dirpath": str(tmp_path / "ckpt"),
+                                          "every_n_train_steps": c["init_args"]["every_n_train_steps"] // 5000})
+              for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]  # fmt: skip
+    pl.seed_everything(0)
+    module = TokenizerModule(preset="tiny", overrides=SMALL, warmup_steps=1)
+    quiet_trainer(max_steps=24, limit_val_batches=0, enable_checkpointing=True, callbacks=scaled,
+                  default_root_dir=str(tmp_path)).fit(module, datamodule=data())  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=20.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 24

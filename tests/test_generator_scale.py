@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _small_training import LossRecorder, SyncAudit, quiet_trainer
+from _small_training import LossRecorder, quiet_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
 
 from tokenizer.generator import GPT, PRESETS, generate
 from tokenizer.generator.decode_step import compiled_decode_step, decode_step
@@ -22,6 +23,7 @@ from tokenizer.generator.lightning import GeneratorModule
 from tokenizer.generator.loss import linear_cross_entropy
 from tokenizer.generator.sampling import next_token_logits
 from tokenizer.training.config_files import load_config
+from tokenizer.training.sync_audit import StepSyncAudit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,15 +185,23 @@ def test_b_config_shrunk_trains_bf16_mixed_with_fused_adamw(tmp_path):
 
 
 def test_steady_state_generator_step_makes_no_host_sync(tmp_path):
-    """Forward (chunked loss), backward, sync-free clipping, fused AdamW step and the lr scheduler: nothing that
-    would sync the host on CUDA, except on logging steps. Batches 0-1 are warm-up (optimizer state)."""
+    """Forward (chunked loss), backward, sync-free clipping, fused AdamW step and the lr scheduler, and Lightning's
+    hooks after the step: nothing that would sync the host on CUDA, except on logging steps. Batches 0-1 are warm-up
+    (optimizer state)."""
     pl.seed_everything(0)
     module, trainer_cfg = b_module()
-    audit = SyncAudit(start=2)
-    fit(module, tmp_path, 12, trainer_cfg["precision"], [audit], log_every=5)
+    audit = StepSyncAudit(start=2)
+    # ids and labels made in advance: the shards' loader builds tensors from Python data in this process
+    # (num_workers=0), which the audit's window (it fetches the next batch) would count
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 32, (12 * 16, 16), generator=g), torch.randint(0, 4, (12 * 16,), generator=g)
+    trainer = quiet_trainer(max_steps=12, devices=1, precision=trainer_cfg["precision"], limit_val_batches=0,
+                            log_every_n_steps=5, callbacks=[audit])  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(ids, labels), batch_size=16))
     quiet = [(i, found) for i, logging, found in audit.rows if not logging]
     assert len(audit.rows) == 10 and len(quiet) == 8
-    assert all(not found for _, found in quiet), f"host syncs on non-logging steps: {quiet}"
+    synced = audit.quiet_syncs()
+    assert not synced, f"host syncs on non-logging steps: {synced}; first at {audit.sites[min(synced)]}"
     assert any(found for _, logging, found in audit.rows if logging), "the detector sees the logging steps' reads"
 
 

@@ -1,5 +1,6 @@
 """The GPU training path, run on CPU as far as CPU can: the paper objective under bf16-mixed with the fused AdamW of a
-CUDA run, no host sync in the steady-state step, slicing equals masking, one backward for the adaptive GAN weight,
+CUDA run, no host sync in the steady-state step (the whole step, Lightning's hooks after it included), slicing equals
+masking, one backward for the adaptive GAN weight,
 and torch.compile with a bounded number of compilations over many k. (The 2-process DDP run of the same objective
 with the documented strategy is tests/test_multinode.py.)"""
 
@@ -11,7 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from _small_training import SMALL, SyncAudit, data, fresh_start, trainer
+from _small_training import SMALL, data, fixed_batches, fresh_start, trainer
 from _weights_probe import skip_without_lpips
 
 from tokenizer import OneDTokenizer
@@ -19,6 +20,7 @@ from tokenizer.gpu import HostSyncDetector, no_host_sync
 from tokenizer.losses import hinge_g_loss
 from tokenizer.training import TokenizerModule
 from tokenizer.training.config_files import load_config
+from tokenizer.training.sync_audit import StepSyncAudit
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "tokenizer" / "onedpiece-B-256.yaml"
@@ -62,15 +64,17 @@ def test_paper_objective_bf16_fused_trains(lpips_available, tmp_path):
 @pytest.mark.parametrize("mechanism", ["tail_token_drop", "nested_dropout"])
 def test_steady_state_step_makes_no_host_sync(lpips_available, mechanism):
     """What would sync the host on CUDA (.item(), bool(tensor), nonzero, bincount, tensors made from Python
-    data, ...) happens only on logging steps. Batches 0-1 are warm-up (optimizer state, lazy LPIPS)."""
+    data, ...) happens only on logging steps, over whole steps: Lightning's hooks after the step are in the window
+    (it read a progress-bar loss with .item() after every step that followed a logging step). Batches 0-1 are
+    warm-up (optimizer state, lazy LPIPS)."""
     pl.seed_everything(0)
     module, precision = paper_module(overrides={**SMALL, "length_mechanism": mechanism})
-    audit = SyncAudit(start=2)
-    trainer(2 * 12, precision, [audit], log_every=5).fit(module, datamodule=data())
+    audit = StepSyncAudit(start=2)
+    trainer(2 * 12, precision, [audit], log_every=5).fit(module, train_dataloaders=fixed_batches(12))
     quiet = [(i, found) for i, logging, found in audit.rows if not logging]
     assert len(quiet) >= 8 and len(audit.rows) == 10
-    synced = [i for i, found in quiet if found]
-    assert not synced, f"host syncs on non-logging steps: {quiet}; in batch {synced[0]} at {audit.sites[synced[0]]}"
+    synced = audit.quiet_syncs()
+    assert not synced, f"host syncs on non-logging steps: {synced}; first at {audit.sites[min(synced)]}"
     assert any(found for _, logging, found in audit.rows if logging), "the detector sees the logging steps' reads"
 
 
@@ -83,26 +87,37 @@ class HostPullEveryStep(TokenizerModule):
         return loss
 
 
-@pytest.mark.parametrize("planted", [False, True], ids=["clean", "planted_cpu_tolist"])
+class ReadAfterEveryStep(TokenizerModule):
+    """A read of the loss in the module's own on_train_batch_end: Lightning calls it after every callback's, so
+    a window that closes in a callback's on_train_batch_end never sees it (as it never saw Lightning's reads)."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.last_loss = outputs["loss"].item()  # PLANTED READ AFTER THE STEP
+
+
+@pytest.mark.parametrize("planted", [None, "cpu_tolist", "item_after_step"])
 def test_sync_audit_catches_a_host_pull_in_the_training_step(planted):
     """On CPU `.cpu()` and `.tolist()` never reach the dispatcher; the audit must still see them (on a GPU each is
-    a blocking device-to-host copy) and name the line. The clean step (no LPIPS nor GAN: it runs where the LPIPS
-    weights are missing too) shows nothing."""
+    a blocking device-to-host copy) and name the line, and it must see a read after the training step too. The
+    clean step (no LPIPS nor GAN: it runs where the LPIPS weights are missing too) shows nothing."""
     pl.seed_everything(0)
+    kind = {None: TokenizerModule, "cpu_tolist": HostPullEveryStep, "item_after_step": ReadAfterEveryStep}[planted]
     # fused AdamW as on CUDA: the unfused one reads each parameter's step count on the host
-    module = (HostPullEveryStep if planted else TokenizerModule)(preset="tiny", overrides=SMALL, warmup_steps=1,
-                                                                 fused_optimizer=True)
-    audit = SyncAudit(start=2)
-    trainer(8, "32-true", [audit], log_every=5).fit(module, datamodule=data())
+    module = kind(preset="tiny", overrides=SMALL, warmup_steps=1, fused_optimizer=True)
+    audit = StepSyncAudit(start=2)
+    trainer(8, "32-true", [audit], log_every=5).fit(module, train_dataloaders=fixed_batches(8))
     quiet = [(i, found) for i, logging, found in audit.rows if not logging]
     assert len(audit.rows) == 6 and len(quiet) == 5
-    synced = [i for i, found in quiet if found]
-    if not planted:
-        assert not synced, f"host syncs on non-logging steps: {quiet}; in batch {synced[0]} at {audit.sites[synced[0]]}"
+    synced = audit.quiet_syncs()
+    if planted is None:
+        assert not synced, f"host syncs on non-logging steps: {synced}; first at {audit.sites[min(synced)]}"
         return
-    assert all(found == {"Tensor.cpu": 1, "Tensor.tolist": 1} for _, found in quiet), quiet
+    expected = {"Tensor.cpu": 1, "Tensor.tolist": 1} if planted == "cpu_tolist" else {
+        "aten._local_scalar_dense.default": 1}
+    assert all(found == expected for _, found in quiet), quiet
     sites = audit.sites[quiet[0][0]]
-    assert any("test_gpu_path.py" in s and "PLANTED HOST PULL" in s for s in sites), sites
+    mark = "PLANTED HOST PULL" if planted == "cpu_tolist" else "PLANTED READ AFTER THE STEP"
+    assert any("test_gpu_path.py" in s and mark in s for s in sites), sites
 
 
 def test_host_sync_detector_sees_explicit_host_copies():
@@ -306,4 +321,5 @@ def test_bench_train_prints_the_json_line_and_checks_syncs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["timed_steps"] == 2 and result["img_per_s"] > 0 and result["syncs_checked"]
+    assert result["host_syncs_per_step"] == 0, "timed steps after a logging step (the last warm-up batch)"
     assert 0 < result["tflop_per_img"] < 0.01 and result["mfu"] is None and result["peak_mem_gb"] > 0

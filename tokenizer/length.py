@@ -16,7 +16,8 @@ cross-length joint training the full K is decoded every step anyway, and the pre
 GPU path: nothing here makes the host wait for the device. The one-k-per-batch draw is a plain Python integer (it
 sets a shape), drawn from Python's `random` (seeded by `seed_everything`, like torch), so every DDP rank seeded
 alike draws the same k at the same step and no rank waits for a longer decode on another. Per-sample lengths are
-drawn on the device directly (a CPU tensor copied to the GPU would block the host until the copy is done).
+drawn on the device directly (a CPU tensor copied to the GPU would block the host until the copy is done), from
+torch's generator, which each rank seeds differently when a fit starts (tokenizer/training/seeding.py).
 """
 
 from __future__ import annotations

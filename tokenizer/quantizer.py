@@ -21,6 +21,9 @@ or host-to-device copy), so the CPU never waits for the GPU in steady state. Lib
   Eager, each chunk is ~25 elementwise passes over [chunk, codebook_size] (8 forward, 7 in the checkpoint's
   replay, 10 backward) for almost no FLOPs; `compiled=True` (set by the training module's `compile` switch via
   `Quantizer.compiled_entropy`) runs the chunk through torch.compile, which fuses them.
+These replacements reach into the library's internals (`impl._codebook` and its `init_embed_`, `gumbel_sample`,
+`all_reduce_fn`): pyproject.toml and scripts/gpu_wheels.sh pin vector-quantize-pytorch to the version they were
+written against; raise the pin only with tests/test_quantizer.py passing on the new version.
 """
 
 from __future__ import annotations

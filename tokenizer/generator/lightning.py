@@ -11,10 +11,12 @@ GPU path (as the tokenizer stage, tokenizer/gpu.py): the loss is the chunked `li
 fp32 logits of the whole batch, `max_loss_logits`); AdamW is fused on CUDA (`fused_optimizer`); gradient
 clipping is `tokenizer.training.optim.clip_grad_norm` (sync-free; Lightning's `clip_gradients` refuses fused
 optimizers under mixed precision); a NaN/inf loss or gradient norm stops the run (`DivergenceGuard`, read on
-logging steps and before checkpoints only); metrics are logged, and so read, only on Lightning's logging steps (every
-`log_every_n_steps`); ids and labels are range-checked once, at setup, not per batch. `compile=True` compiles
-each transformer block in place (parameter names and checkpoints unchanged). Multi-GPU: plain DDP
-(`trainer.strategy: ddp`), every parameter takes part in every loss.
+logging steps and before checkpoints only); metrics are logged, and so read, only on Lightning's logging steps
+(every `log_every_n_steps`), none with `prog_bar=True` (Lightning reads those after every batch); ids and labels
+are range-checked once, at setup, not per batch. `compile=True` compiles each transformer block in place
+(parameter names and checkpoints unchanged). Multi-GPU: plain DDP
+(`trainer.strategy: ddp`), every parameter takes part in every loss, and each rank draws its own dropout masks
+(tokenizer/training/seeding.py).
 
 Variable-length token shards (adaptive extraction, `data/adaptive_records.py`) give batches (ids, labels,
 lengths); the GPT must then have `overrides.end_token: true` (it learns the end-of-image token, end_token.py)
@@ -31,9 +33,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ..compiling import compile_in_place
 from ..training.checkpoints import ArchitectureGuard
 from ..training.divergence import DivergenceGuard
 from ..training.optim import clip_grad_norm, make_adamw, warmup_cosine
+from ..training.seeding import seed_device_per_rank
 from .gpt import GPT, preset_config
 from .sampling import generate
 
@@ -116,11 +120,15 @@ class GeneratorModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
             if getattr(ds, "labels", None) is not None:
                 self.gpt.check_labels(torch.as_tensor(ds.labels))
 
+    def on_fit_start(self) -> None:
+        seed_device_per_rank(self.global_rank)  # dropout and class-dropout draws differ per rank (seeding.py)
+        super().on_fit_start()
+
     def configure_model(self) -> None:
         if self.hparams.compile:
-            # in place: parameter names (and so checkpoints) stay the same; one graph per block shape
-            for block in self.gpt.blocks:
-                block.compile()
+            # in place: parameter names (and so checkpoints) stay the same; one graph per block shape;
+            # Inductor's compile workers: this rank's share of the node (tokenizer/compiling.py)
+            compile_in_place(self.gpt.blocks, self.trainer.num_devices)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -154,7 +162,8 @@ class GeneratorModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         loss = self.loss(ids, labels, lengths=lengths[0] if lengths else None)
         self.watch_finite(loss)
         if self.is_logging_step():
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+            # not prog_bar: Lightning would read it after every later step (tokenizer/training/progress.py)
+            self.log("train/loss", loss, on_step=True, on_epoch=False)
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
             self.check_finite(self.global_step + 1)  # this batch's optimizer step is not taken yet
         return loss

@@ -9,6 +9,8 @@
 - One training per run directory: global rank 0 locks the run directory (and a checkpoint directory outside it)
   before anything is read or written there (`run_lock.py`); a second `fit` into it is refused at once, naming the
   holder's host and pid. A resume after the first run ended (or died: the kernel drops its lock) works.
+- Progress: `StepProgress` (tokenizer/training/progress.py) replaces Lightning's default bar: a bar on a terminal,
+  plain lines in a log, and neither reads the device between logging steps.
 - The run's `config.yaml` is written only once the restore has succeeded (a failed resume with a wrong config
   must not replace the one config that resumes the run). A resume whose config differs keeps the previous file as
   `config.1.yaml`, `config.2.yaml`, ... so the run's history stays readable.
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tokenizer.atomic import write_text
@@ -30,6 +33,7 @@ from ..checkpoints import CheckpointError, checkpoint_files, newest_first, newes
 from .checkpoints import check_architecture
 from .config_files import expand_config_args
 from .divergence import TrainingDiverged
+from .progress import StepProgress
 from .run_lock import lock_run_directories
 
 
@@ -76,6 +80,16 @@ class TrainCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path not in (None, "last", "hpc", "best"):
             readable_or_explain(ckpt_path)
+
+    def instantiate_trainer(self, **kwargs):
+        """The config's Trainer, with StepProgress as its progress bar unless the config turns the bar off or
+        names one itself."""
+        config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer") or {}
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, StepProgress()])
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         self.run_lock = lock_run_directories(self.trainer)  # first: a second writer is refused before any work

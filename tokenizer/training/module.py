@@ -16,12 +16,16 @@ two per batch, so `trainer.max_steps` counts both; `gan_start` and `warmup_steps
 gradients (a no-op) so that the count stays two per batch from the first step.
 
 GPU path (see tokenizer/gpu.py):
-- No host sync in the steady-state step: metrics are logged, and so read, only every `log_every_n_steps`; keep
-  lengths and codebook histograms stay on the device; gradient clipping is ours (sync-free, and it works with the
+- No host sync in the steady-state step, Lightning's hooks after it included: metrics are logged, and so read,
+  only every `log_every_n_steps`, and none with `prog_bar=True` (Lightning reads those after every batch; the
+  progress display reads `train/loss` on logging steps itself, progress.py); keep lengths and codebook
+  histograms stay on the device; gradient clipping is ours (sync-free, and it works with the
   fused AdamW that Lightning's `clip_gradients` refuses under mixed precision).
 - Divergence (tokenizer/training/divergence.py): each step ORs "loss or gradient norm is NaN/inf" into a device
   flag, read on logging steps and before checkpoints and the export: a diverged run stops with TrainingDiverged
   instead of exporting NaN weights, and no step pays a host sync for it.
+- Random draws: the one k per batch of tail drop is the same on every rank (Python's `random`, seeded alike);
+  the device draws (per-sample lengths) differ per rank (seeding.py).
 - DDP (plain `--trainer.strategy ddp`) reduces each tokenizer gradient once per step and nothing else: the
   discriminator and every buffer are kept out of DDP (`_ddp_params_and_buffers_to_ignore`). The discriminator
   averages its own gradients in one flat all-reduce; buffers are kept identical by construction (the codebook
@@ -46,6 +50,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ..compiling import compile_in_place
 from ..config import TokenizerOverrides
 from ..discriminator import PatchDiscriminator
 from ..distributed import average_gradients, broadcast_from_rank0
@@ -59,6 +64,7 @@ from .codebook import CodebookMonitor, usage_curve_figure
 from .divergence import DivergenceGuard
 from .export import export_tokenizer
 from .optim import clip_grad_norm, make_adamw, param_groups, warmup_cosine
+from .seeding import seed_device_per_rank
 
 
 class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
@@ -144,9 +150,9 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
             # eager too (data-dependent codebook updates, fp32), except LFQ's entropy chunks: memory-bound
             # elementwise math that compiled takes a few fused passes instead of ~25 per chunk. The decoder's
             # sequence length N + k changes with tail drop's k: the first new k makes that dimension dynamic, so
-            # any number of k values costs two compilations, not one per k.
-            self.tokenizer.encoder.compile()
-            self.tokenizer.decoder.transformer.compile()
+            # any number of k values costs two compilations, not one per k. Inductor's compile workers: this rank's
+            # share of the node (compiling.py).
+            compile_in_place([self.tokenizer.encoder, self.tokenizer.decoder.transformer], self.trainer.num_devices)
             self.tokenizer.quantizer.compiled_entropy = True
 
     def configure_optimizers(self):
@@ -173,6 +179,9 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         # it: broadcast those here (the discriminator's initialisation, the codebook, the EMA weights).
         ignored = set(self._ddp_params_and_buffers_to_ignore)
         broadcast_from_rank0(t for name, t in [*self.named_parameters(), *self.named_buffers()] if name in ignored)
+        # per-rank device draws (nested-dropout lengths, ...); tail drop's shared k comes from Python's `random`
+        seed_device_per_rank(self.global_rank)
+        super().on_fit_start()
 
     @property
     def lpips(self):
@@ -276,8 +285,8 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
             logs.update({"train/loss": loss, "train/keep_tokens": lengths.float().mean(),
                          "train/batch_usage": out.stats.usage, "train/batch_perplexity": out.stats.perplexity,
                          "lr": sched_g.get_last_lr()[0]})
+            # no prog_bar value: Lightning would read it after every later step (tokenizer/training/progress.py)
             self.log_dict(logs, on_step=True, on_epoch=False, batch_size=images.shape[0])
-            self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
             self.check_finite(self.global_step)  # the logging step reads the device anyway
         return loss.detach()
 
