@@ -11,19 +11,61 @@ the usual cluster layout, and a kill during that copy leaves a truncated file un
 A writer killed with SIGKILL cannot clean up: its temp file stays behind, named `.<final name>.partial-*.tmp`.
 `remove_stale_partials(directory)` deletes exactly those (and nothing else), and the checkpoint writer calls it
 when a run starts.
+
+A write that fails for lack of space (ENOSPC, EDQUOT, or EFBIG from a file size limit) raises `DiskFull`, an
+OSError whose message names the file and says that its previous version is intact. torch.save reports such a
+failure as `RuntimeError: ... unexpected pos` and safetensors as `SafetensorError: ... (os error 28)`: the cause
+is found in the exception's chain or message (`disk_full_errno`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO, TextIO
 
 PARTIAL_MARK = ".partial-"
 PARTIAL_SUFFIX = ".tmp"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class DiskFull(OSError):
+    """A write that failed for lack of space: ENOSPC, EDQUOT (quota) or EFBIG (a file size limit). `errno` is
+    the system's; the message (`str`) names the file, says that its previous version is intact and what to do."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def disk_full_errno(exc: BaseException | None) -> int | None:
+    """The ENOSPC/EDQUOT/EFBIG behind `exc`, else None. Looks through the exception's chain, because libraries
+    hide it: torch.save to a file raises RuntimeError("... unexpected pos ...") with the OSError as its context,
+    safetensors a SafetensorError whose message ends "(os error 28)" (Rust's form of an errno)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc.errno
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found and int(found.group(1)) in DISK_FULL_ERRNOS:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full(code: int, path: str | os.PathLike, previous_intact: bool, what: str = "") -> DiskFull:
+    """The DiskFull for a failed write of `path` (`what`: which part of it was being written, if not all)."""
+    path = os.fspath(path)
+    kept = (f"the previous {os.path.basename(path)} is intact" if previous_intact
+            else f"nothing was written at {path}")
+    return DiskFull(code, f"{path}: disk full (no space left) while writing {what or 'it'} "
+                          f"[{errno.errorcode[code]}: {os.strerror(code)}]; {kept}. Free space on that filesystem "
+                          "(or raise the quota or file size limit) and run the command again", path)
 
 
 def _fsync_directory(directory: str) -> None:
@@ -43,18 +85,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     For libraries that insist on writing by file name (safetensors, torch.save to a path)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}{PARTIAL_MARK}",
-                               suffix=PARTIAL_SUFFIX)
-    os.close(fd)
+    existed = os.path.exists(path)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}{PARTIAL_MARK}",
+                                   suffix=PARTIAL_SUFFIX)
+        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:  # the library may not have fsynced what it wrote
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        code = disk_full_errno(e)
+        if code is not None and not isinstance(e, DiskFull):
+            raise disk_full(code, path, existed) from e
         raise
     _fsync_directory(directory)
 
@@ -108,4 +156,4 @@ def remove_stale_partials(directory: str | os.PathLike) -> list[str]:
 
 
 __all__ = ["atomic_path", "atomic_open", "write_text", "write_json", "torch_save", "is_partial",
-           "remove_stale_partials"]
+           "remove_stale_partials", "DiskFull", "disk_full", "disk_full_errno"]
