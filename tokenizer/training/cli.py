@@ -6,6 +6,8 @@
 - The checkpoint's architecture is checked against the config's before anything is written (`ArchitectureGuard`).
 - A run whose loss diverges to NaN/inf stops with the step range and the last finite checkpoint
   (`TrainingDiverged`, tokenizer/training/divergence.py), not with status 0 and a NaN model.
+- A config value that a class refuses while it is built (TokenizerConfig's ranges) is reported as that class's
+  own error, not inside jsonargparse's union-type message.
 - The run's `config.yaml` is written only once the restore has succeeded (a failed resume with a wrong config
   must not replace the one config that resumes the run). A resume whose config differs keeps the previous file as
   `config.1.yaml`, `config.2.yaml`, ... so the run's history stays readable.
@@ -71,6 +73,17 @@ class TrainCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path not in (None, "last", "hpc", "best"):
             readable_or_explain(ckpt_path)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            # jsonargparse reports an error raised while a class is built (a config value out of its range) as
+            # "Does not validate against any of the Union subtypes ...", several lines around the class's own
+            # error, which is its cause: that error is the one to show
+            if e.__cause__ is None:
+                raise
+            raise e.__cause__ from None
 
     def before_fit(self) -> None:
         fit = self.config_init[self.subcommand]
