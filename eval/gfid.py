@@ -56,6 +56,7 @@ from data.token_format import length_stats  # noqa: E402
 from eval.fidelity import inception_score, precision_recall  # noqa: E402
 from eval.generated_lengths import NATURAL, k_order, npz_lengths, parse_num_tokens  # noqa: E402
 from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.inception import feature_statistics, frechet_distance  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
 
@@ -357,4 +358,4 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
 
 
 if __name__ == "__main__":
-    main()
+    run_command("eval.gfid", main)

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import gfid  # noqa: E402
 from eval.generated_lengths import NATURAL, k_name, k_order  # noqa: E402
 from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
 
 
@@ -128,4 +129,4 @@ def main(argv: list[str] | None = None, extractor: gfid.FeatureExtractor | None 
 
 
 if __name__ == "__main__":
-    main()
+    run_command("eval.gfid_sweep", main)

@@ -75,6 +75,9 @@ codecs at achieved bits, log x), ``usage_per_position.png``, ``adaptive_k_hist.p
 [N, T] and ``adaptive_metrics`` [N, T, 3] (PSNR, SSIM, LPIPS) the adaptive section's, targets in
 ``adaptive_targets``).
 
+Errors: a missing or unreadable input, a bad value or a full disk ends the command with one line
+(``eval.reconstruction: error: ...``, status 1; ``ONEDTOK_DEBUG=1`` for the traceback; ``tokenizer.errors``).
+
 Code: this file is the command line; the evaluation is :mod:`eval.recon_eval` (protocol, loop) with
 :mod:`eval.gather` (across processes), the files :mod:`eval.recon_report` and :mod:`eval.recon_plots`.
 """
@@ -93,6 +96,7 @@ from eval.codecs import CODEC_NAMES  # noqa: E402
 from eval.gather import FidReference, gather_skips  # noqa: E402
 from eval.recon_eval import Row, evaluate, load_tokenizer, position_usage  # noqa: E402
 from eval.recon_report import report_meta, write_report  # noqa: E402
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.length import powers_of_two_upto  # noqa: E402
 from tokenizer.precision import add_precision_arg, resolve_precision  # noqa: E402
 
@@ -135,12 +139,7 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
     given = args.adaptive_psnr is not None or args.adaptive_lpips is not None
     targets = make_targets(args.adaptive_psnr, args.adaptive_lpips) if given else None  # bad values: now
     accelerator = Accelerator(cpu=args.cpu)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer, args.checkpoint)
-    except (ValueError, FileNotFoundError) as e:  # a named problem (e.g. NaN weights): one line, no traceback
-        if argv is not None:  # from Python (tests): the caller sees the exception
-            raise
-        raise SystemExit(f"eval.reconstruction: {e}") from None
+    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint)
     k_max = tokenizer.max_tokens
     ks = sorted(set(args.num_tokens or powers_of_two_upto(k_max)))
     if not all(1 <= k <= k_max for k in ks):
@@ -185,4 +184,4 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("eval.reconstruction", main)

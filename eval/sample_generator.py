@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.processes import SingleProcess, process_state  # noqa: E402
 from eval.generated_lengths import NATURAL, k_name, k_order, length_report, lengths_markdown, parse_num_tokens  # noqa: E402
 from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.generator import GPT, generate, preset_config  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
@@ -374,4 +375,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("eval.sample_generator", main)

@@ -5,7 +5,10 @@ batch size (it used to stop before the first step and exit 0 with no output)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +80,13 @@ def test_too_few_images_for_one_batch_is_an_error(tmp_path):
     tokens.setup()
     with pytest.raises(ValueError, match="records: 5 for training, fewer than one batch of batch_size 8"):
         tokens.train_dataloader()
+
+
+@pytest.mark.slow
+def test_train_py_bad_config_value_is_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = tiny_run_args(tmp_path / "run", "--model.init_args.overrides", as_flag({**SMALL, "patch_size": 0}))
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "train.py: error: TokenizerConfig.patch_size must be >= 1, got 0"

@@ -11,6 +11,9 @@ skipped, listed at the end and recorded in the token file. The token file (`toke
 `onedtok-tokens/1`) holds ids [N, k] (0 past each image's length), lengths [N], keys [N] (paths relative to the
 folder given, or the file name for a file given directly), and a JSON header with the SHA-256 of the
 tokenizer's weights: `decode` with another tokenizer is refused.
+
+Expected errors (a missing or unreadable input, a bad value, a full disk) end the command with one line,
+`onedtok <command>: error: ...`, and status 1; ONEDTOK_DEBUG=1 shows the traceback (tokenizer/errors.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import run_command
 
 TOKENS_FORMAT = "onedtok-tokens/1"
 
@@ -247,12 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if getattr(a, "batch_size", 1) < 1:
         raise SystemExit(f"onedtok: --batch-size must be >= 1, got {a.batch_size}")
-    try:
-        return {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info}[a.command](a)
-    except (ValueError, FileNotFoundError) as e:
-        if argv is not None:  # from Python (tests): the caller sees the exception
-            raise
-        raise SystemExit(f"onedtok {a.command}: {e}") from None
+    command = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info}[a.command]
+    if argv is not None:  # from Python (tests): the caller sees the exception
+        return command(a)
+    return run_command(f"onedtok {a.command}", lambda: command(a))  # expected errors: one line (errors.py)
 
 
 __all__ = ["main", "collect_images", "encode_files", "save_tokens", "load_tokens", "TOKENS_FORMAT"]

@@ -27,7 +27,6 @@ from tokenizer.atomic import write_text
 from ..checkpoints import CheckpointError, checkpoint_files, newest_first, newest_loadable, read_checkpoint
 from .checkpoints import check_architecture
 from .config_files import expand_config_args
-from .divergence import TrainingDiverged
 
 
 class SaveConfigAfterRestore(SaveConfigCallback):
@@ -141,17 +140,12 @@ def _loads(path: Path) -> bool:
 
 
 def main(args: list[str] | None = None) -> TrainCLI:
-    """Entry point of train.py; a CheckpointError or a TrainingDiverged exits with its message (status 1), without
-    a traceback."""
+    """Entry point of train.py (which runs it through tokenizer.errors.run_command: a CheckpointError, a
+    TrainingDiverged, a full disk or a bad config value ends the command with one line, no traceback)."""
     from tokenizer.gpu import enable_fast_math
 
     enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
-    try:
-        return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
-    except (CheckpointError, TrainingDiverged) as e:
-        if args is not None:  # called from Python (tests): let the caller see the exception
-            raise
-        sys.exit(f"error: {e}")
+    return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
 
 
 def _has_omegaconf() -> bool:
