@@ -4,6 +4,7 @@
     onedtok encode photos/ --tokenizer DIR --min-psnr 26 --out tokens.npz    # per image, the fewest tokens for 26 dB
     onedtok decode tokens.npz --tokenizer DIR --out recon/ [--num-tokens 16]
     onedtok info DIR
+    onedtok export checkpoints/<run>/ckpt/last.ckpt --out DIR    # what the end of training exports (EMA if on)
 
 Images are read as in evaluation: any mode to RGB, shorter side resized to the tokenizer's image size (bicubic,
 antialiased), centre crop. Folders are walked recursively (symlink loops are safe); unreadable files are
@@ -222,6 +223,15 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .persistence import weights_sha256
+    from .training.export import export_checkpoint
+
+    out = export_checkpoint(a.checkpoint, a.out)
+    print(f"{a.checkpoint} -> {out}/ (weights sha256 {weights_sha256(out)[:16]}...)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onedtok", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,6 +255,9 @@ def parser() -> argparse.ArgumentParser:
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     info = sub.add_parser("info", help="what a tokenizer is and how it was trained")
     info.add_argument("tokenizer", help="a save_pretrained directory")
+    export = sub.add_parser("export", help="a training checkpoint -> a save_pretrained directory (as training ends)")
+    export.add_argument("checkpoint", help="a TokenizerModule checkpoint (e.g. checkpoints/<run>/ckpt/last.ckpt)")
+    export.add_argument("--out", required=True, help="the directory to write (config.json + model.safetensors)")
     return p
 
 
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if getattr(a, "batch_size", 1) < 1:
         raise SystemExit(f"onedtok: --batch-size must be >= 1, got {a.batch_size}")
-    command = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info}[a.command]
+    command = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export}[a.command]
     if argv is not None:  # from Python (tests): the caller sees the exception
         return command(a)
     return run_command(f"onedtok {a.command}", lambda: command(a))  # expected errors: one line (errors.py)
