@@ -16,6 +16,10 @@ A write that fails for lack of space (ENOSPC, EDQUOT, or EFBIG from a file size 
 OSError whose message names the file and says that its previous version is intact. torch.save reports such a
 failure as `RuntimeError: ... unexpected pos` and safetensors as `SafetensorError: ... (os error 28)`: the cause
 is found in the exception's chain or message (`disk_full_errno`).
+
+Outputs of several files (a report: tables, JSON, figures) are written as a whole with `atomic_directory`: into
+a fresh directory beside the destination, swapped in when every file is written, so that the destination never
+holds new files beside old ones of another run.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ import errno
 import json
 import os
 import re
+import secrets
+import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 PARTIAL_MARK = ".partial-"
@@ -155,5 +163,68 @@ def remove_stale_partials(directory: str | os.PathLike) -> list[str]:
     return removed
 
 
-__all__ = ["atomic_path", "atomic_open", "write_text", "write_json", "torch_save", "is_partial",
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, owned: Callable[[str], bool] = lambda name: True) -> Iterator[Path]:
+    """Yield a fresh, empty directory beside `path` to write a whole output into; when the block exits cleanly it
+    takes the place of `path`. On any exception the fresh directory is removed and `path` is left as it was.
+
+    `owned(name)` says which entries of an existing `path` are this writer's own outputs: those are replaced as a
+    set (an output of the previous run that this one did not write is removed with them, so nothing of another
+    run stays beside the new files). Every other entry (a file someone put there) is moved into the new
+    directory at the swap, never deleted.
+
+    The swap is two renames in the parent directory (the old directory aside, the new one in); only between
+    them is `path` absent, and the old outputs are deleted only after the new directory is in place. A
+    disk-full write inside the block raises DiskFull naming `path`."""
+    path = Path(os.path.abspath(path))
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a directory; give another output directory")
+    staging = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mkdir, not mkdtemp (mode 0700): the output directory gets the permissions any new directory gets, or
+        # those of the directory it replaces
+        staging = path.parent / f".{path.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        staging.mkdir()
+        if path.is_dir():
+            os.chmod(staging, stat.S_IMODE(path.stat().st_mode))
+        yield staging
+        _swap_in(staging, path, owned)
+    except BaseException as e:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        code = disk_full_errno(e)
+        if code is not None:
+            what = os.path.basename(e.filename) if isinstance(e, OSError) and e.filename else ""
+            raise disk_full(code, path, path.is_dir(), what=what or "its files") from e
+        raise
+
+
+def _swap_in(staging: Path, path: Path, owned: Callable[[str], bool]) -> None:
+    if not path.exists():
+        os.rename(staging, path)
+        _fsync_directory(str(path.parent))
+        return
+    # renamed onto an empty directory of a unique name (POSIX replaces an empty directory atomically)
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.replaced-", suffix=PARTIAL_SUFFIX))
+    os.rename(path, old)
+    written, moved = set(os.listdir(staging)), []
+    try:
+        for name in os.listdir(old):
+            if name not in written and not owned(name):  # not ours: it moves with the directory
+                os.rename(old / name, staging / name)
+                moved.append(name)
+        os.rename(staging, path)
+    except BaseException:  # put everything back as it was: the old directory, with what was moved out of it
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.rename(staging / name, old / name)
+        if not path.exists():
+            os.rename(old, path)
+        raise
+    _fsync_directory(str(path.parent))
+    shutil.rmtree(old)  # only the previous outputs of this writer are left in it
+
+
+__all__ = ["atomic_path", "atomic_open", "atomic_directory", "write_text", "write_json", "torch_save", "is_partial",
            "remove_stale_partials", "DiskFull", "disk_full", "disk_full_errno"]
