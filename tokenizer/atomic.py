@@ -39,41 +39,6 @@ from typing import Any, BinaryIO, TextIO
 
 PARTIAL_MARK = ".partial-"
 PARTIAL_SUFFIX = ".tmp"
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-
-class DiskFull(OSError):
-    """A write that failed for lack of space: ENOSPC, EDQUOT (quota) or EFBIG (a file size limit). `errno` is
-    the system's; the message (`str`) names the file, says that its previous version is intact and what to do."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def disk_full_errno(exc: BaseException | None) -> int | None:
-    """The ENOSPC/EDQUOT/EFBIG behind `exc`, else None. Looks through the exception's chain, because libraries
-    hide it: torch.save to a file raises RuntimeError("... unexpected pos ...") with the OSError as its context,
-    safetensors a SafetensorError whose message ends "(os error 28)" (Rust's form of an errno)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return exc.errno
-        found = re.search(r"\(os error (\d+)\)", str(exc))
-        if found and int(found.group(1)) in DISK_FULL_ERRNOS:
-            return int(found.group(1))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def disk_full(code: int, path: str | os.PathLike, previous_intact: bool, what: str = "") -> DiskFull:
-    """The DiskFull for a failed write of `path` (`what`: which part of it was being written, if not all)."""
-    path = os.fspath(path)
-    kept = (f"the previous {os.path.basename(path)} is intact" if previous_intact
-            else f"nothing was written at {path}")
-    return DiskFull(code, f"{path}: disk full (no space left) while writing {what or 'it'} "
-                          f"[{errno.errorcode[code]}: {os.strerror(code)}]; {kept}. Free space on that filesystem "
-                          "(or raise the quota or file size limit) and run the command again", path)
 
 
 def _fsync_directory(directory: str) -> None:
@@ -93,24 +58,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     For libraries that insist on writing by file name (safetensors, torch.save to a path)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    existed = os.path.exists(path)
-    tmp = None
+    existed = os.path.exists(path)  # what a full disk's message says: the previous version is intact
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}{PARTIAL_MARK}",
+                               suffix=PARTIAL_SUFFIX)
+    os.close(fd)
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}{PARTIAL_MARK}",
-                                   suffix=PARTIAL_SUFFIX)
-        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:  # the library may not have fsynced what it wrote
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        code = disk_full_errno(e)
-        if code is not None and not isinstance(e, DiskFull):
-            raise disk_full(code, path, existed) from e
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise_if_disk_full(e, path, existed)
         raise
     _fsync_directory(directory)
 
@@ -163,6 +124,52 @@ def remove_stale_partials(directory: str | os.PathLike) -> list[str]:
     return removed
 
 
+# ---- a full disk --------------------------------------------------------------------------------------------------
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class DiskFull(OSError):
+    """A write that failed for lack of space: ENOSPC, EDQUOT (quota) or EFBIG (a file size limit). `errno` is
+    the system's; the message (`str`) names the file, says that its previous version is intact and what to do."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def disk_full_errno(exc: BaseException | None) -> int | None:
+    """The ENOSPC/EDQUOT/EFBIG behind `exc`, else None. Looks through the exception's chain, because libraries
+    hide it: torch.save to a file raises RuntimeError("... unexpected pos ...") with the OSError as its context,
+    safetensors a SafetensorError whose message ends "(os error 28)" (Rust's form of an errno)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc.errno
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found and int(found.group(1)) in DISK_FULL_ERRNOS:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def raise_if_disk_full(exc: BaseException, path: str | os.PathLike, previous_intact: bool, what: str = "") -> None:
+    """Raise DiskFull (from `exc`) when `exc` comes from a full disk and is not a DiskFull already."""
+    code = disk_full_errno(exc)
+    if code is not None and not isinstance(exc, DiskFull):
+        raise disk_full(code, path, previous_intact, what) from exc
+
+
+def disk_full(code: int, path: str | os.PathLike, previous_intact: bool, what: str = "") -> DiskFull:
+    """The DiskFull for a failed write of `path` (`what`: which part of it was being written, if not all)."""
+    path = os.fspath(path)
+    kept = (f"the previous {os.path.basename(path)} is intact" if previous_intact
+            else f"nothing was written at {path}")
+    return DiskFull(code, f"{path}: disk full (no space left) while writing {what or 'it'} "
+                          f"[{errno.errorcode[code]}: {os.strerror(code)}]; {kept}. Free space on that filesystem "
+                          "(or raise the quota or file size limit) and run the command again", path)
+
+
+# ---- outputs of several files -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, owned: Callable[[str], bool] = lambda name: True) -> Iterator[Path]:
     """Yield a fresh, empty directory beside `path` to write a whole output into; when the block exits cleanly it
@@ -193,10 +200,9 @@ def atomic_directory(path: str | os.PathLike, owned: Callable[[str], bool] = lam
     except BaseException as e:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-        code = disk_full_errno(e)
-        if code is not None:
+        if disk_full_errno(e) is not None:  # named for the directory: the file's own message names the staging one
             what = os.path.basename(e.filename) if isinstance(e, OSError) and e.filename else ""
-            raise disk_full(code, path, path.is_dir(), what=what or "its files") from e
+            raise disk_full(disk_full_errno(e), path, path.is_dir(), what=what or "its files") from e
         raise
 
 
@@ -227,4 +233,4 @@ def _swap_in(staging: Path, path: Path, owned: Callable[[str], bool]) -> None:
 
 
 __all__ = ["atomic_path", "atomic_open", "atomic_directory", "write_text", "write_json", "torch_save", "is_partial",
-           "remove_stale_partials", "DiskFull", "disk_full", "disk_full_errno"]
+           "remove_stale_partials", "DiskFull", "disk_full", "disk_full_errno", "raise_if_disk_full"]
