@@ -15,7 +15,11 @@ Outputs go to checkpoints/<run>/: config.yaml (the resolved config, written once
 versions that differ are kept as config.1.yaml, ...), checkpoints (written atomically), TensorBoard logs, and,
 when training ends, tokenizer/ (save_pretrained of the EMA weights when EMA is on). `--ckpt_path last` resumes
 from the newest checkpoint that loads, and refuses a checkpoint whose architecture differs from the config's
-(tokenizer/training/cli.py).
+(tokenizer/training/cli.py); on a finished run it trains nothing and writes tokenizer/ again if that export is
+missing or incomplete (a full disk at the end of the run; tokenizer/training/export.py).
+
+Expected errors (a full disk, a bad config value, an unreadable checkpoint, a diverged training) end the command
+with one line, `train.py: error: ...`, and status 1; ONEDTOK_DEBUG=1 shows the traceback (tokenizer/errors.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import warnings
 # `data` and `eval` are repo-local packages: make them importable whatever the working directory.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.training.cli import main  # noqa: E402
+from tokenizer.training.divergence import TrainingDiverged  # noqa: E402
 
 # Expected here, not problems: checkpoints hold the post-step state (what we want), and the EMA copy of the
 # tokenizer lives in eval mode on purpose.
@@ -37,4 +43,4 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).
 
 
 if __name__ == "__main__":
-    main()
+    run_command("train.py", main, also=(TrainingDiverged,))

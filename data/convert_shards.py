@@ -46,6 +46,7 @@ from collections.abc import Callable
 from data.folder import scan_image_folder
 from data.tar_shards import count_shard_samples
 from tokenizer import atomic
+from tokenizer.errors import run_command
 from tokenizer.images import decode_error, image_format
 
 FORMAT_EXT = {
@@ -374,4 +375,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("data.convert_shards", main)  # expected errors (an unreadable --src, a full disk): one line

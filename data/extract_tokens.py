@@ -78,6 +78,7 @@ from data.tokens import (  # noqa: E402
 )
 from data.transforms import to_float_images  # noqa: E402
 from tokenizer.directory_lock import DirectoryInUse, lock_directory  # noqa: E402
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
 
 log = logging.getLogger("extract_tokens")
@@ -178,10 +179,7 @@ def extract_locked(args: argparse.Namespace, state) -> dict | None:
 
     pi, n = state.process_index, state.num_processes
     device = state.device
-    try:
-        tokenizer = OneDTokenizer.from_pretrained(args.tokenizer, map_location="cpu").to(device).eval()
-    except (ValueError, FileNotFoundError) as e:  # a named problem (e.g. NaN weights): one line, no traceback
-        raise SystemExit(f"data.extract_tokens: {e}") from None
+    tokenizer = OneDTokenizer.from_pretrained(args.tokenizer, map_location="cpu").to(device).eval()
     tokenizer.requires_grad_(False)
     k = args.num_tokens or tokenizer.max_tokens
     if not 1 <= k <= tokenizer.max_tokens:
@@ -303,4 +301,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("data.extract_tokens", main)  # expected errors (a bad tokenizer, a full disk): one line

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from data.datamodule import ImageDataModule
-from data.loading import PREFETCH_FACTOR
+from data.loading import PREFETCH_FACTOR, check_one_batch
 from data.skips import SkipCounter, Skipped
 from data.transforms import train_transform
 from tokenizer.images import IMAGE_EXTENSIONS, eval_transform, read_image, read_image_or_reason, walk_image_files
@@ -190,6 +190,9 @@ class FolderDataModule(ImageDataModule):
 
     def train_dataloader(self):
         self.setup("fit")
+        if self.drop_last:
+            check_one_batch(self, len(self.train_set), f"folder {self.train_dir}: image files",
+                            "add images, or set drop_last false")
         return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
 
     def val_dataloader(self):

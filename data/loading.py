@@ -11,9 +11,13 @@
   device, and each worker keeps ``prefetch_factor`` batches in flight.
 - Unreadable images are skipped and counted (``data.skips``); ``log_skipped`` sends a DataModule's running count
   to the trainer's loggers.
+- A training set too small for one full batch is an error (``check_one_batch``): the loaders drop the incomplete
+  last batch, and Lightning, given no batch at all, used to stop before the first step and exit 0 with no output.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -50,6 +54,23 @@ def loader_kwargs(
     if num_workers > 0:  # DataLoader rejects both options without workers
         kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
     return kwargs
+
+
+def check_one_batch(datamodule, num_items: int, what: str, fix: str) -> None:
+    """Refuse a training set that gives no batch: fewer than `datamodule.batch_size` items per process, with the
+    incomplete batch dropped. `what`: the items and where they come from; `fix`: what to change besides the batch
+    size. The share per process is the DistributedSampler's (ceil(N / world size)); the world size is that of the
+    attached Trainer (1 without one)."""
+    trainer = getattr(datamodule, "trainer", None)
+    world = int(trainer.world_size) if trainer is not None else 1
+    per_process = math.ceil(num_items / world)
+    batch_size = datamodule.batch_size
+    if per_process >= batch_size:
+        return
+    share = f" ({per_process} per process of {world})" if world > 1 else ""
+    raise ValueError(f"{what}: {num_items} for training{share}, fewer than one batch of batch_size {batch_size}; the "
+                     f"incomplete batch is dropped, so training would run no step. Lower batch_size to at most "
+                     f"{max(per_process, 1)}, or {fix}")
 
 
 def float_image_batch(batch):

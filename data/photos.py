@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from data.datamodule import ImageDataModule
-from data.loading import loader_kwargs
+from data.loading import check_one_batch, loader_kwargs
 from data.transforms import to_float_images
 from tokenizer.metrics import to_uint8
 
@@ -168,6 +168,8 @@ class PhotosDataModule(ImageDataModule):
             self.val_set = FixedCrops(crops, labels)
 
     def train_dataloader(self) -> DataLoader:
+        check_one_batch(self, len(self.train_set), "photos: train_crops_per_epoch random crops",
+                        "raise train_crops_per_epoch")
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, drop_last=True,
                           **self.loader_kwargs())
 

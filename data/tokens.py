@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from data.loading import check_one_batch
 from data.token_format import (
     FORMAT,
     VERSION,
@@ -379,6 +380,9 @@ class TokenDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self):
+        if self.drop_last:
+            check_one_batch(self, len(self.train_set), f"token shards {self.root}: records",
+                            "extract more records (or lower val_fraction), or set drop_last false")
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self):

@@ -29,7 +29,10 @@ the output, never computed from made-up weights) and precision/recall (k-NN mani
 when the reference has images (``--no-precision-recall`` skips them). Features are computed on the main process,
 in fp32; sampling is distributed (see
 ``eval.sample_generator``; ``--precision fp32|bf16`` is its autocast for the GPT and the decoder, default bf16
-on CUDA). Results: ``gfid.json`` and ``gfid.md`` in ``--out`` and a table on stdout.
+on CUDA). Results: ``gfid.json`` and ``gfid.md`` in ``--out`` and a table on stdout. ``--out`` is written as a
+whole (``eval.outputs``): when sampling, the sample sets and the results form one directory that replaces an
+earlier run's (an ``--out`` holding other files is refused, nothing is deleted); with ``--samples`` the two
+result files replace the earlier two together and everything else in ``--out`` stays.
 
 ``--num-tokens 8 16 natural``: the row "natural" scores samples that stopped at the generator's own end token
 (a GPT trained with ``end_token: true``), beside fixed k; every row also gives the generated lengths (mean,
@@ -55,9 +58,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.token_format import length_stats  # noqa: E402
 from eval.fidelity import inception_score, precision_recall  # noqa: E402
 from eval.generated_lengths import NATURAL, k_order, npz_lengths, parse_num_tokens  # noqa: E402
-from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
+from eval.outputs import check_out_dir, owned_by, shared_output_directory  # noqa: E402
+from tokenizer.atomic import atomic_directory, atomic_open, write_json, write_text  # noqa: E402
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.inception import feature_statistics, frechet_distance  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
+
+GFID_FILES = owned_by(r"gfid\.(md|json)")  # what a gFID run writes in --out (besides the samples it generates)
 
 # uint8 images [B, 3, H, W] -> pool features [B, D], or {"pool": [B, D], "logits": [B, C]} (logits for IS)
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor | dict]
@@ -312,28 +319,48 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
     generating = bool(args.checkpoint or args.gpt)
     if generating and args.samples:
         raise SystemExit("give either --samples or a generator (--checkpoint/--gpt), not both")
-    image_size, samples, state, precision = args.image_size, {}, None, None
     if generating:
-        from eval.sample_generator import sample_eval_sets, sampling_kwargs, setup
-
         if not args.out:
             raise SystemExit("--out is required when generating samples")
-        state, gpt, tok, ks = setup(args)
-        image_size = image_size or tok.image_size
-        sampling = sampling_kwargs(args)
-        precision = resolve_precision(args.precision, state.device)  # GPT + decoder; Inception stays fp32
-        samples = sample_eval_sets(gpt, tok, ks, args.num_samples, Path(args.out), state, args.batch_size,
-                                   args.seed, ("npz",), not args.no_progress, precision,
-                                   **sampling)  # fmt: skip
-        if not state.is_main_process:
-            return {}
-        del gpt, tok
-    elif args.samples:
+        return sample_and_score(args, extractor)
+    samples, image_size = {}, args.image_size
+    if args.samples:
         samples = {_k_of(p): p for p in args.samples}
         if len(samples) != len(args.samples):
             raise SystemExit("--samples: name the files samples_k<k>.npz with a different k each")
         if image_size is None:
             image_size = next(npz_images(args.samples[0], batch_size=1)).shape[-1]
+    if not (samples and args.out):
+        return score(args, samples, extractor, image_size)
+    # gfid.md and gfid.json replace those of an earlier run together; the rest of --out (the samples) is kept
+    with atomic_directory(args.out, GFID_FILES) as staging:
+        return score(args, samples, extractor, image_size, out=staging)
+
+
+def sample_and_score(args, extractor: FeatureExtractor | None) -> dict:
+    """Sample the evaluation sets into --out and score them: the samples and gfid.md/json are written as one
+    whole directory (eval.outputs), which replaces an earlier run's and refuses an --out holding other files."""
+    from eval.sample_generator import SAMPLING_OUTPUT, sample_eval_sets, sampling_kwargs, setup
+
+    check_out_dir(args.out, SAMPLING_OUTPUT, "eval.gfid")  # the sets and gfid.md/json: what sampling writes
+    state, gpt, tok, ks = setup(args)
+    sampling = sampling_kwargs(args)
+    precision = resolve_precision(args.precision, state.device)  # GPT + decoder; Inception stays fp32
+    with shared_output_directory(state, args.out, SAMPLING_OUTPUT) as staging:
+        samples = sample_eval_sets(gpt, tok, ks, args.num_samples, staging, state, args.batch_size, args.seed,
+                                   ("npz",), not args.no_progress, precision, **sampling)  # fmt: skip
+        if not state.is_main_process:
+            return {}
+        image_size = args.image_size or tok.image_size
+        del gpt, tok
+        final = {k: str(Path(args.out) / Path(p).relative_to(staging)) for k, p in samples.items()}
+        return score(args, samples, extractor, image_size, state, precision, staging, final)
+
+
+def score(args, samples: dict, extractor: FeatureExtractor | None, image_size: int | None, state=None,
+          precision: str | None = None, out: Path | None = None, recorded: dict | None = None) -> dict:
+    """gFID of `samples` ({k: npz}) against the reference of `args`; gfid.md and gfid.json into `out` (if given),
+    with the sample paths `recorded` ({k: path}, default: the paths read)."""
     if extractor is None:
         device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         extractor = inception_extractor(device)
@@ -343,12 +370,13 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
         result["sampling_precision"] = precision
     if samples:
         rows = gfid(samples, ref, extractor)
+        for k, path in (recorded or {}).items():
+            rows[k]["samples"] = path
         result["rows"] = rows
         result["protocol"] = PROTOCOL
         table = markdown(rows, ref.description)
         print(table)
-        if args.out:
-            out = Path(args.out)
+        if out is not None:
             write_text(out / "gfid.md", table + "\n")
             write_json(out / "gfid.json", result)
     elif not args.save_ref_stats:
@@ -357,4 +385,4 @@ def main(argv: list[str] | None = None, extractor: FeatureExtractor | None = Non
 
 
 if __name__ == "__main__":
-    main()
+    run_command("eval.gfid", main)

@@ -12,8 +12,10 @@ kept, not resampled (an interrupted sweep resumes). The main process then comput
 per (cfg, k), gFID, Inception Score (when the Inception has logits) and precision/recall (`eval.gfid`).
 
 Writes OUT/sweep.json (every row and the protocol), OUT/sweep.md (one table, rows cfg x k) and OUT/gfid_vs_k.png
-(gFID against k, log2 axis, one line per cfg scale). With `--num-tokens ... natural` (a GPT with an end token) the
-"natural" row scores samples that stopped at their own end token; the plot marks it with a star at its mean length.
+(gFID against k, log2 axis, one line per cfg scale), the three as a set (`eval.outputs`: a failed sweep leaves the
+previous three; the sample folders and anything else in OUT stay). With `--num-tokens ... natural` (a GPT with an
+end token) the "natural" row scores samples that stopped at their own end token; the plot marks it with a star at
+its mean length.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval import gfid  # noqa: E402
 from eval.generated_lengths import NATURAL, k_name, k_order  # noqa: E402
-from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
+from eval.outputs import owned_by  # noqa: E402
+from tokenizer.atomic import atomic_directory, atomic_open, write_json, write_text  # noqa: E402
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.precision import resolve_precision  # noqa: E402
+
+SWEEP_FILES = owned_by(r"sweep\.(md|json)|gfid_vs_k\.png")  # the sweep's summary, replaced as a set
 
 
 def complete(path: Path, num_samples: int) -> bool:
@@ -119,13 +125,16 @@ def main(argv: list[str] | None = None, extractor: gfid.FeatureExtractor | None 
     out = Path(args.out)
     table = markdown(rows, ref.description)
     print(table)
-    write_text(out / "sweep.md", table + "\n")
     result = {"reference": ref.description, "protocol": gfid.PROTOCOL, "num_samples": args.num_samples,
               "precision": resolve_precision(args.precision, state.device), "rows": rows}  # fmt: skip
-    write_json(out / "sweep.json", result, default=str)
-    result["plot"] = str(plot(rows, out / "gfid_vs_k.png"))
+    # the three summary files replace an earlier sweep's together; the cfg<scale>/ sample folders stay
+    with atomic_directory(out, SWEEP_FILES) as staging:
+        write_text(staging / "sweep.md", table + "\n")
+        write_json(staging / "sweep.json", result, default=str)
+        plot(rows, staging / "gfid_vs_k.png")
+    result["plot"] = str(out / "gfid_vs_k.png")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_command("eval.gfid_sweep", main)

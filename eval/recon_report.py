@@ -1,6 +1,8 @@
 """Reconstruction report files: metrics.md (protocol, table, notes, adaptive section) and metrics.json (strict JSON:
 a value that does not exist is null, never NaN), with the figures of ``eval.recon_plots`` and per_image.npz.
-Every file goes through ``tokenizer.atomic``: a killed run leaves the previous complete report.
+The report is written as a whole (``eval.outputs``): every file into a fresh directory beside ``out``, swapped in
+when all are written, so a killed or failed run (a full disk) leaves the previous report complete and untouched,
+and a report never holds files of another run (figures of another k list beside new metrics).
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ import torch
 
 from data.skips import report_line
 from eval.codecs import THUMBNAIL, thumbnail_side
+from eval.outputs import owned_by
 from eval.recon_eval import PROTOCOL, Row
 from eval.recon_plots import plot_adaptive_histogram, plot_metrics, plot_usage, save_grid
 from tokenizer import atomic
+
+# Every file a report may hold (the codec grids are reconstructions_<codec>.png): what a new report replaces.
+REPORT_FILE = owned_by(r"metrics\.(md|json)|metrics_vs_(tokens|bits)\.png|usage_per_position\.png|"
+                       r"adaptive_k_hist\.png|reconstructions(_\w+)?\.png|per_image\.npz")
 
 
 def report_meta(tokenizer, *, num_images: int, source: str, skipped: dict, num_processes: int, device: str,
@@ -123,10 +130,15 @@ def _nan_to_none(row: dict) -> dict:
 
 def write_report(rows: list[Row], grid: dict[str, torch.Tensor], out: Path, meta: dict,
                  per_image: dict | None = None, usage: dict | None = None, adaptive: dict | None = None) -> str:
-    """Writes every output file into ``out``; returns the markdown table. usage: position_usage(ids, V).
-    adaptive: ``eval.adaptive_eval.adaptive_section`` ({"rows", "default_targets", "k_max"} or {"skipped"});
-    None leaves the section out."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Writes every output file into ``out``, as a whole (module docstring): the files of an earlier report there
+    (REPORT_FILE) are replaced together, anything else in ``out`` is kept. Returns the markdown table. usage:
+    position_usage(ids, V). adaptive: ``eval.adaptive_eval.adaptive_section`` ({"rows", "default_targets",
+    "k_max"} or {"skipped"}); None leaves the section out."""
+    with atomic.atomic_directory(out, owned=REPORT_FILE) as staging:
+        return _write_files(rows, grid, staging, meta, per_image, usage, adaptive)
+
+
+def _write_files(rows, grid, out: Path, meta, per_image, usage, adaptive) -> str:
     table = markdown_table(rows)
     protocol = "\n".join(f"- **{k}**: {v}" for k, v in meta["protocol"].items())
     notes = ("`*`: the codec could not get down to the target bits (even its lowest quality is larger); "
@@ -142,8 +154,6 @@ def write_report(rows: list[Row], grid: dict[str, torch.Tensor], out: Path, meta
     header = (f"# Reconstruction per token count\n\n{meta['description']}\n\n"
               f"Images: N = {meta['num_images']} ({meta['source']}), evaluated by {meta['num_processes']} "
               f"process(es).\n\n{skip_text}Protocol:\n{protocol}\n\n")
-    # every file goes through tokenizer.atomic (temp file in `out`, then rename): a killed run leaves the previous
-    # complete report, never a half-written one
     section = "" if adaptive is None else "\n\n" + adaptive_markdown(adaptive)
     atomic.write_text(out / "metrics.md", header + table + "\n\n" + notes + section + "\n")
     report = {"meta": meta, "rows": [_nan_to_none(asdict(r)) for r in rows]}
@@ -168,5 +178,3 @@ def write_report(rows: list[Row], grid: dict[str, torch.Tensor], out: Path, meta
         with atomic.atomic_open(out / "per_image.npz", "wb") as f:  # a file object: numpy adds no ".npz"
             np.savez(f, **per_image)
     return table
-
-

@@ -62,7 +62,9 @@ log2 k), so the token savings at equal quality (:mod:`eval.adaptive_eval`). Targ
 ...`` and/or ``--adaptive-lpips D ...``; by default three PSNR targets 25/50/75 % of the way from the mean PSNR
 at the smallest evaluated k to that at the largest (none, and a note, with fewer than two k).
 
-Outputs in ``--out`` (each written to a temp file there and renamed, ``tokenizer.atomic``): ``metrics.md``
+Outputs in ``--out``, written as a whole (``eval.outputs``: into a fresh directory beside it, swapped in when
+every file is written; an ``--out`` that holds other files is refused before the evaluation, nothing is deleted;
+a failed run leaves the previous report untouched): ``metrics.md``
 (protocol + skipped images + table + per-position usage line + adaptive section), ``metrics.json`` (meta, with
 ``skipped``: {"count": unreadable images over all processes, "paths": the first 100 as {"path", "reason"}},
 rows, ``usage_per_position``: {"values": [K floats, position 1..K], "mean", "min", "max", "num_images",
@@ -74,6 +76,9 @@ codecs at achieved bits, log x), ``usage_per_position.png``, ``adaptive_k_hist.p
 ``per_image.npz`` (its ``ids`` [N, K] are what the per-position usage is computed from; ``adaptive_lengths``
 [N, T] and ``adaptive_metrics`` [N, T, 3] (PSNR, SSIM, LPIPS) the adaptive section's, targets in
 ``adaptive_targets``).
+
+Errors: a missing or unreadable input, a bad value or a full disk ends the command with one line
+(``eval.reconstruction: error: ...``, status 1; ``ONEDTOK_DEBUG=1`` for the traceback; ``tokenizer.errors``).
 
 Code: this file is the command line; the evaluation is :mod:`eval.recon_eval` (protocol, loop) with
 :mod:`eval.gather` (across processes), the files :mod:`eval.recon_report` and :mod:`eval.recon_plots`.
@@ -91,8 +96,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.adaptive_eval import PROTOCOL_ADAPTIVE, adaptive_section, make_targets  # noqa: E402
 from eval.codecs import CODEC_NAMES  # noqa: E402
 from eval.gather import FidReference, gather_skips  # noqa: E402
+from eval.outputs import check_out_dir  # noqa: E402
 from eval.recon_eval import Row, evaluate, load_tokenizer, position_usage  # noqa: E402
-from eval.recon_report import report_meta, write_report  # noqa: E402
+from eval.recon_report import REPORT_FILE, report_meta, write_report  # noqa: E402
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.length import powers_of_two_upto  # noqa: E402
 from tokenizer.precision import add_precision_arg, resolve_precision  # noqa: E402
 
@@ -134,13 +141,9 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
 
     given = args.adaptive_psnr is not None or args.adaptive_lpips is not None
     targets = make_targets(args.adaptive_psnr, args.adaptive_lpips) if given else None  # bad values: now
+    check_out_dir(args.out, REPORT_FILE, "the report")  # before the evaluation, not after it
     accelerator = Accelerator(cpu=args.cpu)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer, args.checkpoint)
-    except (ValueError, FileNotFoundError) as e:  # a named problem (e.g. NaN weights): one line, no traceback
-        if argv is not None:  # from Python (tests): the caller sees the exception
-            raise
-        raise SystemExit(f"eval.reconstruction: {e}") from None
+    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint)
     k_max = tokenizer.max_tokens
     ks = sorted(set(args.num_tokens or powers_of_two_upto(k_max)))
     if not all(1 <= k <= k_max for k in ks):
@@ -185,4 +188,4 @@ def main(argv: list[str] | None = None) -> list[Row] | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("eval.reconstruction", main)

@@ -23,6 +23,11 @@ processes. Each process writes its PNGs (`k{k:03d}/{i:06d}.png`) and an npz part
 `wait_for_everyone()` the main process merges the parts into `samples_k{k:03d}.npz` (arr_0 uint8
 [N, H, W, 3], arr_1 int64 [N] labels, ordered by i) and checks that it holds exactly N samples.
 
+`--out` is written as a whole (`eval.outputs`): the grid, the sets, lengths.md and sampling.json go into a fresh
+directory beside it, swapped in at the end, so the sets of an earlier run with other k never stay beside this
+run's sampling.json, and a failed run leaves the earlier output untouched. An `--out` that holds files this
+command does not write is refused before sampling (nothing is deleted).
+
 Precision (`--precision fp32|bf16`, default bf16 on CUDA, fp32 on CPU): the GPT's forward passes and the
 tokenizer's decoder run under that autocast (`tokenizer.precision`); the sampler itself, the quantizer's code
 lookup and the conversion to uint8 (clamp to [0, 1], round) are fp32. bf16 changes the sampled ids (a logit
@@ -54,9 +59,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.processes import SingleProcess, process_state  # noqa: E402
 from eval.generated_lengths import NATURAL, k_name, k_order, length_report, lengths_markdown, parse_num_tokens  # noqa: E402
+from eval.outputs import check_out_dir, owned_by, shared_output_directory  # noqa: E402
 from tokenizer.atomic import atomic_open, write_json, write_text  # noqa: E402
+from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.generator import GPT, generate, preset_config  # noqa: E402
 from tokenizer.precision import add_precision_arg, autocast, resolve_precision  # noqa: E402
+
+# Every file and folder a sampling run writes in --out (PNG folders k008/ or natural/), and the gFID results of
+# eval.gfid on these sets (they describe the old sets): what the next sampling run replaces.
+SAMPLING_OUTPUT = owned_by(r"grid\.png|sampling\.json|lengths\.md|\.parts|samples_(k\d+|natural)\.npz|k\d+|natural|"
+                           r"gfid\.(md|json)")
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
@@ -341,8 +353,17 @@ def setup(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_out_dir(args.out, SAMPLING_OUTPUT, "eval.sample_generator")  # before any sampling
     state, gpt, tok, ks = setup(args)
     out = Path(args.out)
+    with shared_output_directory(state, out, SAMPLING_OUTPUT) as staging:  # swapped in as a whole at the end
+        return sample_into(args, state, gpt, tok, ks, staging, out)
+
+
+def sample_into(args, state, gpt: GPT, tok, ks: list, staging: Path, out: Path) -> dict:
+    """Write the grid, the evaluation sets and sampling.json into `staging`, recording them under `out` (where
+    they will be once it is swapped in)."""
+    final = lambda p: str(out / Path(p).relative_to(staging))  # noqa: E731
     sampling = sampling_kwargs(args)
     precision = resolve_precision(args.precision, state.device)
     written: dict = {"num_tokens": ks, **sampling, "seed": args.seed, "precision": precision}
@@ -351,27 +372,26 @@ def main(argv: list[str] | None = None) -> dict:
         classes = grid_classes(gpt, args.grid_classes)
         rows, row_labels = sample_grid(gpt, tok, grid_ks, classes, args.grid_rows_per_class, args.grid_rows,
                                        args.seed, state.device, precision, **sampling)  # fmt: skip
-        written["grid"] = str(save_grid_png(rows, out / "grid.png"))
+        written["grid"] = final(save_grid_png(rows, staging / "grid.png"))
         written["grid_rows"] = row_labels
         print(f"grid ({len(row_labels)} rows = classes {row_labels}, columns = k {grid_ks}) -> {written['grid']}")
     if args.num_samples > 0:
         formats = ("npz", "png") if args.format == "both" else (args.format,)
-        sets = sample_eval_sets(gpt, tok, ks, args.num_samples, out, state, args.batch_size, args.seed,
+        sets = sample_eval_sets(gpt, tok, ks, args.num_samples, staging, state, args.batch_size, args.seed,
                                 formats, not args.no_progress, precision, **sampling)  # fmt: skip
-        written["samples"] = {k: str(p) for k, p in sets.items()}
+        written["samples"] = {k: final(p) for k, p in sets.items()}
         written["num_samples"] = args.num_samples
         if state.is_main_process:
-            for k, p in sets.items():
+            for k, p in written["samples"].items():
                 print(f"k={k}: {args.num_samples} samples -> {p}")
             if report := length_report(sets):
                 written["lengths"] = report
-                write_text(out / "lengths.md", lengths_markdown(report) + "\n")
+                write_text(staging / "lengths.md", lengths_markdown(report) + "\n")
                 print(lengths_markdown(report))
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "sampling.json", written)
+        write_json(staging / "sampling.json", written)
     return written
 
 
 if __name__ == "__main__":
-    main()
+    run_command("eval.sample_generator", main)

@@ -50,7 +50,7 @@ def test_train_py_exits_nonzero_naming_the_divergence(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()
-    assert any(line.startswith("error: training diverged") for line in last), proc.stderr[-3000:]
+    assert any(line.startswith("train.py: error: training diverged") for line in last), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (run / "tokenizer").exists()
     # every checkpoint written is finite: the save of a diverged state was refused

@@ -4,6 +4,7 @@
     onedtok encode photos/ --tokenizer DIR --min-psnr 26 --out tokens.npz    # per image, the fewest tokens for 26 dB
     onedtok decode tokens.npz --tokenizer DIR --out recon/ [--num-tokens 16]
     onedtok info DIR
+    onedtok export checkpoints/<run>/ckpt/last.ckpt --out DIR    # what the end of training exports (EMA if on)
 
 Images are read as in evaluation: any mode to RGB, shorter side resized to the tokenizer's image size (bicubic,
 antialiased), centre crop. Folders are walked recursively (symlink loops are safe); unreadable files, decompression
@@ -12,6 +13,9 @@ recorded in the token file. The token file (`tokens.npz`, format
 `onedtok-tokens/1`) holds ids [N, k] (0 past each image's length), lengths [N], keys [N] (paths relative to the
 folder given, or the file name for a file given directly), and a JSON header with the SHA-256 of the
 tokenizer's weights: `decode` with another tokenizer is refused.
+
+Expected errors (a missing or unreadable input, a bad value, a full disk) end the command with one line,
+`onedtok <command>: error: ...`, and status 1; ONEDTOK_DEBUG=1 shows the traceback (tokenizer/errors.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import run_command
 
 TOKENS_FORMAT = "onedtok-tokens/1"
 
@@ -218,6 +224,15 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .persistence import weights_sha256
+    from .training.export import export_checkpoint
+
+    out = export_checkpoint(a.checkpoint, a.out)
+    print(f"{a.checkpoint} -> {out}/ (weights sha256 {weights_sha256(out)[:16]}...)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onedtok", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,6 +256,9 @@ def parser() -> argparse.ArgumentParser:
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     info = sub.add_parser("info", help="what a tokenizer is and how it was trained")
     info.add_argument("tokenizer", help="a save_pretrained directory")
+    export = sub.add_parser("export", help="a training checkpoint -> a save_pretrained directory (as training ends)")
+    export.add_argument("checkpoint", help="a TokenizerModule checkpoint (e.g. checkpoints/<run>/ckpt/last.ckpt)")
+    export.add_argument("--out", required=True, help="the directory to write (config.json + model.safetensors)")
     return p
 
 
@@ -248,12 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if getattr(a, "batch_size", 1) < 1:
         raise SystemExit(f"onedtok: --batch-size must be >= 1, got {a.batch_size}")
-    try:
-        return {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info}[a.command](a)
-    except (ValueError, FileNotFoundError) as e:
-        if argv is not None:  # from Python (tests): the caller sees the exception
-            raise
-        raise SystemExit(f"onedtok {a.command}: {e}") from None
+    command = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export}[a.command]
+    if argv is not None:  # from Python (tests): the caller sees the exception
+        return command(a)
+    return run_command(f"onedtok {a.command}", lambda: command(a))  # expected errors: one line (errors.py)
 
 
 __all__ = ["main", "collect_images", "encode_files", "save_tokens", "load_tokens", "TOKENS_FORMAT"]

@@ -19,6 +19,38 @@ RENAMED_FIELDS = {"num_latent_tokens": "max_tokens"}
 LENGTH_MECHANISMS = ("tail_token_drop", "nested_dropout", "fixed")
 LENGTH_SAMPLING = ("uniform", "pow2", "log_uniform")
 
+# The allowed values of the numeric fields: (lowest, highest, whether the lowest itself is allowed), None for no
+# bound. Checked first, before anything divides by a field (image_size % patch_size) or allocates with it: a
+# patch_size of 0 used to end in a ZeroDivisionError, a codebook_size of 0 deep inside the quantizer.
+RANGES = {
+    "image_size": (1, None, True), "patch_size": (1, None, True), "max_tokens": (1, None, True),
+    "enc_width": (1, None, True), "enc_depth": (1, None, True), "enc_heads": (1, None, True),
+    "dec_width": (1, None, True), "dec_depth": (1, None, True), "dec_heads": (1, None, True),
+    "mlp_ratio": (0, None, False), "codebook_size": (2, None, True), "token_dim": (1, None, True),
+    "vq_commitment_weight": (0, None, True), "vq_decay": (0, 1, True), "vq_dead_code_threshold": (0, None, True),
+    "lfq_entropy_weight": (0, None, True), "decoder_refine_channels": (0, None, True),
+}  # fmt: skip
+
+
+class ConfigTypeError(TypeError, ValueError):
+    """A config field of the wrong type. Also a ValueError: for a command it is a bad value like any other."""
+
+
+def check_ranges(config, ranges: dict[str, tuple]) -> None:
+    """Raise ValueError naming the first field of the dataclass `config` outside its range in `ranges` (see
+    RANGES), with its value and the allowed range. NaN is outside every range."""
+    for name, (lo, hi, lo_allowed) in ranges.items():
+        value = getattr(config, name)
+        if value is None:  # an optional field left unset
+            continue
+        above = value >= lo if lo_allowed else value > lo
+        if not (above and (hi is None or value <= hi)):
+            if hi is None:
+                allowed = f"{'>=' if lo_allowed else '>'} {lo}"
+            else:
+                allowed = f"in {'[' if lo_allowed else '('}{lo}, {hi}]"
+            raise ValueError(f"{type(config).__name__}.{name} must be {allowed}, got {value!r}")
+
 
 @dataclass
 class TokenizerConfig:
@@ -87,6 +119,10 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        check_ranges(self, RANGES)
+        if not self.fsq_levels or min(self.fsq_levels) < 2:
+            raise ValueError(f"TokenizerConfig.fsq_levels must be a non-empty list of levels >= 2, got "
+                             f"{self.fsq_levels!r}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.length_mechanism not in LENGTH_MECHANISMS:
@@ -106,8 +142,6 @@ class TokenizerConfig:
             raise ValueError("decoder_refine_channels must be 0 (off) or >= 3 with decoder_conv false (the refine "
                              f"block replaces that conv), got {self.decoder_refine_channels} with decoder_conv "
                              f"{self.decoder_conv}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"lfq needs a power-of-two codebook_size, got {self.codebook_size}")
         self.fsq_levels = list(self.fsq_levels)
@@ -126,7 +160,7 @@ class TokenizerConfig:
             else:
                 ok = type(value).__name__ == kind
             if not ok:
-                raise TypeError(f"TokenizerConfig.{f.name} must be {kind}, got {value!r} "
+                raise ConfigTypeError(f"TokenizerConfig.{f.name} must be {kind}, got {value!r} "
                                 f"({type(value).__name__})")
 
     @property

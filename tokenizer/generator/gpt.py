@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_ranges
 from ..persistence import WEIGHTS_NAME, load_model_state, load_state_strict, read_model_config, save_model_dir
 from .end_token import check_lengths, end_token_sequences
 from .layers import Block, RMSNorm, rope_cache
@@ -51,6 +52,15 @@ FORMAT = "onedtok-gpt/1"
 
 def _find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
+
+
+# Allowed values of GPTConfig's numeric fields, as tokenizer/config.py's RANGES: (lowest, highest, lowest allowed).
+GPT_RANGES = {
+    "vocab_size": (2, None, True), "max_tokens": (1, None, True), "num_classes": (0, None, True),
+    "dim": (1, None, True), "depth": (1, None, True), "heads": (1, None, True), "mlp_hidden": (1, None, True),
+    "mlp_multiple_of": (1, None, True), "class_dropout_prob": (0, 1, True), "rope_base": (0, None, False),
+    "norm_eps": (0, None, False), "dropout": (0, 1, True), "init_std": (0, None, False),
+}  # fmt: skip
 
 
 @dataclass
@@ -74,17 +84,11 @@ class GPTConfig:
     end_token: bool = False  # one more id, end_id = vocab_size: "this image is done" (variable-length records)
 
     def __post_init__(self) -> None:
+        check_ranges(self, GPT_RANGES)  # first: dim % heads divides by heads
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if (self.dim // self.heads) % 2:
             raise ValueError(f"head dim {self.dim // self.heads} must be even for rotary embeddings")
-        if self.vocab_size < 2 or self.max_tokens < 1 or self.num_classes < 0:
-            raise ValueError(
-                f"bad vocab_size/max_tokens/num_classes: {self.vocab_size}/{self.max_tokens}/"
-                f"{self.num_classes}"
-            )
-        if not 0.0 <= self.class_dropout_prob <= 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1], got {self.class_dropout_prob}")
         if self.mlp_hidden is None:
             self.mlp_hidden = _find_multiple(int(2 * 4 * self.dim / 3), self.mlp_multiple_of)
 

@@ -11,6 +11,8 @@
   holder's host and pid. A resume after the first run ended (or died: the kernel drops its lock) works.
 - Progress: `StepProgress` (tokenizer/training/progress.py) replaces Lightning's default bar: a bar on a terminal,
   plain lines in a log, and neither reads the device between logging steps.
+- A config value that a class refuses while it is built (TokenizerConfig's ranges) is reported as that class's
+  own error, not inside jsonargparse's union-type message.
 - The run's `config.yaml` is written only once the restore has succeeded (a failed resume with a wrong config
   must not replace the one config that resumes the run). A resume whose config differs keeps the previous file as
   `config.1.yaml`, `config.2.yaml`, ... so the run's history stays readable.
@@ -27,12 +29,10 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tokenizer.atomic import write_text
-from tokenizer.directory_lock import DirectoryInUse
 
 from ..checkpoints import CheckpointError, checkpoint_files, newest_first, newest_loadable, read_checkpoint
 from .checkpoints import check_architecture
 from .config_files import expand_config_args
-from .divergence import TrainingDiverged
 from .progress import StepProgress
 from .run_lock import lock_run_directories
 
@@ -90,6 +90,17 @@ class TrainCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, StepProgress()])
         return super().instantiate_trainer(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            # jsonargparse reports an error raised while a class is built (a config value out of its range) as
+            # "Does not validate against any of the Union subtypes ...", several lines around the class's own
+            # error, which is its cause: that error is the one to show
+            if e.__cause__ is None:
+                raise
+            raise e.__cause__ from None
 
     def before_fit(self) -> None:
         self.run_lock = lock_run_directories(self.trainer)  # first: a second writer is refused before any work
@@ -161,17 +172,13 @@ def _loads(path: Path) -> bool:
 
 
 def main(args: list[str] | None = None) -> TrainCLI:
-    """Entry point of train.py; a CheckpointError, a TrainingDiverged or a DirectoryInUse exits with its message
-    (status 1), without a traceback."""
+    """Entry point of train.py (which runs it through tokenizer.errors.run_command: a CheckpointError, a
+    TrainingDiverged, a DirectoryInUse, a full disk or a bad config value ends the command with one line, no
+    traceback)."""
     from tokenizer.gpu import enable_fast_math
 
     enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
-    try:
-        return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
-    except (CheckpointError, TrainingDiverged, DirectoryInUse) as e:
-        if args is not None:  # called from Python (tests): let the caller see the exception
-            raise
-        sys.exit(f"error: {e}")
+    return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
 
 
 def _has_omegaconf() -> bool:

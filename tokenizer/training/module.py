@@ -181,6 +181,7 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         broadcast_from_rank0(t for name, t in [*self.named_parameters(), *self.named_buffers()] if name in ignored)
         # per-rank device draws (nested-dropout lengths, ...); tail drop's shared k comes from Python's `random`
         seed_device_per_rank(self.global_rank)
+        self._trained_this_fit = False  # on_train_start sets it; a finished run resumed never gets there
         super().on_fit_start()
 
     @property
@@ -397,9 +398,21 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
                              self.global_step)
 
     # ---- export ---------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._trained_this_fit = True
+        super().on_train_start()
+
     def on_train_end(self) -> None:
         super().on_train_end()  # DivergenceGuard: refuses a run that diverged after its last logging step
         export_tokenizer(self)  # tokenizer/training/export.py: where, and with which provenance
+
+    def on_fit_end(self) -> None:
+        # A finished run restored by `--ckpt_path last` trains nothing: Lightning skips on_train_start and
+        # on_train_end (max_steps reached). Its export may be missing or incomplete (the disk filled up while it
+        # was written): the rerun is how to write it, so it exports again unless the export is complete.
+        if not getattr(self, "_trained_this_fit", True):
+            export_tokenizer(self, only_if_incomplete=True)
+        super().on_fit_end()
 
 
 __all__ = ["TokenizerModule"]
