@@ -46,6 +46,7 @@ from collections.abc import Callable
 from data.folder import scan_image_folder
 from data.tar_shards import count_shard_samples
 from tokenizer import atomic
+from tokenizer.directory_lock import LOCK_NAME, lock_directory
 from tokenizer.errors import run_command
 from tokenizer.images import decode_error, image_format
 
@@ -205,15 +206,27 @@ def convert(
     force: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Convert ``src`` into shards under ``out``; returns the meta dict (written to ``{split}-meta.json``)."""
-    from tqdm import tqdm
+    """Convert ``src`` into shards under ``out``; returns the meta dict (written to ``{split}-meta.json``).
 
+    One conversion per split and ``out``: the split's state directory is locked for the whole run
+    (tokenizer/directory_lock.py), so a second conversion of the same split, which would write shards of the same
+    names, is refused at once naming the first one's host and pid. Other splits into the same ``out`` (train and
+    val side by side) run in parallel."""
     if not re.fullmatch(r"[A-Za-z0-9_.]+", split):
         raise ValueError(f"split name must match [A-Za-z0-9_.]+, got {split!r}")
-    t0 = time.time()
-    os.makedirs(out, exist_ok=True)
     state_dir = os.path.join(out, f".{split}-state")
-    os.makedirs(state_dir, exist_ok=True)
+    with lock_directory(state_dir, f"the '{split}' split's state directory",
+                        f"convert split '{split}' into another --out directory"):
+        return _convert_locked(src, out, split, state_dir, shard_size, max_shard_bytes, workers, shuffle, seed,
+                               force, quiet)
+
+
+def _convert_locked(src: str, out: str, split: str, state_dir: str, shard_size: int, max_shard_bytes: int | None,
+                    workers: int, shuffle: bool, seed: int, force: bool, quiet: bool) -> dict:
+    """`convert`, in a process that holds the lock of ``state_dir``."""
+    from tqdm import tqdm
+
+    t0 = time.time()
     # temp files this split's writers left when they were killed (only ours: this split's names, its state dir)
     for name in os.listdir(out):
         if atomic.is_partial(name) and name.startswith(f".{split}-"):
@@ -227,7 +240,7 @@ def convert(
             old = json.load(f)
         if old.get("fingerprint") != fp:
             if not force:
-                raise RuntimeError(
+                raise ValueError(
                     f"{out}: existing '{split}' shards were made from a different file list or settings; "
                     "use a new --out directory or --force (which deletes the old shards of this split)"
                 )
@@ -235,7 +248,8 @@ def convert(
                 if re.fullmatch(re.escape(split) + r"-\d{6}\.tar(\.tmp)?", name):
                     os.remove(os.path.join(out, name))
             for name in os.listdir(state_dir):
-                os.remove(os.path.join(state_dir, name))
+                if name != LOCK_NAME:  # ours, held: deleting a held lock file would let a second holder in
+                    os.remove(os.path.join(state_dir, name))
     _write_json(plan_path, {"fingerprint": fp, "num_shards": len(shards), "src": os.path.abspath(src)})
 
     results: dict[int, dict] = {}

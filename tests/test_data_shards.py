@@ -136,7 +136,7 @@ def test_resume_rewrites_only_missing_shard(converted):
 
 def test_rerun_with_other_settings_refused(converted):
     src, out, special, meta = converted
-    with pytest.raises(RuntimeError, match="different file list or settings"):
+    with pytest.raises(ValueError, match="different file list or settings"):
         convert(src, out, "train", shard_size=2, quiet=True)
     meta2 = convert(src, out, "train", shard_size=2, quiet=True, force=True)
     assert meta2["num_shards"] == 5 and meta2["num_samples"] == 9

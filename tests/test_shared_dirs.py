@@ -4,6 +4,7 @@ refused at once, naming the holder; a dead holder's lock is taken over), and fil
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _data_helpers import make_plain_tree
 from _small_training import demo_run_command
 
 from data.extract_tokens import main as extract
@@ -168,3 +170,35 @@ def test_lock_of_a_killed_holder_is_taken_over_while_its_forked_child_lives(tmp_
         holder.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+def convert_cmd(src: Path, out: Path, split: str) -> list[str]:
+    return [sys.executable, "-m", "data.convert_shards", "--src", str(src), "--out", str(out), "--split", split,
+            "--shard-size", "4", "--quiet"]
+
+
+def test_a_second_conversion_of_a_split_is_refused_while_another_split_converts(tmp_path):
+    """Two real `data.convert_shards` of one split into one --out would write shards of the same names over each
+    other: the second is refused at once, naming the first; another split converts beside it; once the first is
+    killed, a rerun completes the split."""
+    src, out = tmp_path / "src", tmp_path / "shards"
+    make_plain_tree(str(src), 40)  # 120 images, 30 shards: the first conversion is stopped well before its end
+    first = subprocess.Popen(convert_cmd(src, out, "train"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        stop_when(lambda: (out / ".train-state" / "plan.json").exists(), first)
+        before = listing(out)
+        second = launch(convert_cmd(src, out, "train"))
+        line = refusal(second)
+        assert line.startswith("data.convert_shards: error: the 'train' split's state directory"), line
+        assert f"pid {first.pid} on host {socket.gethostname()}" in line and "another --out" in line, line
+        assert listing(out) == before  # the refused run wrote nothing
+        val = launch(convert_cmd(src, out, "val"))  # another split: its own lock
+        assert val.returncode == 0, val.stderr
+    finally:
+        first.kill()
+        first.wait()
+    rerun = launch(convert_cmd(src, out, "train"))  # the dead holder's lock is taken over
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((out / "train-meta.json").read_text())["num_samples"] == 120
+    assert json.loads((out / "val-meta.json").read_text())["num_samples"] == 120
