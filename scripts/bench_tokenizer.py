@@ -12,7 +12,7 @@ images/s = batch size / wall seconds per batch. CPU: torch uses all cores unless
 and the CPU-time columns (process CPU seconds, all threads) show the work done, which is robust to other
 processes competing for the cores (wall-clock numbers on a shared machine are not).
 
-``--lfq-entropy`` times LFQ's entropy loss instead (tokenizer/quantizer.py `lfq_entropy`, forward + backward of
+``--lfq-entropy`` times LFQ's entropy loss instead (tokenizer/lfq_entropy.py `lfq_entropy`, forward + backward of
 ``--lfq-tokens`` unit-scale tokens over ``--lfq-codebook-size`` codes, in its default checkpointed chunks), eager
 and torch.compile'd, and prints one JSON line: ms per call and the largest loss / gradient difference.
 """
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenizer import OneDTokenizer  # noqa: E402
 from tokenizer.length import powers_of_two_upto  # noqa: E402
-from tokenizer.quantizer import lfq_entropy  # noqa: E402
+from tokenizer.lfq_entropy import lfq_entropy  # noqa: E402
 
 
 def sync(device: str) -> None:

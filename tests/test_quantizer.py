@@ -16,10 +16,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from vector_quantize_pytorch import VectorQuantize
 
-import tokenizer.quantizer as quantizer_module
+import tokenizer.lfq_entropy as lfq_entropy_module
 from tokenizer.config import TokenizerConfig
 from tokenizer.gpu import HostSyncDetector
-from tokenizer.quantizer import Quantizer, code_histogram, lfq_entropy, reseed_dead_codes_
+from tokenizer.lfq_entropy import lfq_entropy
+from tokenizer.quantizer import Quantizer, code_histogram, reseed_dead_codes_
 
 ROOT = Path(__file__).resolve().parents[1]
 aten = torch.ops.aten
@@ -68,7 +69,7 @@ def test_training_step_makes_no_host_sync(kind, host_syncs, monkeypatch):
                  "lfq": dict(codebook_size=256), "fsq": dict(fsq_levels=[5, 4, 3])}[kind]  # fmt: skip
     q = Quantizer.from_config(TokenizerConfig(quantizer=kind, **overrides)).train()
     # lfq: several entropy chunks, so the checkpointed path (and its recompute in backward) is the one checked
-    monkeypatch.setattr(quantizer_module, "LFQ_ENTROPY_CHUNK_ELEMENTS", 16 * q.codebook_size)
+    monkeypatch.setattr(lfq_entropy_module, "LFQ_ENTROPY_CHUNK_ELEMENTS", 16 * q.codebook_size)
     z = torch.randn(4, 16, q.dim, requires_grad=True)
     q(z)  # first call outside the detector: anything one-off is allowed there
     with host_syncs() as detector:
@@ -273,7 +274,7 @@ def test_ddp_ranks_with_different_data_end_with_identical_codebooks(tmp_path):
 def test_lfq_loss_and_gradient_equal_the_library(codebook_size, scale, monkeypatch):
     """The chunked entropy (here 37-token chunks over 192 tokens, the last one short) against the library's LFQ
     forward that holds all [tokens, codebook_size] probabilities at once."""
-    monkeypatch.setattr(quantizer_module, "LFQ_ENTROPY_CHUNK_ELEMENTS", 37 * codebook_size)
+    monkeypatch.setattr(lfq_entropy_module, "LFQ_ENTROPY_CHUNK_ELEMENTS", 37 * codebook_size)
     torch.manual_seed(0)
     q = Quantizer.from_config(TokenizerConfig(quantizer="lfq", codebook_size=codebook_size)).train()
     z = torch.randn(2, 96, q.dim) * scale
@@ -360,7 +361,7 @@ def test_compile_switch_routes_lfq_entropy_through_one_compiled_graph(compile_, 
 
     from tokenizer.training import TokenizerModule
 
-    monkeypatch.setattr(quantizer_module, "LFQ_ENTROPY_CHUNK_ELEMENTS", 16 * 2**8)  # 16-token chunks
+    monkeypatch.setattr(lfq_entropy_module, "LFQ_ENTROPY_CHUNK_ELEMENTS", 16 * 2**8)  # 16-token chunks
     torch._dynamo.reset()
     counters.clear()
     module = TokenizerModule(preset="tiny", overrides={"quantizer": "lfq", "codebook_size": 2**8},
