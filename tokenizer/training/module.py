@@ -152,7 +152,9 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
             # sequence length N + k changes with tail drop's k: the first new k makes that dimension dynamic, so
             # any number of k values costs two compilations, not one per k. Inductor's compile workers: this rank's
             # share of the node (compiling.py).
-            compile_in_place([self.tokenizer.encoder, self.tokenizer.decoder.transformer], self.trainer.num_devices)
+            # (no Trainer yet when called by hand: one rank)
+            local_ranks = self._trainer.num_devices if self._trainer is not None else 1
+            compile_in_place([self.tokenizer.encoder, self.tokenizer.decoder.transformer], local_ranks)
             self.tokenizer.quantizer.compiled_entropy = True
 
     def configure_optimizers(self):
