@@ -128,7 +128,7 @@ class GeneratorModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         if self.hparams.compile:
             # in place: parameter names (and so checkpoints) stay the same; one graph per block shape;
             # Inductor's compile workers: this rank's share of the node (tokenizer/compiling.py)
-            compile_in_place(self.gpt.blocks, self.trainer.num_devices)
+            compile_in_place(self.gpt.blocks, self._trainer.num_devices if self._trainer is not None else 1)
 
     def configure_optimizers(self):
         hp = self.hparams
