@@ -72,7 +72,7 @@ def test_two_concurrent_trainings_second_refused_then_resume_after_kill(tmp_path
         before = listing(tmp_path)
         second = launch(demo_run_command(tmp_path, 4, seed=2))
         line = refusal(second)
-        assert line.startswith(f"error: run directory {run.resolve()} is in use by pid {first.pid} on host "
+        assert line.startswith(f"train.py: error: run directory {run.resolve()} is in use by pid {first.pid} on host "
                                f"{socket.gethostname()} (started ")  # fmt: skip
         assert "--trainer.logger.init_args.name" in line and "train.py fit" in line
         assert listing(tmp_path) == before  # nothing written, nothing removed
