@@ -11,9 +11,16 @@
   device, and each worker keeps ``prefetch_factor`` batches in flight.
 - Unreadable images are skipped and counted (``data.skips``); ``log_skipped`` sends a DataModule's running count
   to the trainer's loggers.
+- Workers **ignore SIGTERM and SIGUSR1** (``ignore_stop_signals``, every DataLoader of ``data/`` starts its workers
+  with it): SLURM signals every process of a job step, workers included, and a worker that died of the signal, or
+  ran the training process's handler that it inherited with the fork, would break the batch stream before the
+  training process has saved its checkpoint (tokenizer/training/preemption.py). The training process stops them
+  as usual when it exits.
 """
 
 from __future__ import annotations
+
+import signal
 
 import torch
 
@@ -22,6 +29,17 @@ from data.transforms import to_float_images
 # Batches in flight per worker. The PyTorch default (2) leaves a GPU step waiting whenever one slow JPEG batch
 # lands on a worker; 4 absorbs that jitter, and in uint8 costs 4 x 6.3 MB per worker at B=32, 256 px.
 PREFETCH_FACTOR = 4
+
+
+# What a cluster sends a job it is about to stop (tokenizer/training/preemption.py acts on them in the training
+# process); a DataLoader worker ignores both.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: this worker ignores SIGTERM and SIGUSR1 (see the module docstring)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def wants_pinned_memory(trainer=None) -> bool:
@@ -41,14 +59,16 @@ def loader_kwargs(
     trainer=None,
 ) -> dict:
     """DataLoader keyword arguments: ``num_workers``, ``pin_memory`` (if asked for and useful, see
-    ``wants_pinned_memory``), and with workers ``persistent_workers`` and ``prefetch_factor``."""
+    ``wants_pinned_memory``), and with workers ``persistent_workers``, ``prefetch_factor`` and the
+    ``worker_init_fn`` that makes them ignore the stop signals."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if prefetch_factor < 1:
         raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
     kwargs = dict(num_workers=num_workers, pin_memory=pin_memory and wants_pinned_memory(trainer))
     if num_workers > 0:  # DataLoader rejects both options without workers
-        kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+        kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+                      worker_init_fn=ignore_stop_signals)
     return kwargs
 
 

@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from data.loading import ignore_stop_signals
 from data.token_format import (
     FORMAT,
     VERSION,
@@ -376,6 +377,7 @@ class TokenDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=ignore_stop_signals,  # workers leave SIGTERM / SIGUSR1 to the training process
         )
 
     def train_dataloader(self):
