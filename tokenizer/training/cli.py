@@ -6,6 +6,10 @@
 - The checkpoint's architecture is checked against the config's before anything is written (`ArchitectureGuard`).
 - A run whose loss diverges to NaN/inf stops with the step range and the last finite checkpoint
   (`TrainingDiverged`, tokenizer/training/divergence.py), not with status 0 and a NaN model.
+- SIGTERM or SIGUSR1 stops the run at a batch boundary, on every rank, after a checkpoint of that step, with exit
+  status 128 + the signal number (`StopOnSignal`, tokenizer/training/preemption.py; `--stop_on_signal.*`).
+- A rank that stops answering fails the others after `--collective_timeout` seconds (10 minutes by default, not
+  PyTorch's 30), with one line naming the rank and the collective (tokenizer/training/collective_timeout.py).
 - The run's `config.yaml` is written only once the restore has succeeded (a failed resume with a wrong config
   must not replace the one config that resumes the run). A resume whose config differs keeps the previous file as
   `config.1.yaml`, `config.2.yaml`, ... so the run's history stays readable.
@@ -14,18 +18,23 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from tokenizer.atomic import write_text
 
 from ..checkpoints import CheckpointError, checkpoint_files, newest_first, newest_loadable, read_checkpoint
 from .checkpoints import check_architecture
+from .collective_timeout import DEFAULT_COLLECTIVE_TIMEOUT_S, collective_failure_message, strategy_with_timeout
 from .config_files import expand_config_args
 from .divergence import TrainingDiverged
+from .preemption import StopOnSignal, TrainingStopped, exit_status
 
 
 class SaveConfigAfterRestore(SaveConfigCallback):
@@ -59,6 +68,24 @@ class TrainCLI(LightningCLI):
         defaults = kwargs.setdefault("trainer_defaults", {})
         defaults.setdefault("plugins", [{"class_path": "tokenizer.training.checkpoints.AtomicCheckpointIO"}])
         super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(StopOnSignal, "stop_on_signal")  # in every run, its settings in the config
+        parser.add_argument("--collective_timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                            help="seconds a rank waits in a collective for the others before it fails naming the "
+                                 "collective (with --trainer.strategy given by name, e.g. ddp)")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        strategy = (config.get("trainer") or {}).get("strategy", "auto")
+        timed = strategy_with_timeout(strategy, config.get("collective_timeout", DEFAULT_COLLECTIVE_TIMEOUT_S))
+        if timed is not None:
+            kwargs.setdefault("strategy", timed)
+        trainer = super().instantiate_trainer(**kwargs)
+        if timed is None and strategy == "auto" and trainer.world_size > 1:
+            rank_zero_warn("--trainer.strategy auto: the collective timeout is Lightning's (30 minutes), not "
+                           "--collective_timeout; pass --trainer.strategy ddp to bound it")
+        return trainer
 
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, (dict, Namespace)):
@@ -128,17 +155,35 @@ def _loads(path: Path) -> bool:
 
 
 def main(args: list[str] | None = None) -> TrainCLI:
-    """Entry point of train.py; a CheckpointError or a TrainingDiverged exits with its message (status 1), without
-    a traceback."""
+    """Entry point of train.py. Exits without a traceback: with status 1 and the message on a CheckpointError, a
+    TrainingDiverged or a collective that timed out or lost its peer; with 128 + the signal number when a signal
+    stopped the run (TrainingStopped; Lightning's SIGTERMException, a SystemExit with status 0, before the first
+    step). Called from Python (`args` given: tests), the exceptions reach the caller."""
     from tokenizer.gpu import enable_fast_math
 
     enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
     try:
         return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
     except (CheckpointError, TrainingDiverged) as e:
-        if args is not None:  # called from Python (tests): let the caller see the exception
+        if args is not None:
             raise
         sys.exit(f"error: {e}")
+    except TrainingStopped as e:
+        if args is not None:
+            raise
+        print(f"stop: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
+    except SIGTERMException:
+        if args is not None:
+            raise
+        print("stop: SIGTERM before the first training step (nothing trained since the run started, no checkpoint "
+              f"written). Exit status {exit_status(signal.SIGTERM)} (128 + SIGTERM).", file=sys.stderr)
+        sys.exit(exit_status(signal.SIGTERM))
+    except RuntimeError as e:
+        message = collective_failure_message(e)
+        if message is None or args is not None:
+            raise
+        sys.exit(f"error: {message}")
 
 
 def _has_omegaconf() -> bool:
