@@ -74,29 +74,42 @@ class StopOnSignal(pl.Callback):
         self.check_every_n_batches = check_every_n_batches
         self.requeue = requeue
         self._received = dict.fromkeys(STOP_SIGNALS, False)  # host flags, set by the handler only
-        self._previous: dict[int, object] = {}  # the handlers ours replaced, put back at the end
+        self._before: dict[int, object] = {}  # the handlers ours replaced: put back, and obeyed, after the run
+        self._active = False
         self._pid: int | None = None
         self._batches = 0
 
     # ---- the handler: a flag, nothing else ------------------------------------------------------------------
     def _handle(self, signum, frame) -> None:
-        if os.getpid() == self._pid:  # a process forked since (a worker before its init) does nothing
+        if os.getpid() != self._pid:
+            return  # a process forked since: a DataLoader worker before its worker_init_fn ran
+        if self._active:
             self._received[signal.Signals(signum)] = True
+            return
+        # after the run: Lightning's teardown may have put this handler back (it restores what it found at its
+        # start); behave as the handler from before the run would
+        before = self._before.get(signum)
+        before = signal.SIG_DFL if before is None else before
+        signal.signal(signum, before)
+        if before == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+        elif callable(before):
+            before(signum, frame)
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # Python sets handlers from the main thread only
-        self._pid = os.getpid()
+        self._pid, self._active = os.getpid(), True
         for signum in STOP_SIGNALS:
             previous = signal.signal(signum, self._handle)
             if previous != self._handle:
-                self._previous.setdefault(signum, previous)
+                self._before.setdefault(signum, previous)
 
     def _restore(self) -> None:
+        self._active = False
         if threading.current_thread() is threading.main_thread():
-            for signum, previous in self._previous.items():
-                signal.signal(signum, signal.SIG_DFL if previous is None else previous)
-        self._previous = {}
+            for signum, before in self._before.items():
+                signal.signal(signum, signal.SIG_DFL if before is None else before)
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
