@@ -157,15 +157,15 @@ def _loads(path: Path) -> bool:
 def main(args: list[str] | None = None) -> TrainCLI:
     """Entry point of train.py. Exits without a traceback: with status 1 and the message on a CheckpointError, a
     TrainingDiverged or a collective that timed out or lost its peer; with 128 + the signal number when a signal
-    stopped the run (TrainingStopped; Lightning's SIGTERMException, a SystemExit with status 0, before the first
-    step). Called from Python (`args` given: tests), the exceptions reach the caller."""
+    stopped the run (TrainingStopped; Lightning's SIGTERMException, a SystemExit with status 0, before training
+    started or in validate/test). Called from Python (`args` given: tests), the exceptions reach the caller."""
     from tokenizer.gpu import enable_fast_math
 
     enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
     try:
         return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
     except (CheckpointError, TrainingDiverged) as e:
-        if args is not None:
+        if args is not None:  # called from Python (tests): let the caller see the exception
             raise
         sys.exit(f"error: {e}")
     except TrainingStopped as e:
@@ -176,8 +176,8 @@ def main(args: list[str] | None = None) -> TrainCLI:
     except SIGTERMException:
         if args is not None:
             raise
-        print("stop: SIGTERM before the first training step (nothing trained since the run started, no checkpoint "
-              f"written). Exit status {exit_status(signal.SIGTERM)} (128 + SIGTERM).", file=sys.stderr)
+        print("stop: SIGTERM, handled by Lightning (before training started, or in validate/test): no checkpoint "
+              f"written. Exit status {exit_status(signal.SIGTERM)} (128 + SIGTERM).", file=sys.stderr)
         sys.exit(exit_status(signal.SIGTERM))
     except RuntimeError as e:
         message = collective_failure_message(e)

@@ -19,11 +19,10 @@ and the `--signal` a job asks for (SIGUSR1 in scripts/slurm_train.sbatch) a set 
   (`exit_status`: 143 for SIGTERM, 138 for SIGUSR1), what a shell reports for a process that the signal killed:
   `&&` chains, make and SLURM see a failure, not success.
 
-Lightning registers its own SIGTERM handler when training starts (it broadcasts inside the handler, and its
-SIGTERMException exits with status 0); this callback installs its handlers before that (`setup`) and again over
-Lightning's (`on_train_start`). A SIGTERM before the first step is Lightning's (train.py maps it to 143 as well):
-nothing has been trained since the checkpoint the run started from. SIGINT (Ctrl-C) is left to Lightning: it stops
-at once, without a checkpoint, with status 1.
+Lightning registers its own SIGTERM handler after the checkpoint is restored (it broadcasts inside the handler,
+and its SIGTERMException exits with status 0); this callback installs its handlers before that (`setup`) and again
+over Lightning's (`on_train_start`). A SIGTERM in between is also Lightning's, and train.py maps its exception to
+143. SIGINT (Ctrl-C) is left to Lightning: it stops at once, without a checkpoint, with status 1.
 """
 
 from __future__ import annotations
