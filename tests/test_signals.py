@@ -99,24 +99,42 @@ def checkpoint_step(path: Path) -> int:
     return int(read_checkpoint(path)["global_step"]) if path.is_file() else -1
 
 
+FAKE_SCONTROL = """#!/bin/sh
+# what `scontrol` was asked, and whether the stop checkpoint was complete by then
+echo "$@ $( [ -s "$STOP_CKPT" ] && echo after-save || echo before-save )" >> "$SCONTROL_LOG"
+"""
+
+
 @pytest.mark.slow
-def test_sigterm_saves_the_step_it_stops_at_exits_143_and_resumes(tmp_path, capfd, one_thread):
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)],
+                         ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_saves_the_step_it_stops_at_exits_nonzero_and_resumes(tmp_path, capfd, one_thread, signum, status):
+    """Under SLURM (a job id, and an `scontrol` on PATH that records its calls), SIGUSR1 also requeues the job once
+    the checkpoint is written; SIGTERM (preemption, scancel) does not."""
     import train
 
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *one_process_args(run, 100000)], cwd=REPO, env=ENV,
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(FAKE_SCONTROL)
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    env = {**ENV, "SLURM_JOB_ID": "4242", "PATH": f"{tmp_path / 'bin'}{os.pathsep}{ENV['PATH']}",
+           "STOP_CKPT": str(run / "ckpt" / STOP_CHECKPOINT), "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    proc = subprocess.Popen([sys.executable, "train.py", *one_process_args(run, 100000)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: checkpoint_step(run / "ckpt" / "last.ckpt") >= 4, [proc], 300, "a checkpoint at step 4")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 143, err[-3000:]  # 128 + SIGTERM: a failure for &&, make and SLURM
-    stopped = re.search(r"stop: rank 0: stopped after optimizer step (\d+) \(SIGTERM on 1 of 1 rank\(s\)\)", err)
+    assert proc.returncode == status, err[-3000:]  # 128 + the signal: a failure for &&, make and SLURM
+    stopped = re.search(rf"stop: rank 0: stopped after optimizer step (\d+) \({signum.name} on 1 of 1 rank\(s\)\)",
+                        err)
     assert stopped, err[-3000:]
     step = int(stopped.group(1))
     assert checkpoint_step(run / "ckpt" / STOP_CHECKPOINT) == step >= checkpoint_step(run / "ckpt" / "last.ckpt")
+    requeued = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    assert requeued == ("requeue 4242 after-save\n" if signum == signal.SIGUSR1 else ""), requeued
 
     cli = train.main(one_process_args(run, step + 2) + ["--ckpt_path", "last"])
     assert f"resume: from {run / 'ckpt' / STOP_CHECKPOINT}" in capfd.readouterr().err
