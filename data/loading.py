@@ -11,35 +11,20 @@
   device, and each worker keeps ``prefetch_factor`` batches in flight.
 - Unreadable images are skipped and counted (``data.skips``); ``log_skipped`` sends a DataModule's running count
   to the trainer's loggers.
-- Workers **ignore SIGTERM and SIGUSR1** (``ignore_stop_signals``, every DataLoader of ``data/`` starts its workers
-  with it): SLURM signals every process of a job step, workers included, and a worker that died of the signal, or
-  ran the training process's handler that it inherited with the fork, would break the batch stream before the
-  training process has saved its checkpoint (tokenizer/training/preemption.py). The training process stops them
-  as usual when it exits.
+- Workers leave SIGTERM and SIGUSR1 to the training process (``data.worker_signals``): SLURM signals them too, and
+  a worker that died of one would end the batch stream before the training process has saved its checkpoint.
 """
 
 from __future__ import annotations
 
-import signal
-
 import torch
 
 from data.transforms import to_float_images
+from data.worker_signals import ignore_stop_signals
 
 # Batches in flight per worker. The PyTorch default (2) leaves a GPU step waiting whenever one slow JPEG batch
 # lands on a worker; 4 absorbs that jitter, and in uint8 costs 4 x 6.3 MB per worker at B=32, 256 px.
 PREFETCH_FACTOR = 4
-
-
-# What a cluster sends a job it is about to stop (tokenizer/training/preemption.py acts on them in the training
-# process); a DataLoader worker ignores both.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: this worker ignores SIGTERM and SIGUSR1 (see the module docstring)."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
 
 
 def wants_pinned_memory(trainer=None) -> bool:
@@ -60,7 +45,7 @@ def loader_kwargs(
 ) -> dict:
     """DataLoader keyword arguments: ``num_workers``, ``pin_memory`` (if asked for and useful, see
     ``wants_pinned_memory``), and with workers ``persistent_workers``, ``prefetch_factor`` and the
-    ``worker_init_fn`` that makes them ignore the stop signals."""
+    ``worker_init_fn`` that leaves the stop signals to the training process."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if prefetch_factor < 1:

@@ -27,7 +27,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from data.loading import ignore_stop_signals
 from data.token_format import (
     FORMAT,
     VERSION,
@@ -40,6 +39,7 @@ from data.token_format import (
     shard_paths,
     write_meta_json,
 )
+from data.worker_signals import ignore_stop_signals
 from tokenizer import atomic
 
 

@@ -1,5 +1,5 @@
 """Stopping a training on a signal, and a rank that stops answering: real signals sent to real training processes
-(tokenizer/training/preemption.py, tokenizer/training/collective_timeout.py, data/loading.py).
+(tokenizer/training/preemption.py, tokenizer/training/collective_timeout.py, data/worker_signals.py).
 
 The two-rank tests launch two single-process torchrun "nodes" over gloo on CPU, as scripts/multinode_smoke.sh does,
 with its shrunken tiny tokenizer and webdataset shards (2 DataLoader workers per rank).
@@ -52,23 +52,46 @@ def _tokens_loader(tmp_path):
     return dm.train_dataloader()
 
 
+def send_from_elsewhere(signum: signal.Signals, pids: list[int]) -> None:
+    """`kill` run as its own process: the sender is not the workers' parent (as with SLURM's step daemon)."""
+    subprocess.run(["kill", "-s", signum.name[3:], *map(str, pids)], check=True)
+
+
 @linux_only
 @pytest.mark.parametrize("make_loader", [_photos_loader, _tokens_loader], ids=["images", "tokens"])
 def test_dataloader_workers_ignore_the_stop_signals(tmp_path, make_loader):
     """SLURM signals every process of a job step: a worker that died of SIGUSR1 or SIGTERM would end the batch
     stream before the training process has saved its checkpoint."""
+    before = set(psutil.Process().children())
     batches = iter(make_loader(tmp_path))
     next(batches)  # the workers run
-    workers = psutil.Process().children()
+    workers = [p for p in psutil.Process().children() if p not in before]
     assert len(workers) == 2, workers
-    for worker in workers:
-        worker.send_signal(signal.SIGUSR1)
-        worker.send_signal(signal.SIGTERM)
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        send_from_elsewhere(signum, [w.pid for w in workers])
     time.sleep(1.0)
     assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), "a worker died"
     for _ in range(20):  # both workers' batches, past those already queued
         next(batches)
     del batches
+
+
+# A process that exits while its DataLoader still has workers: multiprocessing terminates them (SIGTERM from their
+# parent) and waits for them. A worker that ignored that SIGTERM too kept the process from ever exiting.
+EXIT_WITH_LIVE_WORKERS = """
+import torch
+from data.loading import loader_kwargs
+batches = iter(torch.utils.data.DataLoader(range(10**6), batch_size=4, **loader_kwargs(2, pin_memory=False)))
+next(batches)
+print("exiting", flush=True)
+"""
+
+
+@linux_only
+def test_workers_still_stop_when_their_training_process_exits():
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-3000:]
 
 
 # ---- one process: SIGTERM ------------------------------------------------------------------------------------

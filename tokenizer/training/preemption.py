@@ -7,9 +7,9 @@ and the `--signal` a job asks for (SIGUSR1 in scripts/slurm_train.sbatch) a set 
 `StopOnSignal`, a callback that train.py installs in every run (tokenizer and generator):
 
 - SIGTERM and SIGUSR1 only set a flag on the host, and only in the process that installed the handler (DataLoader
-  workers ignore both: data/loading.py). Ranks get a signal at different points of a step, each inside another
-  collective; a handler that saves there (Lightning's SLURM auto-requeue: a checkpoint and its barrier inside the
-  handler, Lightning issue #21406) meets the other ranks in mismatched collectives and hangs.
+  workers leave both to it: data/worker_signals.py). Ranks get a signal at different points of a step, each inside
+  another collective; a handler that saves there (Lightning's SLURM auto-requeue: a checkpoint and its barrier
+  inside the handler, Lightning issue #21406) meets the other ranks in mismatched collectives and hangs.
 - Every `check_every_n_batches` batches, at the end of the batch, the ranks sum their flags in one all-reduce of
   two integers: that all-reduce and its host read are all it costs, and only on those batches. With one process
   the flag is a Python bool, read after every batch.
