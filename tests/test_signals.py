@@ -128,6 +128,20 @@ echo "$@ $( [ -s "$STOP_CKPT" ] && echo after-save || echo before-save )" >> "$S
 """
 
 
+def fake_slurm(tmp_path: Path, stop_checkpoint: Path) -> dict[str, str]:
+    """The environment of a SLURM job 4242 whose `scontrol` (first on PATH) appends its arguments to
+    tmp_path/scontrol.log, with "after-save" when `stop_checkpoint` was complete by then."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(FAKE_SCONTROL)
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    return {**ENV, "SLURM_JOB_ID": "4242", "PATH": f"{tmp_path / 'bin'}{os.pathsep}{ENV['PATH']}",
+            "STOP_CKPT": str(stop_checkpoint), "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+
+
+def scontrol_calls(tmp_path: Path) -> str:
+    return (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)],
                          ids=["SIGTERM", "SIGUSR1"])
@@ -137,11 +151,7 @@ def test_a_signal_saves_the_step_it_stops_at_exits_nonzero_and_resumes(tmp_path,
     import train
 
     run = tmp_path / "run"
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "scontrol").write_text(FAKE_SCONTROL)
-    (tmp_path / "bin" / "scontrol").chmod(0o755)
-    env = {**ENV, "SLURM_JOB_ID": "4242", "PATH": f"{tmp_path / 'bin'}{os.pathsep}{ENV['PATH']}",
-           "STOP_CKPT": str(run / "ckpt" / STOP_CHECKPOINT), "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    env = fake_slurm(tmp_path, run / "ckpt" / STOP_CHECKPOINT)
     proc = subprocess.Popen([sys.executable, "train.py", *one_process_args(run, 100000)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -156,7 +166,7 @@ def test_a_signal_saves_the_step_it_stops_at_exits_nonzero_and_resumes(tmp_path,
     assert stopped, err[-3000:]
     step = int(stopped.group(1))
     assert checkpoint_step(run / "ckpt" / STOP_CHECKPOINT) == step >= checkpoint_step(run / "ckpt" / "last.ckpt")
-    requeued = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    requeued = scontrol_calls(tmp_path)
     assert requeued == ("requeue 4242 after-save\n" if signum == signal.SIGUSR1 else ""), requeued
 
     cli = train.main(one_process_args(run, step + 2) + ["--ckpt_path", "last"])
@@ -184,7 +194,7 @@ def rank_args(run: Path, shards: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def launch_two_ranks(run: Path, shards: str, *extra: str) -> list[subprocess.Popen]:
+def launch_two_ranks(run: Path, shards: str, *extra: str, env: dict[str, str] = ENV) -> list[subprocess.Popen]:
     """Two torchrun agents ("nodes" 0 and 1, one process each); their output goes to run/node{0,1}.log."""
     run.mkdir(parents=True, exist_ok=True)
     port, agents = free_port(), []
@@ -193,7 +203,7 @@ def launch_two_ranks(run: Path, shards: str, *extra: str) -> list[subprocess.Pop
                "--master_addr", "127.0.0.1", "--master_port", str(port), "--max_restarts", "0", "train.py",
                *rank_args(run, shards, "--trainer.num_nodes", "2", "--trainer.strategy", "ddp", *extra)]
         with open(run / f"node{node}.log", "w") as log:
-            agents.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT))
+            agents.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     return agents
 
 
@@ -238,11 +248,13 @@ def logs(run: Path) -> list[str]:
 @linux_only
 def test_sigusr1_to_one_rank_mid_step_stops_both_at_the_same_step_and_they_resume_identical(tmp_path, shards):
     """The signal reaches rank 1 and its DataLoader workers only (SLURM signals every process of a task), at a
-    random point of a step. Both ranks must save the same step, exit with 138 (128 + SIGUSR1), and resume from
-    it to bit-identical weights; no rank may hang (each wait is bounded)."""
+    random point of a step, in a (fake) SLURM job. Both ranks must save the same step, rank 0 requeue the job once
+    the checkpoint is complete, both exit with 138 (128 + SIGUSR1), and resume from it to bit-identical weights;
+    no rank may hang (each wait is bounded)."""
     run = tmp_path / "run"
     ckpt_dir = run / "run" / "checkpoints"  # the smoke config's ModelCheckpoint: <save_dir>/<name>/checkpoints
-    agents = launch_two_ranks(run, shards, "--trainer.max_steps", "100000")
+    agents = launch_two_ranks(run, shards, "--trainer.max_steps", "100000",
+                              env=fake_slurm(tmp_path, ckpt_dir / STOP_CHECKPOINT))
     try:
         wait_until(lambda: checkpoint_step(ckpt_dir / "last.ckpt") >= 2, agents, 300, "a checkpoint at step 2")
         time.sleep(random.uniform(0.0, 1.0))  # somewhere in a step: data, forward, backward, all-reduces
@@ -263,6 +275,7 @@ def test_sigusr1_to_one_rank_mid_step_stops_both_at_the_same_step_and_they_resum
         assert re.search(r"exitcode\s*: 138 ", text), text[-3000:]
         steps.append(int(stopped.group(1)))
     assert steps[0] == steps[1] == checkpoint_step(ckpt_dir / STOP_CHECKPOINT), steps
+    assert scontrol_calls(tmp_path) == "requeue 4242 after-save\n"  # rank 0 only, after the save
     step = steps[0]
 
     audit = run / "audit"

@@ -15,9 +15,9 @@ and the `--signal` a job asks for (SIGUSR1 in scripts/slurm_train.sbatch) a set 
   the flag is a Python bool, read after every batch.
 - When a rank has a flag set, every rank saves the same checkpoint (`last-stop.ckpt` in the run's checkpoint
   directory, which `--ckpt_path last` finds), rank 0 requeues the SLURM job when a SIGUSR1 came under SLURM
-  (`scontrol requeue`), and all ranks raise `TrainingStopped`. train.py then exits with 128 + the signal number
-  (`exit_status`: 143 for SIGTERM, 138 for SIGUSR1), what a shell reports for a process that the signal killed:
-  `&&` chains, make and SLURM see a failure, not success.
+  (`scontrol requeue`; the others wait for it), and all ranks raise `TrainingStopped`. train.py then exits with
+  128 + the signal number (`exit_status`: 143 for SIGTERM, 138 for SIGUSR1), what a shell reports for a process
+  that the signal killed: `&&` chains, make and SLURM see a failure, not success.
 
 Lightning registers its own SIGTERM handler after the checkpoint is restored (it broadcasts inside the handler,
 and its SIGTERMException exits with status 0); this callback installs its handlers before that (`setup`) and again
@@ -149,8 +149,11 @@ class StopOnSignal(pl.Callback):
         signum = signal.SIGTERM if received[signal.SIGTERM] else signal.SIGUSR1
         got = ", ".join(f"{s.name} on {n} of {trainer.world_size} rank(s)" for s, n in received.items() if n)
         requeued = ""
-        if received[signal.SIGUSR1] and self.requeue and os.environ.get("SLURM_JOB_ID") and trainer.is_global_zero:
-            requeued = " " + requeue_slurm_job()
+        if received[signal.SIGUSR1] and self.requeue and os.environ.get("SLURM_JOB_ID"):
+            if trainer.is_global_zero:
+                requeued = " " + requeue_slurm_job()
+            # no rank exits before the requeue: srun --kill-on-bad-exit ends the step at the first non-zero exit
+            trainer.strategy.barrier("requeue")
         raise TrainingStopped(
             f"rank {trainer.global_rank}: stopped after optimizer step {trainer.global_step} ({got}); checkpoint "
             f"{path} saved.{requeued} Resume with --ckpt_path last. Exit status {exit_status(signum)} "
