@@ -13,6 +13,8 @@
   to the trainer's loggers.
 - A training set too small for one full batch is an error (``check_one_batch``): the loaders drop the incomplete
   last batch, and Lightning, given no batch at all, used to stop before the first step and exit 0 with no output.
+- Workers leave SIGTERM and SIGUSR1 to the training process (``data.worker_signals``): SLURM signals them too, and
+  a worker that died of one would end the batch stream before the training process has saved its checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 import torch
 
 from data.transforms import to_float_images
+from data.worker_signals import ignore_stop_signals
 
 # Batches in flight per worker. The PyTorch default (2) leaves a GPU step waiting whenever one slow JPEG batch
 # lands on a worker; 4 absorbs that jitter, and in uint8 costs 4 x 6.3 MB per worker at B=32, 256 px.
@@ -45,14 +48,16 @@ def loader_kwargs(
     trainer=None,
 ) -> dict:
     """DataLoader keyword arguments: ``num_workers``, ``pin_memory`` (if asked for and useful, see
-    ``wants_pinned_memory``), and with workers ``persistent_workers`` and ``prefetch_factor``."""
+    ``wants_pinned_memory``), and with workers ``persistent_workers``, ``prefetch_factor`` and the
+    ``worker_init_fn`` that leaves the stop signals to the training process."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if prefetch_factor < 1:
         raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
     kwargs = dict(num_workers=num_workers, pin_memory=pin_memory and wants_pinned_memory(trainer))
     if num_workers > 0:  # DataLoader rejects both options without workers
-        kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+        kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+                      worker_init_fn=ignore_stop_signals)
     return kwargs
 
 

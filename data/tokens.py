@@ -40,6 +40,7 @@ from data.token_format import (
     shard_paths,
     write_meta_json,
 )
+from data.worker_signals import ignore_stop_signals
 from tokenizer import atomic
 
 
@@ -377,6 +378,7 @@ class TokenDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=ignore_stop_signals,  # workers leave SIGTERM / SIGUSR1 to the training process
         )
 
     def train_dataloader(self):

@@ -13,6 +13,10 @@
   plain lines in a log, and neither reads the device between logging steps.
 - A config value that a class refuses while it is built (TokenizerConfig's ranges) is reported as that class's
   own error, not inside jsonargparse's union-type message.
+- SIGTERM or SIGUSR1 stops the run at a batch boundary, on every rank, after a checkpoint of that step, with exit
+  status 128 + the signal number (`StopOnSignal`, tokenizer/training/preemption.py; `--stop_on_signal.*`).
+- A rank that stops answering fails the others after `--collective_timeout` seconds (10 minutes by default, not
+  PyTorch's 30), with one line naming the rank and the collective (tokenizer/training/collective_timeout.py).
 - The run's `config.yaml` is written only once the restore has succeeded (a failed resume with a wrong config
   must not replace the one config that resumes the run). A resume whose config differs keeps the previous file as
   `config.1.yaml`, `config.2.yaml`, ... so the run's history stays readable.
@@ -21,18 +25,23 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from tokenizer.atomic import write_text
 
 from ..checkpoints import CheckpointError, checkpoint_files, newest_first, newest_loadable, read_checkpoint
 from .checkpoints import check_architecture
+from .collective_timeout import DEFAULT_COLLECTIVE_TIMEOUT_S, collective_failure_message, strategy_with_timeout
 from .config_files import expand_config_args
+from .preemption import StopOnSignal, TrainingStopped, exit_status
 from .progress import StepProgress
 from .run_lock import lock_run_directories
 
@@ -69,6 +78,12 @@ class TrainCLI(LightningCLI):
         defaults.setdefault("plugins", [{"class_path": "tokenizer.training.checkpoints.AtomicCheckpointIO"}])
         super().__init__(*args, **kwargs)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(StopOnSignal, "stop_on_signal")  # in every run, its settings in the config
+        parser.add_argument("--collective_timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                            help="seconds a rank waits in a collective for the others before it fails naming the "
+                                 "collective (with --trainer.strategy given by name, e.g. ddp)")
+
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
@@ -83,13 +98,23 @@ class TrainCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The config's Trainer, with StepProgress as its progress bar unless the config turns the bar off or
-        names one itself."""
-        config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer") or {}
-        callbacks = config.get("callbacks") or []
+        names one itself, and a strategy given by name bounded by --collective_timeout."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config.get("trainer") or {}
+        callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, StepProgress()])
-        return super().instantiate_trainer(**kwargs)
+        strategy = trainer_config.get("strategy", "auto")
+        timed = strategy_with_timeout(strategy, config.get("collective_timeout", DEFAULT_COLLECTIVE_TIMEOUT_S))
+        if timed is not None:
+            kwargs.setdefault("strategy", timed)
+        trainer = super().instantiate_trainer(**kwargs)
+        if timed is None and strategy == "auto" and trainer.world_size > 1:
+            rank_zero_warn("--trainer.strategy auto: the collective timeout is Lightning's (30 minutes), not "
+                           "--collective_timeout; pass --trainer.strategy ddp to bound it")
+        return trainer
 
     def instantiate_classes(self) -> None:
         try:
@@ -172,13 +197,33 @@ def _loads(path: Path) -> bool:
 
 
 def main(args: list[str] | None = None) -> TrainCLI:
-    """Entry point of train.py (which runs it through tokenizer.errors.run_command: a CheckpointError, a
-    TrainingDiverged, a DirectoryInUse, a full disk or a bad config value ends the command with one line, no
-    traceback)."""
+    """Entry point of train.py, which runs it through tokenizer.errors.run_command: a CheckpointError, a
+    TrainingDiverged, a DirectoryInUse, a full disk or a bad config value ends the command with one line, status 1.
+    Here: a collective that timed out or lost its peer ends with one line too, status 1; a signal that stopped the
+    run exits with 128 + the signal number (TrainingStopped; Lightning's SIGTERMException, a SystemExit with status
+    0, before training started or in validate/test). Called from Python (`args` given: tests), the exceptions reach
+    the caller."""
     from tokenizer.gpu import enable_fast_math
 
     enable_fast_math()  # TF32 + cuDNN autotuning on GPU; nothing changes on CPU
-    return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
+    try:
+        return TrainCLI(parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {}, args=args)
+    except TrainingStopped as e:
+        if args is not None:
+            raise
+        print(f"stop: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
+    except SIGTERMException:
+        if args is not None:
+            raise
+        print("stop: SIGTERM, handled by Lightning (before training started, or in validate/test): no checkpoint "
+              f"written. Exit status {exit_status(signal.SIGTERM)} (128 + SIGTERM).", file=sys.stderr)
+        sys.exit(exit_status(signal.SIGTERM))
+    except RuntimeError as e:
+        message = collective_failure_message(e)
+        if message is None or args is not None:
+            raise  # DirectoryInUse and the rest: run_command's
+        sys.exit(f"train.py: error: {message}")
 
 
 def _has_omegaconf() -> bool:
