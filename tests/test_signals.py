@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from _eval_helpers import free_port
 from _scripts import load_script
 from _small_training import QUIET_FLAGS, SMALL, as_flag
@@ -324,3 +325,22 @@ def test_a_frozen_rank_fails_the_other_within_the_collective_timeout_and_the_run
     cli = train.main(rank_args(run, shards, "--trainer.max_steps", str(newest + 1), "--ckpt_path", "last",
                                "--data.init_args.num_workers", "0"))
     assert cli.trainer.global_step == newest + 1  # one step after the newest checkpoint (>= 2), not from step 0
+
+
+@pytest.mark.slow
+@linux_only
+def test_a_ddp_step_makes_no_host_sync_with_stop_on_signal_in_place(tmp_path):
+    """Lightning broadcasts rank 0's SIGTERM flag and reads it with .item() before every DDP batch: one collective
+    and one host sync per step (before: every audited step of both ranks synced at training_epoch_loop.py).
+    StopOnSignal owns the signal and checks every N batches instead, so a step between checks reads nothing."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "_ddp_step_syncs", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        record = torch.load(tmp_path / f"rank{rank}.pt")
+        assert record["audited"] >= 3, record
+        quiet = record["quiet"]
+        assert not quiet, f"rank {rank}: {[record['sites'][b] for b in quiet]}"

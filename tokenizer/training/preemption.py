@@ -119,6 +119,16 @@ class StopOnSignal(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batches = 0
         self._install()  # over Lightning's SIGTERM handler, registered since setup
+        if getattr(trainer, "received_sigterm", False):  # Lightning's handler caught one before ours took over
+            self._received[signal.SIGTERM] = True
+        # Under DDP Lightning broadcasts rank 0's `received_sigterm` before every batch and reads it with .item()
+        # (`_broadcast_sigterm_tensor`, lightning/pytorch/loops/training_epoch_loop.py): one collective and one
+        # host sync per step. With our handler installed its flag is never set again, so that broadcast carries
+        # nothing; the check above, every `check_every_n_batches`, replaces it. A Lightning without the method
+        # (renamed) leaves it in place: tests/test_signals.py's whole-step DDP audit then fails, naming it.
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = _no_sigterm_broadcast
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._batches += 1
@@ -158,6 +168,10 @@ class StopOnSignal(pl.Callback):
             f"rank {trainer.global_rank}: stopped after optimizer step {trainer.global_step} ({got}); checkpoint "
             f"{path} saved.{requeued} Resume with --ckpt_path last. Exit status {exit_status(signum)} "
             f"(128 + {signum.name}).", exit_status(signum))
+
+
+def _no_sigterm_broadcast() -> None:
+    """What replaces Lightning's per-batch SIGTERM broadcast while StopOnSignal owns the signal (on_train_start)."""
 
 
 def requeue_slurm_job() -> str:
