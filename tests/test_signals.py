@@ -215,14 +215,14 @@ def rank_process(agent: subprocess.Popen) -> psutil.Process:
     return children[0]
 
 
-def wait_all(agents: list[subprocess.Popen], timeout: float) -> list[int]:
+def wait_all(agents: list[subprocess.Popen], timeout: float, since: str) -> list[int]:
     """The agents' exit statuses; kills every process of the launch and fails if one is still running after
     `timeout` seconds (a hang)."""
     deadline = time.monotonic() + timeout
     try:
         return [a.wait(timeout=max(0.0, deadline - time.monotonic())) for a in agents]
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running {timeout:.0f} s after the signal: a hang") from None
+        raise AssertionError(f"still running {timeout:.0f} s {since}: a hang") from None
     finally:
         kill_all(agents)
 
@@ -265,7 +265,7 @@ def test_sigusr1_to_one_rank_mid_step_stops_both_at_the_same_step_and_they_resum
     except BaseException:
         kill_all(agents)
         raise
-    statuses = wait_all(agents, timeout=120)
+    statuses = wait_all(agents, timeout=120, since="after the signal")
     out = logs(run)
     assert statuses == [1, 1], out  # torchrun reports a failed worker; the worker's own status is below
     steps = []
@@ -283,7 +283,7 @@ def test_sigusr1_to_one_rank_mid_step_stops_both_at_the_same_step_and_they_resum
     agents = launch_two_ranks(run, shards, "--trainer.max_steps", str(step + 2), "--ckpt_path", "last",
                               "--trainer.callbacks+=tokenizer.training.callbacks.DistributedAudit",
                               "--trainer.callbacks.init_args.out_dir", str(audit))
-    assert wait_all(agents, timeout=300) == [0, 0], logs(run)
+    assert wait_all(agents, timeout=300, since="after the resumed launch") == [0, 0], logs(run)
     assert f"Restored all states from the checkpoint at {ckpt_dir / STOP_CHECKPOINT}" in logs(run)[0]  # rank 0 says
     same, detail = load_script("multinode_check").compare_states(
         [str(audit / f"rank{r}-from{step}-state.pt") for r in (0, 1)])  # named by the step each rank resumed at
