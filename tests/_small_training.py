@@ -33,6 +33,21 @@ QUIET_FLAGS = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "fa
                "--trainer.enable_model_summary", "false"]  # fmt: skip
 
 
+def tiny_fit_args(run, steps: int, *extra: str) -> list[str]:
+    """`train.py` arguments: fit the tiny config at SMALL size and 32 px, quietly, into `run`, with a checkpoint
+    every 2 steps in run/ckpt; `extra` flags are appended."""
+    return [
+        "fit", "--config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                        "configs", "tokenizer", "tiny.yaml"),
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000000", *QUIET_FLAGS,
+        "--trainer.default_root_dir", str(run),
+        "--trainer.callbacks.init_args.dirpath", os.path.join(run, "ckpt"),
+        "--trainer.callbacks.init_args.every_n_train_steps", "2",
+        "--model.init_args.overrides", as_flag(SMALL), "--model.init_args.warmup_steps", "2",
+        "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4", *extra,
+    ]  # fmt: skip
+
+
 def demo_run_command(root, steps: int, seed: int = 0) -> list[str]:
     """`python train.py fit` on the demo config at SMALL size, run from the repository, with its TensorBoard
     logger: the run directory is root/demo (config.yaml, events, tokenizer/) and checkpoints go to root/demo/ckpt

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _small_training import QUIET_FLAGS, SMALL, as_flag
+from _small_training import tiny_fit_args
 
 from tokenizer import OneDTokenizer
 from tokenizer.checkpoints import read_checkpoint, tokenizer_from_checkpoint
@@ -26,16 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def cli_args(run: Path, steps: int, *extra: str) -> list[str]:
     """The tiny config at 32 px with EMA, a checkpoint every 2 steps in run/ckpt and the export in run/tokenizer."""
-    return [
-        "fit", "--config", str(REPO / "configs/tokenizer/tiny.yaml"),
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000000", *QUIET_FLAGS,
-        "--trainer.default_root_dir", str(run),
-        "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"),
-        "--trainer.callbacks.init_args.every_n_train_steps", "2",
-        "--model.init_args.overrides", as_flag(SMALL), "--model.init_args.warmup_steps", "2",
-        "--model.init_args.ema_decay", "0.9", "--model.init_args.export_dir", str(run / "tokenizer"),
-        "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4", *extra,
-    ]  # fmt: skip
+    return tiny_fit_args(run, steps, "--model.init_args.ema_decay", "0.9",
+                         "--model.init_args.export_dir", str(run / "tokenizer"), *extra)
 
 
 def train_with_full_disk_at_the_end(run: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:

@@ -3,14 +3,12 @@ lengths and class-dropout draws, while tail drop's one k per batch stays the sam
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _eval_helpers import free_port
+from _eval_helpers import torchrun_two_ranks
 
 from tokenizer.training.seeding import rank_seed, seed_device_per_rank
 
@@ -20,11 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo over the 'lo' interface (Linux)")
 def test_ranks_draw_their_own_dropout_and_share_the_tail_drop_k(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "_rank_draws", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun_two_ranks("_rank_draws", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
 

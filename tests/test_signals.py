@@ -20,9 +20,9 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from _eval_helpers import free_port
+from _eval_helpers import free_port, torchrun_two_ranks
 from _scripts import load_script
-from _small_training import QUIET_FLAGS, SMALL, as_flag
+from _small_training import tiny_fit_args
 
 from tokenizer.checkpoints import checkpoint_files, read_checkpoint
 from tokenizer.training.preemption import STOP_CHECKPOINT
@@ -97,15 +97,7 @@ def test_workers_still_stop_when_their_training_process_exits():
 
 # ---- one process: SIGTERM ------------------------------------------------------------------------------------
 def one_process_args(run: Path, steps: int) -> list[str]:
-    return [
-        "fit", "--config", str(REPO / "configs/tokenizer/tiny.yaml"),
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000000", *QUIET_FLAGS,
-        "--trainer.default_root_dir", str(run),
-        "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"),
-        "--trainer.callbacks.init_args.every_n_train_steps", "2",
-        "--model.init_args.overrides", as_flag(SMALL), "--model.init_args.warmup_steps", "2",
-        "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
-    ]  # fmt: skip
+    return tiny_fit_args(run, steps)
 
 
 def wait_until(ready, procs: list[subprocess.Popen], timeout: float, what: str) -> None:
@@ -336,11 +328,7 @@ def test_a_ddp_step_makes_no_host_sync_with_stop_on_signal_in_place(tmp_path):
     """Lightning broadcasts rank 0's SIGTERM flag and reads it with .item() before every DDP batch: one collective
     and one host sync per step (before: every audited step of both ranks synced at training_epoch_loop.py).
     StopOnSignal owns the signal and checks every N batches instead, so a step between checks reads nothing."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "_ddp_step_syncs", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun_two_ranks("_ddp_step_syncs", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in (0, 1):
         record = torch.load(tmp_path / f"rank{rank}.pt")
