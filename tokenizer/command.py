@@ -5,6 +5,7 @@
     onedtok decode tokens.npz --tokenizer DIR --out recon/ [--num-tokens 16]
     onedtok info DIR
     onedtok export checkpoints/<run>/ckpt/last.ckpt --out DIR    # what the end of training exports (EMA if on)
+    onedtok convert one-d-piece turing-motors/One-D-Piece-S-256 --out DIR   # a released tokenizer (or a folder)
 
 Images are read as in evaluation: any mode to RGB, shorter side resized to the tokenizer's image size (bicubic,
 antialiased), centre crop. Folders are walked recursively (symlink loops are safe); unreadable files, decompression
@@ -233,6 +234,15 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_convert(a) -> int:
+    from .persistence import weights_sha256
+    from .released import convert
+
+    out = convert(a.family, a.source, a.out, variant=a.variant)
+    print(f"{a.family} {a.source} -> {out}/ (weights sha256 {weights_sha256(out)[:16]}...)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onedtok", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,6 +269,12 @@ def parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="a training checkpoint -> a save_pretrained directory (as training ends)")
     export.add_argument("checkpoint", help="a TokenizerModule checkpoint (e.g. checkpoints/<run>/ckpt/last.ckpt)")
     export.add_argument("--out", required=True, help="the directory to write (config.json + model.safetensors)")
+    convert = sub.add_parser("convert", help="a released TiTok / One-D-Piece tokenizer -> a save_pretrained directory")
+    convert.add_argument("family", choices=["titok", "one-d-piece"])
+    convert.add_argument("source", help="a snapshot folder (model.safetensors or pytorch_model.bin, + config.json), "
+                         "a weights file, or a Hugging Face hub id (fetched where the network allows)")
+    convert.add_argument("--out", required=True, help="the directory to write (config.json + model.safetensors)")
+    convert.add_argument("--variant", help="e.g. L-32, BL-64-VQ, S-256: needed when the source has no config.json")
     return p
 
 
@@ -266,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if getattr(a, "batch_size", 1) < 1:
         raise SystemExit(f"onedtok: --batch-size must be >= 1, got {a.batch_size}")
-    command = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export}[a.command]
+    command = {"encode": cmd_encode, "decode": cmd_decode, "info": cmd_info, "export": cmd_export,
+               "convert": cmd_convert}[a.command]
     if argv is not None:  # from Python (tests): the caller sees the exception
         return command(a)
     return run_command(f"onedtok {a.command}", lambda: command(a))  # expected errors: one line (errors.py)

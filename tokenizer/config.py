@@ -18,6 +18,9 @@ QUANTIZERS = ("vq", "lfq", "fsq")
 RENAMED_FIELDS = {"num_latent_tokens": "max_tokens"}
 LENGTH_MECHANISMS = ("tail_token_drop", "nested_dropout", "fixed")
 LENGTH_SAMPLING = ("uniform", "pow2", "log_uniform")
+PIXEL_RANGES = ("[-1, 1]", "[0, 1]")
+VQ_DISTANCES = ("cosine", "euclidean")
+DECODER_HEADS = ("pixels", "vqgan")
 
 # The allowed values of the numeric fields: (lowest, highest, whether the lowest itself is allowed), None for no
 # bound. Checked first, before anything divides by a field (image_size % patch_size) or allocates with it: a
@@ -29,6 +32,8 @@ RANGES = {
     "mlp_ratio": (0, None, False), "codebook_size": (2, None, True), "token_dim": (1, None, True),
     "vq_commitment_weight": (0, None, True), "vq_decay": (0, 1, True), "vq_dead_code_threshold": (0, None, True),
     "lfq_entropy_weight": (0, None, True), "decoder_refine_channels": (0, None, True),
+    "vqgan_codebook_size": (2, None, True), "vqgan_code_dim": (1, None, True), "vqgan_channels": (32, None, True),
+    "vqgan_res_blocks": (1, None, True),
 }  # fmt: skip
 
 
@@ -117,6 +122,40 @@ class TokenizerConfig:
     token_mixing: bool = False
     decoder_final_norm: bool = True
 
+    # Released-weight compatibility (docs/released_weights.md; `onedtok convert`). All off in every preset and
+    # config of this project: they exist so that TiTok and One-D-Piece checkpoints compute here exactly what they
+    # compute in their own code. Each one is a quirk of that code, kept because the released weights depend on it.
+    # - pixel_range: what the encoder reads and the decoder writes. TiTok works on [0, 1] images directly; this
+    #   project maps them to [-1, 1]. The public API (encode, decode, forward) is [0, 1] in, [-1, 1]-space
+    #   reconstruction out of `forward`, whichever is set.
+    pixel_range: str = "[-1, 1]"
+    # - class_token: a learned token first in the encoder's and the decoder's sequence ([cls, patches, latents]),
+    #   read by nothing at the output: TiTok keeps CLIP's layout, and attention sees it.
+    class_token: bool = False
+    # - pre_norm: a LayerNorm over the whole sequence before the first block (CLIP's ln_pre), both sides.
+    pre_norm: bool = False
+    # - legacy_token_layout: the encoder's final latents [B, K, W] are read as [B, W, K] memory (a reshape, no
+    #   transpose) before the projection to token_dim, so token j mixes channels j, j+K, j+2K, ... of all latents.
+    #   Upstream calls it a bug (bytedance/1d-tokenizer#98, One-D-Piece#3); TiTok L-32/B-64/S-128 and every
+    #   One-D-Piece model were trained with it.
+    legacy_token_layout: bool = False
+    # - vq_distance: cosine (l2-normalised codes and inputs: TiTok 4096 x 12) or euclidean (raw codebook and
+    #   inputs: TiTok's single-stage 8192 x 64 models).
+    vq_distance: str = "cosine"
+    # - decoder_conv_residual: decoder_conv adds its output to the image (img + conv(img): starts as the
+    #   identity); TiTok's single-stage head replaces the image with it (conv(img)).
+    decoder_conv_residual: bool = True
+    # - decoder_head: "pixels" (the linear pixel head above) or "vqgan": per patch, logits over the codes of a
+    #   MaskGIT-VQGAN (Linear W->2W, Tanh, Linear 2W->vqgan_codebook_size), softmax, times that VQGAN's codebook
+    #   (a soft code, not an argmax), then its convolutional pixel decoder (vqgan_decoder.py), which upsamples
+    #   16x. TiTok's two-stage models and One-D-Piece ship this decoder fine-tuned inside their checkpoints.
+    decoder_head: str = "pixels"
+    vqgan_codebook_size: int = 1024
+    vqgan_code_dim: int = 256
+    vqgan_channels: int = 128  # the pixel decoder's base width (GroupNorm(32) needs a multiple of 32)
+    vqgan_channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])  # per level, finest first
+    vqgan_res_blocks: int = 2
+
     def __post_init__(self) -> None:
         self._check_types()
         check_ranges(self, RANGES)
@@ -144,7 +183,31 @@ class TokenizerConfig:
                              f"{self.decoder_conv}")
         if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"lfq needs a power-of-two codebook_size, got {self.codebook_size}")
+        self._check_released_switches()
         self.fsq_levels = list(self.fsq_levels)
+        self.vqgan_channel_mult = list(self.vqgan_channel_mult)
+
+    def _check_released_switches(self) -> None:
+        for name, allowed in (("pixel_range", PIXEL_RANGES), ("vq_distance", VQ_DISTANCES),
+                              ("decoder_head", DECODER_HEADS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TokenizerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.decoder_head != "vqgan":
+            return
+        if not self.vqgan_channel_mult or min(self.vqgan_channel_mult) < 1:
+            raise ValueError(f"vqgan_channel_mult must be a non-empty list of multipliers >= 1, got "
+                             f"{self.vqgan_channel_mult!r}")
+        upsampling = 2 ** (len(self.vqgan_channel_mult) - 1)  # one 2x upsampling between levels
+        if self.patch_size != upsampling:
+            raise ValueError(f"decoder_head 'vqgan' upsamples each patch {upsampling}x "
+                             f"(vqgan_channel_mult {self.vqgan_channel_mult}), so patch_size must be {upsampling}, "
+                             f"got {self.patch_size}")
+        if self.vqgan_channels % 32:
+            raise ValueError(f"vqgan_channels must be a multiple of 32 (GroupNorm with 32 groups), got "
+                             f"{self.vqgan_channels}")
+        if self.decoder_refine_channels or self.decoder_coarse_head or self.decoder_conv:
+            raise ValueError("decoder_head 'vqgan' draws the pixels itself: decoder_conv and decoder_coarse_head "
+                             "must be false and decoder_refine_channels 0")
 
     def _check_types(self) -> None:
         """Every field has its declared type: "16" or 16.0 for K would otherwise fail deep inside torch. Floats

@@ -99,14 +99,14 @@ class OneDTokenizer(nn.Module):
             keep = draw_keep_lengths(self.config, b, images.device)
         else:
             keep = KeepLengths(self.max_tokens, None)
-        z = self.encoder(images * 2 - 1)  # [B, K, D]
+        z = self.encoder(self._to_model_range(images))  # [B, K, D]
         q = self.quantizer(z)
         tokens = q.quantized.to(z.dtype)  # [B, K, D]
-        recon = self.decoder(tokens[:, : keep.num_tokens], keep.lengths)  # [B, 3, H, W]
+        recon = self._to_signed(self.decoder(tokens[:, : keep.num_tokens], keep.lengths))  # [B, 3, H, W]
         out_lengths = _as_lengths(keep, b, images.device)
         if not joint:
             return TokenizerOutput(recon, q.ids, q.aux_loss, q.stats, out_lengths)
-        full = self.decoder(tokens)  # [B, 3, H, W] all K tokens
+        full = self._to_signed(self.decoder(tokens))  # [B, 3, H, W] all K tokens
         k_all = _as_lengths(KeepLengths(self.max_tokens, None), b, images.device)
         return TokenizerOutput(full, q.ids, q.aux_loss, q.stats, k_all, prefix_recon=recon, prefix_lengths=out_lengths)
 
@@ -118,7 +118,7 @@ class OneDTokenizer(nn.Module):
         self._check_images(images)
         k = self._check_num_tokens(num_tokens)
         with self._inference():
-            z = self.encoder(images.to(self._dtype()) * 2 - 1)
+            z = self.encoder(self._to_model_range(images.to(self._dtype())))
             return self.quantizer(z).ids[:, :k]
 
     @torch.no_grad()
@@ -131,7 +131,7 @@ class OneDTokenizer(nn.Module):
             lengths = self._check_lengths(lengths, ids.shape)
         with self._inference():
             tokens = self.quantizer.codes_from_ids(ids.long()).to(self._dtype())  # [B, k, D]
-            return ((self.decoder(tokens, lengths) + 1) / 2).clamp(0, 1).float()
+            return self._to_unit(self.decoder(tokens, lengths)).clamp(0, 1).float()
 
     @torch.no_grad()
     def encode_adaptive(self, images: torch.Tensor, min_psnr: float | None = None, max_lpips: float | None = None,
@@ -217,7 +217,18 @@ class OneDTokenizer(nn.Module):
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
-        return self.decoder.to_pixels.weight.dtype
+        return self.decoder.token_in.weight.dtype
+
+    # The public API is [0, 1] images in and a [-1, 1]-space reconstruction out of forward (what the losses
+    # compare); the networks work in config.pixel_range ([0, 1] for converted TiTok weights).
+    def _to_model_range(self, images: torch.Tensor) -> torch.Tensor:
+        return images * 2 - 1 if self.config.pixel_range == "[-1, 1]" else images
+
+    def _to_signed(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.config.pixel_range == "[-1, 1]" else out * 2 - 1
+
+    def _to_unit(self, out: torch.Tensor) -> torch.Tensor:
+        return (out + 1) / 2 if self.config.pixel_range == "[-1, 1]" else out
 
     @contextlib.contextmanager
     def _inference(self):

@@ -107,7 +107,7 @@ def reseed_dead_codes_(codebook: nn.Module, samples: torch.Tensor, threshold: fl
     without host syncs. Returns the re-seeded codes as a [C] bool mask (on the device; for tests and logging).
 
     codebook: the library's Codebook (one codebook: embed [1, C, D], embed_avg [1, C, D], cluster_size [1, C]).
-    samples: [..., D] this batch's codebook inputs, l2-normalised like the codebook (cosine-sim lookup).
+    samples: [..., D] this batch's codebook inputs, l2-normalised like the codebook where its lookup is cosine.
 
     The library's semantics (Codebook.replace): each re-seeded code gets a distinct random batch vector v,
     cluster_size = threshold and embed_avg = v * threshold; when there are more dead codes than vectors, a random
@@ -176,6 +176,7 @@ class Quantizer(nn.Module):
         # lfq: compute the entropy loss with torch.compile'd chunks (lfq_entropy's `compiled`); TokenizerModule
         # sets it under its `compile` switch. Eager by default (CPU, tests); no effect on vq and fsq.
         self.compiled_entropy = False
+        self.cosine = False  # vq: l2-normalised lookup (from_config sets it from cfg.vq_distance)
 
     @property
     def vq_codebook(self) -> nn.Module:
@@ -188,11 +189,12 @@ class Quantizer(nn.Module):
     @classmethod
     def from_config(cls, cfg: TokenizerConfig) -> Quantizer:
         if cfg.quantizer == "vq":
-            # TiTok: low-dimensional, l2-normalised codes (cosine-similarity lookup), EMA codebook updates.
+            # TiTok: low-dimensional, l2-normalised codes (cosine-similarity lookup), EMA codebook updates; or,
+            # with vq_distance "euclidean" (TiTok's single-stage 8192 x 64 models), raw codes and inputs.
             impl = VectorQuantize(
                 dim=cfg.token_dim,
                 codebook_size=cfg.codebook_size,
-                use_cosine_sim=True,
+                use_cosine_sim=cfg.vq_distance == "cosine",
                 decay=cfg.vq_decay,
                 commitment_weight=cfg.vq_commitment_weight,
                 # The library's dead-code expiry syncs the host several times per step (torch.any in an `if`,
@@ -210,8 +212,10 @@ class Quantizer(nn.Module):
                 codebook.all_reduce_fn = all_reduce_sum
             codebook.init_embed_ = _codebook_already_initialised
             codebook.gumbel_sample = _nearest_code
-            return cls("vq", impl, cfg.token_dim, cfg.codebook_size,
-                       dead_code_threshold=cfg.vq_dead_code_threshold, sync_codebook=cfg.vq_sync_codebook)
+            quantizer = cls("vq", impl, cfg.token_dim, cfg.codebook_size,
+                            dead_code_threshold=cfg.vq_dead_code_threshold, sync_codebook=cfg.vq_sync_codebook)
+            quantizer.cosine = cfg.vq_distance == "cosine"
+            return quantizer
         if cfg.quantizer == "lfq":
             dim = cfg.codebook_size.bit_length() - 1  # one bit per dimension, no projection
             # The library's LFQ supplies the codes, ids <-> codes and the loss weights; forward() below runs its
@@ -230,7 +234,7 @@ class Quantizer(nn.Module):
                 quantized, ids, aux = self.impl(z)
                 if self.training and self.dead_code_threshold > 0:
                     # after the library's EMA update, where its own expiry ran; the same l2norm as its codebook
-                    samples = F.normalize(z.detach(), dim=-1, eps=1e-6)  # [B, K, D]
+                    samples = F.normalize(z.detach(), dim=-1, eps=1e-6) if self.cosine else z.detach()  # [B, K, D]
                     reseed_dead_codes_(self.vq_codebook, samples, self.dead_code_threshold, self.sync_codebook)
             elif self.kind == "lfq":
                 quantized, ids, aux = self._lfq(z)

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compiling import compile_in_place
+from .initial_weights import load_initial_weights
 from ..config import TokenizerOverrides
 from ..discriminator import PatchDiscriminator
 from ..distributed import average_gradients, broadcast_from_rank0
@@ -99,6 +100,7 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         fused_optimizer: bool | None = None,
         joint_full_weight: float = 1.0,
         joint_prefix_weight: float = 1.0,
+        init_from: str | None = None,
     ):
         super().__init__()
         if recon_loss not in ("l1", "l2"):
@@ -106,6 +108,8 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.tokenizer = OneDTokenizer.from_preset(preset, **(overrides or {}))
+        if init_from is not None:  # weights only, before the EMA copy is taken (initial_weights.py)
+            load_initial_weights(self.tokenizer, init_from)
         self.discriminator = self.lecam = None
         if gan_weight > 0:
             self.discriminator = PatchDiscriminator(disc_channels, disc_layers)
