@@ -55,10 +55,14 @@ class OneDTokenizer(nn.Module):
             config = TokenizerConfig(**overrides)
         elif overrides:
             config = TokenizerConfig.from_dict({**config.to_dict(), **overrides})
+        self._build(config)
+
+    def _build(self, config: TokenizerConfig, parts_device: str | torch.device | None = None) -> None:
         self.config = config
         self.quantizer = Quantizer.from_config(config)
-        self.encoder = Encoder(config, out_dim=self.quantizer.dim)
-        self.decoder = Decoder(config, token_dim=self.quantizer.dim)
+        with contextlib.nullcontext() if parts_device is None else torch.device(parts_device):
+            self.encoder = Encoder(config, out_dim=self.quantizer.dim)
+            self.decoder = Decoder(config, token_dim=self.quantizer.dim)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> OneDTokenizer:
@@ -154,10 +158,25 @@ class OneDTokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> OneDTokenizer:
         config = read_model_config(directory, FORMAT)
-        model = cls(TokenizerConfig.from_dict(config))
+        model = cls.empty(TokenizerConfig.from_dict(config))
         state = load_model_state(directory, config, map_location)
         load_state_strict(model, state, source=Path(directory) / WEIGHTS_NAME)
         return model.eval()
+
+    @classmethod
+    def empty(cls, config: TokenizerConfig, device: str | torch.device = "cpu") -> OneDTokenizer:
+        """The model of `config` with its encoder and decoder allocated but not initialised, for a strict load to
+        fill (from_pretrained, the released-weight converter): their random init costs seconds for B and most of
+        a minute for L, and every one of their tensors is persistent, so the load overwrites all of it. The
+        quantizer is built normally: it is small and holds a non-persistent buffer that no state dict restores."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        with torch.device(device):
+            model._build(config, parts_device="meta")
+        if torch.device(device).type != "meta":
+            model.encoder.to_empty(device=device)
+            model.decoder.to_empty(device=device)
+        return model
 
     def load_state_dict_strict(self, state: dict[str, torch.Tensor], source: object = "state dict") -> None:
         """load_state_dict(strict=True) with one readable error for missing, unexpected or mis-shaped keys."""

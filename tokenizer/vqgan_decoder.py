@@ -85,6 +85,7 @@ class VQGANDecoder(nn.Module):
                                     for c_in, i in zip(inputs, order))
         self.norm_out = _group_norm(widths[0])
         self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
+        self.to(memory_format=torch.channels_last)  # the conv weights too; a load copies into this layout
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(codes.contiguous(memory_format=torch.channels_last))  # [B, C_L, g, g]

@@ -32,15 +32,14 @@ def convert_state(family: str, reference: dict, state: dict[str, torch.Tensor], 
         raise ValueError(f"unknown family {family!r}; known: {list(FAMILIES)}")
     check_convertible(state, source)
     cfg = tokenizer_config(family, reference, source)
-    with torch.device(device):
-        model = OneDTokenizer(cfg)
+    model = OneDTokenizer.empty(cfg, device)  # every tensor is then loaded strictly
     own = model.state_dict()
     prefix = next(k for k in own if k.startswith("quantizer.") and k.endswith("._codebook.embed"))[: -len("embed")]
     mapped, left_over = map_state(state, cfg, prefix, source)
     if left_over:
         raise ValueError(f"{source}: {len(left_over)} reference key(s) have no place in the converted model, e.g. "
                          f"{left_over[:6]}; this checkpoint is not the {family} architecture its config describes")
-    if device == "meta" or getattr(device, "type", None) == "meta":
+    if torch.device(device).type == "meta":
         _check_keys_and_shapes(model, mapped, source)
         return model
     load_state_strict(model, mapped, source=source)

@@ -79,7 +79,8 @@ def map_state(reference: dict[str, torch.Tensor], cfg: TokenizerConfig, codebook
     """(project state dict, reference keys no rule consumed). `codebook_prefix`: where the VQ codebook's buffers
     live in the project model (`quantizer.impl._codebook.`, from the model's own state dict)."""
     m = KeyMapper(reference, source)
-    m.put("encoder.latent_tokens", (m.take("latent_tokens") + m.take("encoder.latent_token_positional_embedding"))[None])
+    latents = m.take("latent_tokens") + m.take("encoder.latent_token_positional_embedding")  # [K, W]
+    m.put("encoder.latent_tokens", latents[None])
     cls, pos = _class_and_positions(m, "encoder")
     m.put("encoder.class_token", cls)
     m.put("encoder.pos_embed", pos)

@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 
 from ..compiling import compile_in_place
-from .initial_weights import load_initial_weights
 from ..config import TokenizerOverrides
 from ..discriminator import PatchDiscriminator
 from ..distributed import average_gradients, broadcast_from_rank0
@@ -64,6 +63,7 @@ from .checkpoints import ArchitectureGuard
 from .codebook import CodebookMonitor, usage_curve_figure
 from .divergence import DivergenceGuard
 from .export import export_tokenizer
+from .initial_weights import load_initial_weights
 from .optim import clip_grad_norm, make_adamw, param_groups, warmup_cosine
 from .seeding import seed_device_per_rank
 
