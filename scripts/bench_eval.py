@@ -3,6 +3,12 @@
     PYTHONPATH=. python scripts/bench_eval.py --batch-size 4 --num-tokens 4 16 --no-fid    # tiny, CPU
     PYTHONPATH=. python scripts/bench_eval.py --preset B --num-tokens 32 256 --batch-size 64 --device cuda \
         --precision bf16
+    PYTHONPATH=. python scripts/bench_eval.py --released one-d-piece-B-256 --num-tokens 32 256 --batch-size 2 \
+        --no-fid --metric-weights random                                                # a converted B, CPU
+
+``--released NAME`` (a tokenizer.released.VARIANTS name) benches the architecture that ``onedtok convert`` builds
+for that released model (class token, ln_pre, the legacy layout and the MaskGIT-VQGAN pixel decoder for the
+two-stage ones), with random weights: the same speed as the converted weights (docs/released_weights.md).
 
 Times the per-batch work of ``eval.recon_eval.evaluate`` with its own functions (best of ``--repeats``
 after a warm-up, the device synchronised around every call):
@@ -90,9 +96,24 @@ def inception_network(choice: str, device: torch.device):
     return net.to(device).eval().requires_grad_(False), choice
 
 
+def build_tokenizer(preset: str, released: str | None) -> OneDTokenizer:
+    """The preset's model, or with `released` the converted architecture of that released model (random init)."""
+    if released is None:
+        return OneDTokenizer.from_preset(preset)
+    from tokenizer.released import VARIANTS, tokenizer_config
+
+    if released not in VARIANTS:
+        raise SystemExit(f"--released {released!r} is no released model; known: {sorted(VARIANTS)}")
+    variant = VARIANTS[released]
+    return OneDTokenizer(tokenizer_config(variant.family, variant.reference_config(), released))
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="tokenizer preset (tokenizer.config.PRESETS)")
+    p.add_argument("--released", default=None, metavar="NAME",
+                   help="instead of --preset: the converted architecture of a released model "
+                        "(tokenizer.released.VARIANTS, e.g. one-d-piece-B-256)")
     p.add_argument("--device", default="cpu")
     add_precision_arg(p)
     p.add_argument("--batch-size", type=int, default=8)
@@ -110,17 +131,19 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
-    tok = OneDTokenizer.from_preset(args.preset).to(device).eval().requires_grad_(False)
+    tok = build_tokenizer(args.preset, args.released).to(device).eval().requires_grad_(False)
+    name = args.released or args.preset
     k_max, size, b = tok.max_tokens, tok.image_size, args.batch_size
     ks = sorted(set(args.num_tokens or powers_of_two_upto(k_max)))
     if not all(1 <= k <= k_max for k in ks):
-        raise SystemExit(f"--num-tokens must be within 1..{k_max} for preset {args.preset}, got {ks}")
+        raise SystemExit(f"--num-tokens must be within 1..{k_max} for {name}, got {ks}")
     refs = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device)  # [b, 3, S, S]
     lpips_net, lpips_backbone = lpips_network(args.metric_weights, device)
     inception, fid_backbone = inception_network(args.metric_weights, device) if args.fid else (None, None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    print(f"preset {args.preset} ({size}px, K={k_max}, {tok.codebook_size} codes), device {device}, precision "
+    kind = "released" if args.released else "preset"
+    print(f"{kind} {name} ({size}px, K={k_max}, {tok.codebook_size} codes), device {device}, precision "
           f"{precision}, batch {b}, best of {args.repeats}, lpips {lpips_backbone}, fid {fid_backbone}, "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}")  # fmt: skip
 
@@ -131,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         with autocast(precision, device):
             return tok.encode(refs.float() / 255)
 
-    result: dict = dict(bench="eval", preset=args.preset, image_size=size, max_tokens=k_max,
+    result: dict = dict(bench="eval", preset=None if args.released else args.preset, released=args.released,
+                        params=sum(t.numel() for t in tok.parameters()), image_size=size, max_tokens=k_max,
                         codebook_size=tok.codebook_size, device=str(device), precision=precision, batch_size=b,
                         repeats=args.repeats, threads=torch.get_num_threads(), torch=torch.__version__,
                         lpips_backbone=lpips_backbone, fid_backbone=fid_backbone)  # fmt: skip

@@ -130,3 +130,18 @@ def test_paper_checkpoints_keep_last_and_every_nth_only(tmp_path):
                   default_root_dir=str(tmp_path)).fit(module, datamodule=data())  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=20.ckpt", "last.ckpt"]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 24
+
+
+def test_finetune_recipe_rebuilds_the_converted_titok_s128():
+    """configs/tokenizer/finetune-titok-S-128-tail.yaml: its preset and overrides give exactly the architecture that
+    `onedtok convert` builds for TiTok-S-128 (so init_from accepts the converted folder), apart from the length
+    mechanism it fine-tunes with."""
+    from tokenizer.released import VARIANTS, tokenizer_config
+
+    args = load_config(CONFIG_DIR / "tokenizer" / "finetune-titok-S-128-tail.yaml")["model"]["init_args"]
+    recipe = preset_config(args["preset"], **args["overrides"]).to_dict()
+    converted = tokenizer_config("titok", VARIANTS["titok-S-128"].reference_config(), "titok-S-128").to_dict()
+    assert (converted["length_mechanism"], recipe["length_mechanism"]) == ("fixed", "tail_token_drop")
+    differ = {k: (converted[k], recipe[k]) for k in converted if converted[k] != recipe[k]}
+    assert differ == {"length_mechanism": ("fixed", "tail_token_drop")}
+    assert args["init_from"] and args["lr"] < 1e-4  # starts from the converted weights, at a fine-tuning lr
