@@ -353,16 +353,20 @@ def test_fine_tune_from_a_converted_model_with_tail_drop(one_d_piece_dir, tmp_pa
     assert any(n.startswith("encoder.") for n in moved)
 
 
-def test_init_from_refuses_another_architecture_field_by_field(one_d_piece_dir):
+def test_init_from_refuses_another_architecture_field_by_field(tmp_path):
+    from _small_training import SMALL
+
     from tokenizer.training.initial_weights import load_initial_weights
 
-    tok = OneDTokenizer.from_pretrained(one_d_piece_dir)
-    other = OneDTokenizer.empty(dataclasses.replace(tok.config, pre_norm=False, dec_depth=2))  # never run
-    with pytest.raises(ValueError, match=r"(?s)dec_depth: saved 8, config 2.*pre_norm: saved True, config False"):
-        load_initial_weights(other, one_d_piece_dir)
-    nested = OneDTokenizer(dataclasses.replace(tok.config, length_mechanism="nested_dropout"))
-    assert load_initial_weights(nested, one_d_piece_dir) == ["decoder.latent_mask_token"]  # its own new parameter
-    torch.testing.assert_close(nested.encoder.latent_tokens, tok.encoder.latent_tokens)
+    saved = OneDTokenizer.from_preset("tiny", **SMALL, class_token=True, length_mechanism="fixed")
+    saved.save_pretrained(tmp_path / "saved")
+    other = OneDTokenizer.from_preset("tiny", **SMALL, pre_norm=True, dec_depth=2)
+    with pytest.raises(ValueError, match=r"(?s)class_token: saved True, config False.*dec_depth: saved 1, config 2.*"
+                                         r"pre_norm: saved False, config True"):  # fmt: skip
+        load_initial_weights(other, tmp_path / "saved")
+    nested = OneDTokenizer.from_preset("tiny", **SMALL, class_token=True, length_mechanism="nested_dropout")
+    assert load_initial_weights(nested, tmp_path / "saved") == ["decoder.latent_mask_token"]  # its own new param
+    torch.testing.assert_close(nested.encoder.latent_tokens, saved.encoder.latent_tokens)
 
 
 @pytest.mark.slow
@@ -394,6 +398,19 @@ def test_extract_tokens_then_gpt_then_samples_at_two_k(one_d_piece_dir, tmp_path
         sampled = generate(gpt.eval(), classes[:2], num_tokens=k, generator=torch.Generator().manual_seed(k))
         images = tok.decode(sampled)
         assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_reconstruction_report_of_a_converted_model_per_k(one_d_piece_dir, tmp_path):
+    """eval.reconstruction on the converted One-D-Piece-style model: a row per k, finite metrics."""
+    from eval.reconstruction import main as reconstruction
+
+    rows = reconstruction(["--tokenizer", one_d_piece_dir, "--max-images", "3", "--num-tokens", "1", "4", "8",
+                           "--no-fid", "--no-adaptive", "--codecs", "--num-workers", "0", "--batch-size", "2",
+                           "--cpu", "--out", str(tmp_path / "report")])  # fmt: skip
+    ours = {r.num_tokens: r for r in rows if r.method == "tokenizer"}
+    assert sorted(ours) == [1, 4, 8] and all(r.num_images == 3 and np.isfinite(r.psnr) for r in ours.values())
+    assert (tmp_path / "report" / "metrics.md").stat().st_size > 0
 
 
 # ---- real weights, opt-in ------------------------------------------------------------------------------------
