@@ -360,7 +360,7 @@ def test_init_from_refuses_another_architecture_field_by_field(tmp_path):
 
     saved = OneDTokenizer.from_preset("tiny", **SMALL, class_token=True, length_mechanism="fixed")
     saved.save_pretrained(tmp_path / "saved")
-    other = OneDTokenizer.from_preset("tiny", **SMALL, pre_norm=True, dec_depth=2)
+    other = OneDTokenizer.from_preset("tiny", **{**SMALL, "dec_depth": 2}, pre_norm=True)
     with pytest.raises(ValueError, match=r"(?s)class_token: saved True, config False.*dec_depth: saved 1, config 2.*"
                                          r"pre_norm: saved False, config True"):  # fmt: skip
         load_initial_weights(other, tmp_path / "saved")
