@@ -111,12 +111,14 @@ def open_source(args: argparse.Namespace, image_size: int):
 @torch.no_grad()
 def encode_batch(tokenizer, images: torch.Tensor, num_tokens: int, flip: bool,
                  precision: str | None = None) -> torch.Tensor:  # fmt: skip
-    """images [B, 3, S, S] -> ids [B, k], or [B, 2, k] (image, horizontal flip) with flip. The encoder runs
-    under `precision` autocast (None: bf16 on CUDA, fp32 on CPU)."""
+    """images [B, 3, S, S] float in [0, 1] -> ids [B, k], or [B, 2, k] (image, horizontal flip) with flip. The
+    encoder runs under `precision` autocast (None: bf16 on CUDA, fp32 on CPU). The images are not checked
+    again (`check_inputs=False`, no host syncs): the loop makes them in [0, 1] (`to_float_images` of uint8)."""
     with autocast(precision, images.device):
         if not flip:
-            return tokenizer.encode(images, num_tokens=num_tokens)
-        both = tokenizer.encode(torch.cat([images, images.flip(-1)]), num_tokens=num_tokens)  # [2B, k]
+            return tokenizer.encode(images, num_tokens=num_tokens, check_inputs=False)
+        both = tokenizer.encode(torch.cat([images, images.flip(-1)]), num_tokens=num_tokens,
+                                check_inputs=False)  # [2B, k]
     b = len(images)
     return torch.stack([both[:b], both[b:]], dim=1)  # [B, 2, k]
 

@@ -62,7 +62,7 @@ from eval.outputs import check_out_dir, owned_by, shared_output_directory  # noq
 from tokenizer.atomic import atomic_directory, atomic_open, write_json, write_text  # noqa: E402
 from tokenizer.errors import run_command  # noqa: E402
 from tokenizer.inception import feature_statistics, frechet_distance  # noqa: E402
-from tokenizer.precision import resolve_precision  # noqa: E402
+from tokenizer.precision import autocast, resolve_precision  # noqa: E402
 
 GFID_FILES = owned_by(r"gfid\.(md|json)")  # what a gFID run writes in --out (besides the samples it generates)
 
@@ -90,7 +90,8 @@ def inception_extractor(device: str | torch.device = "cpu", batch_size: int = 64
     def extract(images: torch.Tensor) -> dict:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
-        outs = [model(chunk.to(device)) for chunk in images.split(batch_size)]
+        with autocast("fp32", device):  # IEEE fp32, also on a GPU (TF32 off) and inside an outer autocast
+            outs = [model(chunk.to(device)) for chunk in images.split(batch_size)]
         result = {"pool": torch.cat([o[0] for o in outs]).double().cpu()}
         if has_logits:
             result["logits"] = torch.cat([o[1] for o in outs]).double().cpu()

@@ -101,31 +101,38 @@ def reconstruct(tokenizer: OneDTokenizer, refs: torch.Tensor, num_tokens: list[i
     """uint8 refs [b, 3, S, S] -> (ids int64 [b, K], uint8 reconstructions [b, 3, S, S] per k).
 
     Encoder and decoder run under `precision` autocast; each decoded image is quantised to uint8 in fp32
-    right away (so only one float batch is alive at a time).
+    right away (so only one float batch is alive at a time). The inputs are checked here, once and without
+    reading the device: uint8 / 255 is in [0, 1] and the ids come from `encode`, so encode and decode skip
+    their own value checks (`check_inputs=False`: 3 host syncs per batch and k on a GPU).
     """
+    if refs.dtype != torch.uint8 or refs.ndim != 4:
+        raise ValueError(f"refs must be uint8 [b, 3, S, S], got {refs.dtype} {tuple(refs.shape)}")
+    if not all(1 <= k <= tokenizer.max_tokens for k in num_tokens):
+        raise ValueError(f"num_tokens must be within 1..{tokenizer.max_tokens}, got {num_tokens}")
     device = refs.device
     with autocast(precision, device):
-        ids = tokenizer.encode(refs.float() / 255)  # [b, K]
+        ids = tokenizer.encode(refs.float() / 255, check_inputs=False)  # [b, K]
     recs = []
     for k in num_tokens:
         with autocast(precision, device):
-            images = tokenizer.decode(ids[:, :k])  # [b, 3, S, S] in [0, 1]
+            images = tokenizer.decode(ids[:, :k], check_inputs=False)  # [b, 3, S, S] in [0, 1]
         recs.append(uint8_reconstruction(images.float(), f"k={k}"))
     return ids, recs
 
 
 @torch.no_grad()
 def image_metrics(rec: torch.Tensor, refs: torch.Tensor, lpips_ref: LPIPSReference) -> torch.Tensor:
-    """PSNR, SSIM, LPIPS of uint8 rec vs refs [b, 3, S, S] -> float64 [b, 3] on the CPU, always in fp32 (an
-    outer autocast region is switched off)."""
+    """PSNR, SSIM, LPIPS of uint8 rec vs refs [b, 3, S, S] -> float64 [b, 3] on the CPU, always in IEEE fp32 (an
+    outer autocast region and TF32 are switched off: tokenizer.precision)."""
     with autocast("fp32", rec.device):
         return torch.stack([psnr(rec, refs).double(), ssim(rec, refs).double(), lpips_ref(rec).double()],
                            dim=1).cpu()  # fmt: skip
 
 
 def add_features(fs: FeatureSet, images: torch.Tensor, index: torch.Tensor, inception) -> torch.Tensor:
-    """FID Inception features of uint8 images [b, 3, S, S] into `fs` under their global indices, in fp32 (an
-    outer autocast region is switched off). Returns them, so that an identical image set can reuse them."""
+    """FID Inception features of uint8 images [b, 3, S, S] into `fs` under their global indices, in IEEE fp32 (an
+    outer autocast region and TF32 are switched off). Returns them, so that an identical image set can reuse
+    them."""
     from eval.metrics import inception_features
 
     with autocast("fp32", images.device):

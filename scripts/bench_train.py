@@ -14,7 +14,8 @@ backward, optimizer and EMA. The last warm-up batch is a logging step, as every 
 
 FLOPs per image are counted by `torch.utils.flop_counter.FlopCounterMode` (forward, the adaptive-weight
 products and backward), not by a formula, in an eager rerun of the timed steps with the same seed (so the same
-tail-drop k at each step: k sets the decoder's cost). MFU is against the device's dense bf16 peak
+tail-drop k at each step: k sets the decoder's cost; the JSON line's timed_k_mean is the mean k the timed steps
+decoded, which for 10 steps can be far from the nominal K/2). MFU is against the device's dense bf16 peak
 (tokenizer/gpu.py), null where unknown (CPU). `--check-syncs` checks every timed step for host syncs, the whole step
 from its start to the next one's, Lightning's own hooks included: off CUDA with HostSyncDetector (the JSON line
 gives host_syncs_per_step; the script then exits 1 naming where, if any), on CUDA with
@@ -124,6 +125,31 @@ class StepTimer(pl.Callback):
             first = min(synced)
             raise SystemExit(f"host syncs in {len(synced)} of {self.timed} timed steps: {synced[first]} in batch "
                              f"{first}, at: " + "; ".join(self.audit.sites[first][:3]))
+
+
+class TimedLengths(pl.Callback):
+    """The keep lengths the timed steps (`warmup` on) decoded: tail drop's k, the drawn prefix under joint
+    training. The decoder's cost follows k, and a few steps' draws average far from the nominal mean (seed 0,
+    the 10 timed steps of uniform 1..256 average 157.6, not 128.5), so the JSON line says what it was measured
+    at. Kept on the device and read once, after the timed steps."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.drawn, self.hook = warmup, [], None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.hook = module.tokenizer.register_forward_hook(self._record)
+
+    def _record(self, tokenizer, inputs, out):
+        if tokenizer.training:
+            self.drawn.append(out.lengths if out.prefix_lengths is None else out.prefix_lengths)  # [B]
+
+    def on_train_epoch_end(self, trainer, module):
+        if self.hook is not None:
+            self.hook.remove()
+
+    def mean(self) -> float | None:
+        return round(torch.cat(self.drawn).float().mean().item(), 2) if self.drawn else None
 
 
 class LogUntil(pl.Callback):
@@ -301,9 +327,10 @@ def main(argv: list[str] | None = None) -> dict:
     size = module.tokenizer.image_size
     batch = torch.rand(batch_size, 3, size, size)
     batch = batch.pin_memory() if device.type == "cuda" else batch
-    timer = StepTimer(a.warmup, device, a.check_syncs)
+    timer, lengths = StepTimer(a.warmup, device, a.check_syncs), TimedLengths(a.warmup)
     loader = DataLoader(SameBatch(batch, a.warmup + a.steps), batch_size=None)
-    fit(module, loader, device, precision, module.optimizers_per_batch, a.warmup + a.steps, [timer], a.warmup)
+    fit(module, loader, device, precision, module.optimizers_per_batch, a.warmup + a.steps, [timer, lengths],
+        a.warmup)
     elapsed = timer.end - timer.start
     img_per_s = batch_size * timer.timed / elapsed
     mem, mem_kind = peak_memory_gb(device)
@@ -318,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision, "compile": bool(module.hparams.compile), "batch_size": batch_size,
         "tokenizer_only": a.tokenizer_only, "lpips_backbone": backbone, "timed_steps": timer.timed,
+        "max_tokens": module.tokenizer.max_tokens, "timed_k_mean": lengths.mean(),
         "step_s": elapsed / timer.timed, "img_per_s": img_per_s, "tflop_per_img": flops / 1e12,
         "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
         "peak_mem_gb": mem, "peak_mem_kind": mem_kind, "syncs_checked": a.check_syncs,

@@ -113,7 +113,7 @@ def test_reconstructions_are_quantised_before_metrics():
     """A decoder output within half an LSB of the reference must score as a perfect reconstruction."""
     tok = _tiny_tokenizer()
     refs = _images(5, size=64, seed=4)
-    tok.decode = lambda ids: ((refs[: len(ids)].double() + 0.45) / 255).float()  # < 0.5 LSB off everywhere
+    tok.decode = lambda ids, **_: ((refs[: len(ids)].double() + 0.45) / 255).float()  # < 0.5 LSB off everywhere
     loader = [(torch.arange(5), refs)]
     rows, grid, per = rec.evaluate(_OneProcess(), tok, loader, 5, [1, 32], [], fid=False)
     for r in rows:
@@ -203,6 +203,71 @@ def test_adaptive_pass_reuses_the_fixed_pass_reference_features(monkeypatch):
     with pytest.raises(ValueError, match="reference features are of 4 images, this pass has 3"):
         evaluate_adaptive(_OneProcess(), tok, [(torch.arange(3), _images(3, size=64, seed=8))], 3, targets,
                           fid_reference=shared)
+
+
+def test_reconstruct_pays_no_host_sync_for_input_checks_and_equals_the_checked_path():
+    """The evaluation loop's uint8 / 255 images and encode's ids are valid by construction: encode and decode run
+    unchecked (no syncing operator in tokenizer/model.py), and give what the checked calls give."""
+    from tokenizer.gpu import HostSyncDetector
+
+    tok = _tiny_tokenizer().eval()
+    refs = _images(3, size=64, seed=5)
+    with HostSyncDetector() as seen:
+        ids, recs = rec.reconstruct(tok, refs, [1, 32])
+    assert seen.hits and not [h for h in seen.hits if " at model.py:" in h], seen.hits  # the NaN check remains
+    checked_ids = tok.encode(refs.float() / 255)
+    assert torch.equal(ids, checked_ids)
+    for k, r in zip([1, 32], recs):
+        assert torch.equal(r, metrics.to_uint8(tok.decode(checked_ids[:, :k]))), k
+    with pytest.raises(ValueError, match=r"num_tokens must be within 1..32, got \[1, 33\]"):
+        rec.reconstruct(tok, refs, [1, 33])
+    with pytest.raises(ValueError, match="refs must be uint8"):
+        rec.reconstruct(tok, refs.float() / 255, [1])
+
+
+def _tf32_switches() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+class _StubInception(torch.nn.Module):
+    """Inception's call signature (uint8 [B, 3, H, W] -> (pool features [B, D], ...)), recording the TF32 switches
+    it ran under."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(1, 1)
+        torch.nn.init.constant_(self.fc.weight, float("nan"))  # as a weight file without fc: no logits
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(_tf32_switches())
+        return (images.float().flatten(1)[:, :4],)
+
+
+def test_metrics_and_inception_features_run_in_ieee_fp32(monkeypatch):
+    """The numbers reported as fp32 (PSNR/SSIM/LPIPS, the Inception features of rFID and gFID) are computed with
+    TF32 off, whatever the process set (train.py's enable_fast_math turns it on), and the switches come back."""
+    from eval.gfid import inception_extractor
+    from tokenizer.perceptual import LPIPS
+
+    refs = _images(2, size=32, seed=6)
+    lpips_ref = metrics.LPIPSReference(refs, model=LPIPS(random_backbone_for_tests=True))
+    seen = []
+    lpips_ref.model.net.net.slice1.register_forward_hook(lambda *_: seen.append(_tf32_switches()))
+    inception = _StubInception()
+    monkeypatch.setattr("tokenizer.inception.load_fid_inception", lambda device: inception)
+    before = _tf32_switches()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        rec.image_metrics(refs.flip(-1), refs, lpips_ref)
+        rec.add_features(metrics.FeatureSet(16), refs, torch.arange(2), inception)
+        inception_extractor("cpu")(refs)
+        after = _tf32_switches()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert seen and set(seen) == {(False, False)}, seen
+    assert len(inception.seen) == 2 and set(inception.seen) == {(False, False)}, inception.seen
+    assert after == (True, True)
 
 
 def test_position_usage_counts_distinct_codes_per_position():

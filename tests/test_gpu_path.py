@@ -323,3 +323,109 @@ def test_bench_train_prints_the_json_line_and_checks_syncs():
     assert result["timed_steps"] == 2 and result["img_per_s"] > 0 and result["syncs_checked"]
     assert result["host_syncs_per_step"] == 0, "timed steps after a logging step (the last warm-up batch)"
     assert 0 < result["tflop_per_img"] < 0.01 and result["mfu"] is None and result["peak_mem_gb"] > 0
+
+
+def _tf32_switches() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("start", [(True, True), (False, True), (True, False), (False, False)])
+def test_ieee_fp32_turns_tf32_off_and_restores_the_switches(start):
+    """The switches are process-wide: each combination comes back as it was, after an error too. (On CPU they
+    change no result; on a GPU they are what makes fp32 matmuls and cuDNN convolutions IEEE fp32.)"""
+    from tokenizer.gpu import ieee_fp32
+    from tokenizer.precision import autocast
+
+    before = _tf32_switches()
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = start
+        with ieee_fp32():
+            assert _tf32_switches() == (False, False)
+            with ieee_fp32():  # nested: the inner exit restores the outer's state
+                pass
+            assert _tf32_switches() == (False, False)
+        assert _tf32_switches() == start
+        with pytest.raises(KeyError), ieee_fp32():
+            raise KeyError("inside")
+        assert _tf32_switches() == start
+        with autocast("fp32", "cpu"):  # the precision named fp32 is IEEE fp32, autocast off
+            assert _tf32_switches() == (False, False) and not torch.is_autocast_enabled("cpu")
+        with autocast("bf16", "cpu"):  # bf16 leaves the switches alone
+            assert _tf32_switches() == start and torch.is_autocast_enabled("cpu")
+        assert _tf32_switches() == start
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "lfq", "fsq"])
+def test_quantizer_forward_runs_with_tf32_off(quantizer, monkeypatch):
+    """The nearest-code search is documented as fp32: it runs with TF32 off inside a training run that turned it
+    on for everything else, and the switches come back for the decoder."""
+    import tokenizer.quantizer
+
+    model = OneDTokenizer.from_preset("tiny", **SMALL, quantizer=quantizer)
+    seen = []
+    if quantizer == "lfq":  # its forward is ours; the code distances are in the entropy term
+        entropy = tokenizer.quantizer.lfq_entropy
+        monkeypatch.setattr(tokenizer.quantizer, "lfq_entropy",
+                            lambda *a, **k: seen.append(_tf32_switches()) or entropy(*a, **k))  # fmt: skip
+    else:
+        model.quantizer.impl.register_forward_hook(lambda *_: seen.append(_tf32_switches()))
+    before = _tf32_switches()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        model(torch.rand(2, 3, SMALL["image_size"], SMALL["image_size"]))
+        after = _tf32_switches()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert seen == [(False, False)] and after == (True, True)
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L4", None),
+])  # fmt: skip
+def test_peak_bf16_tflops_by_device_name(name, peak):
+    from tokenizer.gpu import peak_bf16_tflops_of_name
+
+    assert peak_bf16_tflops_of_name(name) == peak
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_lpips_and_discriminator_run_channels_last_and_equal_nchw():
+    """LPIPS (weights and inputs) and the discriminator (inputs; its parameters keep the default layout for the
+    optimizer and checkpoints) run channels_last; forward and gradients equal the NCHW computation to fp32
+    rounding (a different summation order, not a different function)."""
+    from tokenizer.discriminator import PatchDiscriminator
+    from tokenizer.perceptual import LPIPS
+
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1  # [B, 3, H, W] NCHW
+    lpips = LPIPS(random_backbone_for_tests=True)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in lpips.parameters() if p.dim() == 4)
+    nchw = LPIPS(random_backbone_for_tests=True)
+    nchw.load_state_dict(lpips.state_dict())
+    for p in nchw.parameters():
+        p.data = p.data.contiguous()
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    out = lpips(xs[0], y)  # [B]
+    ref = nchw.net(xs[1], y, normalize=False).reshape(2)  # the lpips package's forward, all NCHW
+    (out.sum() + ref.sum()).backward()
+    assert _relative(out, ref) < 1e-5 and _relative(xs[0].grad, xs[1].grad) < 1e-4
+
+    disc = PatchDiscriminator(channels=16, num_layers=2)
+    results = []
+    for forward in (disc, disc.net):  # channels_last inputs, then the plain NCHW Sequential
+        disc.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        logits = forward(xi)  # [B, 1, h, w]
+        logits.square().mean().backward()
+        results.append((logits, xi.grad, [p.grad.clone() for p in disc.parameters()]))
+    (cl_logits, cl_dx, cl_dw), (logits, dx, dw) = results
+    assert cl_logits.is_contiguous(memory_format=torch.channels_last) and logits.is_contiguous()
+    assert all(p.is_contiguous() and g.is_contiguous() for p, g in zip(disc.parameters(), cl_dw))
+    assert _relative(cl_logits, logits) < 1e-5 and _relative(cl_dx, dx) < 1e-5
+    assert max(_relative(a, b) for a, b in zip(cl_dw, dw)) < 1e-5

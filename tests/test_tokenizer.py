@@ -13,6 +13,7 @@ from tokenizer import OneDTokenizer, TokenizerConfig
 from tokenizer.config import preset_config
 from tokenizer.decoder import unpatchify
 from tokenizer.encoder import causal_latent_mask
+from tokenizer.gpu import no_host_sync
 from tokenizer.length import draw_keep_lengths, keep_mask, powers_of_two_upto
 from tokenizer.stem import dct_basis
 
@@ -242,6 +243,24 @@ def test_bad_num_tokens_and_ids(images):
         model.decode(torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"shape \[B, k\]"):
         model.decode(ids[0])
+
+
+@pytest.mark.parametrize("quantizer", list(QUANTIZERS))
+def test_unchecked_encode_and_decode_read_nothing_from_the_device_and_equal_the_checked_path(quantizer, images):
+    """check_inputs=False (the evaluation and extraction loops, whose inputs are valid by construction) skips the
+    value checks, each a host sync on a GPU: no syncing operator runs, and the results are the checked path's."""
+    model = small(**QUANTIZERS[quantizer])
+    lengths = torch.tensor([1, 5, 8])  # [B]
+    ids = model.encode(images)
+    checked = model.decode(ids, lengths=lengths)
+    with no_host_sync("cpu", detector=True):
+        fast_ids = model.encode(images, check_inputs=False)
+        fast = model.decode(fast_ids, lengths=lengths, check_inputs=False)
+    assert torch.equal(fast_ids, ids) and torch.equal(fast, checked)
+    for checked_call in (lambda: model.encode(images), lambda: model.decode(ids, lengths=lengths)):
+        with pytest.raises(RuntimeError, match="_local_scalar_dense"):  # what the default pays for its checks
+            with no_host_sync("cpu", detector=True):
+                checked_call()
 
 
 def test_encode_does_not_update_codebook_or_change_mode(images):

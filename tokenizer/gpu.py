@@ -1,6 +1,8 @@
 """GPU-path helpers: the fast-math switches, the device peak table, and host-sync detection.
 
     enable_fast_math()                      # TF32 matmuls/convolutions and cuDNN autotuning (CUDA only)
+    with ieee_fp32():                       # TF32 off for the duration: fp32 math that is fp32 (CUDA only)
+        features = inception(images)
     peak_bf16_tflops("cuda")                # 989.0 on an H100/H200 SXM, None where unknown (CPU)
     with no_host_sync("cuda"):              # raises on the first op that makes the host wait for the device
         training_step(...)
@@ -24,9 +26,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# Dense bf16 peak (TFLOP/s, no sparsity) by device-name fragment; the first match wins (PCIe before SXM names).
+# Dense bf16 peak (TFLOP/s, no sparsity: half of NVIDIA's datasheet figure "with sparsity") by device-name
+# fragment; the first match wins, so the PCIe and NVL cards come before the SXM names they contain
+# ("NVIDIA H100 NVL" and "NVIDIA H100 80GB HBM3" both contain "H100"). NVL: 1,671 sparse per GPU (H100 NVL and
+# H200 NVL datasheets), lower clocks and power than SXM.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
     ("H100", 989.0),
     ("H200", 989.0),
     ("H800", 989.0),
@@ -59,12 +66,35 @@ def enable_fast_math() -> None:
     torch.backends.cudnn.benchmark = True
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """TF32 off for fp32 matmuls and convolutions for the duration, then the previous switches restored (also on
+    an error): for the numbers that are reported as fp32 (metrics, the quantizer's nearest-code search). On
+    Ampere and later GPUs TF32 keeps 10 mantissa bits, and cuDNN uses it for fp32 convolutions by default, even
+    without `enable_fast_math`. The switches are the same legacy `allow_tf32` flags `enable_fast_math` sets:
+    torch refuses to read them (a RuntimeError, seen with torch 2.14) once the newer `fp32_precision` API has set
+    them differently. They are process-wide (not per thread), and have no effect on CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 def peak_bf16_tflops(device: torch.device | str) -> float | None:
     """The device's dense bf16 peak in TFLOP/s from `PEAK_BF16_TFLOPS`, or None (CPU, unknown GPUs)."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_bf16_tflops_of_name(torch.cuda.get_device_name(device))
+
+
+def peak_bf16_tflops_of_name(name: str) -> float | None:
+    """The dense bf16 peak of a CUDA device name (`torch.cuda.get_device_name`, e.g. "NVIDIA H100 NVL") from
+    `PEAK_BF16_TFLOPS`, or None for a name it does not list."""
     return next((tflops for fragment, tflops in PEAK_BF16_TFLOPS if fragment in name), None)
 
 
@@ -167,5 +197,5 @@ def no_host_sync(device: torch.device | str, detector: bool | None = None):
                            + "; ".join(found.hits[:3]))
 
 
-__all__ = ["enable_fast_math", "peak_bf16_tflops", "HostSyncDetector", "no_host_sync", "SYNCING_OPS",
-           "BOOL_INDEXED_OPS", "HOST_PULLS", "PEAK_BF16_TFLOPS"]
+__all__ = ["enable_fast_math", "ieee_fp32", "peak_bf16_tflops", "peak_bf16_tflops_of_name", "HostSyncDetector",
+           "no_host_sync", "SYNCING_OPS", "BOOL_INDEXED_OPS", "HOST_PULLS", "PEAK_BF16_TFLOPS"]

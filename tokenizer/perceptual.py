@@ -36,7 +36,9 @@ class LPIPS(nn.Module):
     """Frozen LPIPS-VGG (v0.1). ``forward(x, y)``: images in [-1, 1], [B, 3, H, W] -> distances [B].
 
     Gradients flow to the inputs (usable as a loss); the parameters never train and the module stays in
-    eval mode even when a parent calls ``.train()``.
+    eval mode even when a parent calls ``.train()``. Weights and inputs are channels_last (NHWC), the layout
+    cuDNN's tensor-core and oneDNN's convolutions run in: NCHW would be transposed around every convolution. The
+    parameters are frozen and never saved or optimised, so their layout is nobody else's concern.
     """
 
     def __init__(self, random_backbone_for_tests: bool = False):
@@ -52,6 +54,7 @@ class LPIPS(nn.Module):
             sd = _features_to_lpips_keys(load_vgg16_features_state_dict())
             self.net.net.load_state_dict(sd, strict=True)
         self.requires_grad_(False)
+        self.to(memory_format=torch.channels_last)  # the 4-d conv weights; a 1-d bias has no layout
         super().train(False)
 
     def train(self, mode: bool = True) -> LPIPS:
@@ -63,6 +66,7 @@ class LPIPS(nn.Module):
             raise ValueError(
                 f"expected two [B, 3, H, W] tensors of equal shape, got {tuple(x.shape)}, {tuple(y.shape)}"
             )
+        x, y = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))  # [B, 3, H, W] stored NHWC
         return self.net(x, y, normalize=False).reshape(x.shape[0])
 
 

@@ -6,8 +6,9 @@
 
 Parameters stay fp32 either way; under "bf16" the matmuls/convolutions run in bf16 (tensor cores, half the
 activation memory) while autocast keeps reductions and norms in fp32, and the tokenizer's quantizer forces
-fp32 inside. "fp32" disables autocast, also inside an outer autocast region, so the name always says what the
-model computes in. Metrics are computed outside these regions, in fp32.
+fp32 inside. "fp32" disables autocast, also inside an outer autocast region, and TF32 (`tokenizer.gpu.ieee_fp32`:
+on a GPU cuDNN runs fp32 convolutions in TF32 by default), so the name always says what the model computes in.
+Metrics are computed in "fp32" regions.
 
 The default is bf16 on CUDA only: CPU bf16 matmuls are slow on most CPUs and CPU runs are where results are
 compared against fp32 references. "fp16" exists for benchmarks (`scripts/bench_sampling.py --dtype
@@ -20,6 +21,8 @@ import argparse
 import contextlib
 
 import torch
+
+from .gpu import ieee_fp32
 
 PRECISIONS = ("fp32", "bf16")
 _AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,12 +47,19 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def autocast(precision: str | None, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """torch.autocast for `precision` on `device` (None: the device's default)."""
+    """torch.autocast for `precision` on `device` (None: the device's default); "fp32" is autocast off and TF32
+    off (IEEE fp32 matmuls and convolutions), both restored on exit."""
     device_type = torch.device(device).type
     dtype = autocast_dtype(resolve_precision(precision, device))
     if dtype is None:
-        return torch.autocast(device_type, enabled=False)
+        return _ieee_fp32_region(device_type)
     return torch.autocast(device_type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_region(device_type: str):
+    with torch.autocast(device_type, enabled=False), ieee_fp32():
+        yield
 
 
 def add_precision_arg(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,9 @@
     out.stats                       # usage and perplexity of this batch's ids
     q.codes_from_ids(ids)           # [B, k, q.dim], equals out.quantized at those ids
 
-Quantization always runs in fp32, also inside a bf16 autocast region: low-precision distances pick the wrong
-code and low-precision EMA updates drift.
+Quantization always runs in fp32, also inside a bf16 autocast region, and with TF32 off (`ieee_fp32`; the
+training enables TF32 for everything else): low-precision distances pick the wrong code and low-precision EMA
+updates drift.
 
 A training forward + backward makes no host<->device sync (no .item(), nonzero, boolean-mask indexing, bincount
 or host-to-device copy), so the CPU never waits for the GPU in steady state. Library paths that did are replaced:
@@ -36,6 +37,7 @@ from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from .config import TokenizerConfig
 from .distributed import all_reduce_sum, world_size
+from .gpu import ieee_fp32
 from .lfq_entropy import lfq_entropy
 
 
@@ -228,7 +230,7 @@ class Quantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         # z: [B, K, D]
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with torch.autocast(device_type=z.device.type, enabled=False), ieee_fp32():
             z = z.float()
             if self.kind == "vq":
                 quantized, ids, aux = self.impl(z)
