@@ -298,6 +298,8 @@ def test_every_parameter_takes_part_in_every_loss(path):
     of tail drop, a nested-dropout batch with nothing dropped) still give every tokenizer parameter a gradient."""
     overrides = load_config(path)["model"]["init_args"].get("overrides") or {}
     keep = {k: v for k, v in overrides.items() if k not in ("max_tokens",)}
+    if keep.get("decoder_head") == "vqgan":  # its pixel decoder upsamples 16x: patch 16, a narrow VQGAN
+        keep.update(patch_size=16, vqgan_channels=32, vqgan_channel_mult=[1, 1, 1, 1, 1])
     torch.manual_seed(0)
     model = OneDTokenizer.from_preset("tiny", **{**SMALL, **keep}).train()
     k_max = model.max_tokens
