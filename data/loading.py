@@ -15,15 +15,24 @@
   last batch, and Lightning, given no batch at all, used to stop before the first step and exit 0 with no output.
 - Workers leave SIGTERM and SIGUSR1 to the training process (``data.worker_signals``): SLURM signals them too, and
   a worker that died of one would end the batch stream before the training process has saved its checkpoint.
+- Workers are started by a **forkserver**, not forked from the training process (``worker_process_kwargs``). By
+  the time the loaders start, the training process runs threads (gloo / NCCL, Lightning, the pin-memory thread);
+  forking a multi-threaded process can leave the child holding a lock some other thread held, and CPython 3.11 /
+  3.12 itself can then deadlock inside ``PyOS_AfterFork_Child`` (gh-112275). That hung a resumed two-node run
+  before its first step (issue 24, finding 10). The forkserver is a clean single-threaded process started once;
+  it preloads torch, so a worker starts in about the time of unpickling its dataset.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 
 from data.transforms import to_float_images
+from data.worker_context import worker_context
 from data.worker_signals import ignore_stop_signals
 
 # Batches in flight per worker. The PyTorch default (2) leaves a GPU step waiting whenever one slow JPEG batch
@@ -39,6 +48,14 @@ def wants_pinned_memory(trainer=None) -> bool:
     return torch.cuda.is_available()
 
 
+def worker_process_kwargs() -> dict:
+    """The DataLoader arguments that say how workers start and what they do with the stop signals (see the module
+    docstring): the forkserver context (data.worker_context), and the worker_init_fn that leaves SIGTERM /
+    SIGUSR1 to this (the training) process."""
+    return {"worker_init_fn": functools.partial(ignore_stop_signals, training_pid=os.getpid()),
+            "multiprocessing_context": worker_context()}
+
+
 def loader_kwargs(
     num_workers: int,
     *,
@@ -48,8 +65,8 @@ def loader_kwargs(
     trainer=None,
 ) -> dict:
     """DataLoader keyword arguments: ``num_workers``, ``pin_memory`` (if asked for and useful, see
-    ``wants_pinned_memory``), and with workers ``persistent_workers``, ``prefetch_factor`` and the
-    ``worker_init_fn`` that leaves the stop signals to the training process."""
+    ``wants_pinned_memory``), and with workers ``persistent_workers``, ``prefetch_factor`` and how they start
+    (``worker_process_kwargs``)."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if prefetch_factor < 1:
@@ -57,7 +74,7 @@ def loader_kwargs(
     kwargs = dict(num_workers=num_workers, pin_memory=pin_memory and wants_pinned_memory(trainer))
     if num_workers > 0:  # DataLoader rejects both options without workers
         kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
-                      worker_init_fn=ignore_stop_signals)
+                      **worker_process_kwargs())
     return kwargs
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import multiprocessing as mp
 import random
 import zlib
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.skips import SkipCounter
 from data.tar_shards import iter_shard, sample_image, sample_label
+from data.worker_context import worker_context
 
 
 class _Passes:
@@ -132,7 +132,7 @@ class ShardStream(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         # Shared memory, not a plain attribute: persistent workers hold a copy of this object made when they
         # started, and read the epoch the main process set here each time their stream restarts (module docstring).
-        self._epoch = mp.RawValue("q", 0)
+        self._epoch = worker_context().RawValue("q", 0)
 
     @property
     def epoch(self) -> int:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing as mp
 from dataclasses import dataclass
+
+from data.worker_context import worker_context
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,9 @@ class SkipTally:
     find no free slot is counted each time it is met again."""
 
     def __init__(self, slots: int = TALLY_SLOTS):
-        self._lock = mp.Lock()
-        self._count = mp.RawValue("q", 0)
-        self._hashes = mp.RawArray("q", slots)  # zero-filled
+        self._lock = worker_context().Lock()
+        self._count = worker_context().RawValue("q", 0)
+        self._hashes = worker_context().RawArray("q", slots)  # zero-filled
 
     @staticmethod
     def _hash(path: str) -> int:

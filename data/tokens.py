@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from data.loading import check_one_batch
+from data.loading import check_one_batch, worker_process_kwargs
 from data.token_format import (
     FORMAT,
     VERSION,
@@ -40,7 +40,6 @@ from data.token_format import (
     shard_paths,
     write_meta_json,
 )
-from data.worker_signals import ignore_stop_signals
 from tokenizer import atomic
 
 
@@ -378,7 +377,7 @@ class TokenDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=ignore_stop_signals,  # workers leave SIGTERM / SIGUSR1 to the training process
+            **(worker_process_kwargs() if self.num_workers > 0 else {}),  # forkserver; stop signals (data.loading)
         )
 
     def train_dataloader(self):

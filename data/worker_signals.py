@@ -21,8 +21,10 @@ import signal
 import threading
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader `worker_init_fn` (runs in the worker's main thread): see the module docstring."""
+def ignore_stop_signals(worker_id: int, training_pid: int | None = None) -> None:
+    """A DataLoader `worker_init_fn` (runs in the worker's main thread): see the module docstring.
+    `training_pid`: the process whose SIGTERM stops the worker (default: the worker's parent). Workers started
+    by a forkserver (data.loading) have the forkserver as their parent, so the DataLoader passes its own pid."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         return
@@ -30,8 +32,8 @@ def ignore_stop_signals(worker_id: int) -> None:
     # blocked in this thread and in every thread it starts later (they inherit the mask), so that only the
     # waiting thread below ever receives SIGTERM
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_die_of_sigterm_from, args=(os.getppid(),), name="sigterm-from-parent",
-                     daemon=True).start()
+    parent = os.getppid() if training_pid is None else training_pid
+    threading.Thread(target=_die_of_sigterm_from, args=(parent,), name="sigterm-from-parent", daemon=True).start()
 
 
 def _die_of_sigterm_from(parent: int) -> None:
