@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenizer.generator import GPT, generate
 from tokenizer.generator.decode_step import decode_step, key_spans
@@ -159,3 +160,29 @@ def test_kept_bf16_copy_is_made_once_and_follows_the_weights():
     torch.testing.assert_close(twin.head.weight, m.head.weight.to(torch.bfloat16), atol=0, rtol=0)
     assert sampling_weights(m, torch.float32) is m  # fp32: no copy
     assert sampling_weights(m.to(torch.bfloat16), torch.bfloat16) is m  # already bf16: no copy
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts dtype casts of tensors shaped like one of `shapes` (the Linear weights)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.n = set(shapes), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in self.shapes:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_bf16_sampling_of_a_frozen_gpt_casts_each_weight_once_per_call():
+    """Autocast caches casts only of tensors that require grad: a frozen GPT under autocast had each weight cast on
+    every token. The bf16 copy is made once per call: the casts do not grow with k."""
+    m = small_gpt().requires_grad_(False)
+    shapes = [tuple(mod.weight.shape) for mod in m.modules() if isinstance(mod, nn.Linear)]
+    counts = []
+    for k in (4, 12):
+        with WeightCasts(shapes) as casts_seen:
+            sample(m, torch.tensor([1, 2]), k, cfg_scale=2.0, precision="bf16")
+        counts.append(casts_seen.n)
+    assert counts[0] == counts[1] == len(shapes)

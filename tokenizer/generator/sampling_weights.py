@@ -14,6 +14,9 @@ RMSNorm weights are the model's own Parameters (shared, not copied): autocast ke
 computes exactly what autocast computed, op for op (bf16 matmuls with fp32 accumulation, fp32 residual and norms),
 and draws the same ids. Extra memory: 2 bytes per Linear parameter (1.5 GB for GPT-XL).
 
+Eager sampling gains too where the model is frozen: autocast caches its casts only for tensors that require
+grad, so a GPT after `requires_grad_(False)` had every weight cast on every token, eager or compiled.
+
 keep=True (the compiled step) caches the twin per model and dtype: the compiled graph and its CUDA graphs see
 the same module and tensor addresses every call. A cached twin is refreshed in place (same addresses) when the
 model's Linear weights have changed since (an optimizer step, `load_state_dict`, `.to()`), detected from each
@@ -23,6 +26,7 @@ twin for the call, freed with it.
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -49,20 +53,18 @@ def _stamp(model: nn.Module) -> tuple[tuple, tuple]:
 
 
 def _build(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A new module of model's type whose Linear weights are `dtype` copies and whose other parameters are the
-    model's own. Built on the meta device first: no second initialisation, no fp32 copy."""
-    with torch.device("meta"):
-        twin = type(model)(model.cfg)
-    own = dict(model.named_modules())
-    for name, module in twin.named_modules():
-        source = own[name]
-        for pname, param in source.named_parameters(recurse=False):
-            if isinstance(source, nn.Linear) and param.dtype == torch.float32:
-                module._parameters[pname] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
-            else:
-                module._parameters[pname] = param  # shared: read per token only by gathers and norms
-    twin._rope = model._rope  # RoPE tables (fp32, per device): the same dict, built once
-    return twin.eval()
+    """A copy of model's modules whose Linear weights are `dtype` copies and whose other parameters (and RoPE
+    tables) are the model's own objects: a deepcopy told, through its memo, what to put in place of each. A
+    block compiled in place (`module.compile()`, training) runs uncompiled in the twin. (Not a new GPT(cfg) on
+    the meta device: its initialisation alone took 50 ms for the tiny preset.)"""
+    memo: dict[int, object] = {id(model._rope): model._rope}
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            memo[id(module._compiled_call_impl)] = None
+        for param in module.parameters(recurse=False):
+            low = isinstance(module, nn.Linear) and param.dtype == torch.float32
+            memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False) if low else param
+    return copy.deepcopy(model, memo).eval()
 
 
 def _refresh(twin: nn.Module, model: nn.Module) -> None:
