@@ -12,7 +12,7 @@ One compile for a whole sweep. What could differ between calls is kept out of th
   of the cache rounded up to `span_window` slots, not all K. The slots after `pos` within it are masked.
   Cost of the rounding: at most window - 1 masked slots per token, read but weighted 0 (zeros or finite values
   of an earlier call: the cache is zero-initialised). Reading all K slots under a mask instead would cost K
-  slots per token: at k = 32 of K = 256, 256 slots instead of 17 on average (16x the cache traffic).
+  slots per token: at k = 32 of K = 256, 256 slots instead of 17 on average (15x the cache traffic).
 What still compiles separately: CFG on or off (B or 2B rows, and the mix), another batch size, another model
 (the bf16 copy of sampling_weights.py is one, kept per model); so a gFID sweep over any cfg scales > 1 and any
 k compiles once per batch size (twice with the scale 1 row), far below Dynamo's recompile limit (8).
