@@ -10,6 +10,9 @@ Every flag of `eval.gfid` applies (reference, sampling settings, --precision); `
 samples its share; exact N) to OUT/cfg<scale>/samples_k<k>.npz, and an existing file with exactly N samples is
 kept, not resampled (an interrupted sweep resumes). The main process then computes the reference once and,
 per (cfg, k), gFID, Inception Score (when the Inception has logits) and precision/recall (`eval.gfid`).
+With `--compile-step` the one-token step compiles once per batch size and CFG on/off, whatever the scales and k
+(tokenizer/generator/decode_step.py): at most 4 graphs per process (scale 1 and the others, a smaller last
+batch), under Dynamo's recompile limit of 8 (tests/test_decode_step.py).
 
 Writes OUT/sweep.json (every row and the protocol), OUT/sweep.md (one table, rows cfg x k) and OUT/gfid_vs_k.png
 (gFID against k, log2 axis, one line per cfg scale), the three as a set (`eval.outputs`: a failed sweep leaves the

@@ -9,19 +9,23 @@ one sequence of k tokens; tokenizer decoding is not included). With CFG (scale !
 rows. `host s` is when `generate` returned, before waiting for the device: on a GPU a sync-free token loop
 can return well before the kernels finish (on the CPU the two are equal).
 
-`--compile` samples through the torch.compile'd static one-token step (`generate(compile_step=True)`; CUDA graphs
-on CUDA): the cache rows only (the compiled step is the cached one). Compilation happens in the warm-up call
-(of the timed shapes), so the rows time the compiled steady state.
+`--compile` samples through the torch.compile'd one-token step (`generate(compile_step=True)`; CUDA graphs
+on CUDA): the cache rows only (the compiled step is the cached one). The step compiles once per batch size
+(for every k and cfg scale: decode_step.py), in the first warm-up call; each row's warm-up call (its full k)
+also makes that row's CUDA-graph captures, so the rows time the compiled steady state. `compiles` in the JSON
+counts Dynamo's graphs over the whole run, sync check included (torch._dynamo.utils.counters' unique_graphs;
+all of them are the decode step's, so it recompiled compiles - 1 times), and `graph_breaks` its graph breaks.
 
-`--dtype bfloat16|float16` runs `generate(precision=...)`, i.e. fp32 weights under autocast with the KV cache
-in that dtype, exactly what `eval.sample_generator --precision bf16` does; `--dtype float32` is plain fp32.
+`--dtype bfloat16|float16` runs `generate(precision=...)`, i.e. fp32 weights sampled through a copy of the
+Linear weights in that dtype (made once per call, once per model when compiled) with the KV cache in that
+dtype, exactly what `eval.sample_generator --precision bf16` does; `--dtype float32` is plain fp32.
 
-On CUDA, `sync_check` runs one more `generate` (labels already on the device, 8 tokens, the same sampling
-settings) under torch.cuda.set_sync_debug_mode("error"): "passed" when nothing in it synchronised the host,
-else "failed: <the error>" (null on the CPU; tests/test_sampling.py checks the same on the CPU by counting
-aten ops).
+On CUDA, `sync_check` runs one more `generate` of the last timed row's shapes (its batch size and k: no
+new compile, no new capture; labels already on the device, the same sampling settings) under
+torch.cuda.set_sync_debug_mode("error"): "passed" when nothing in it synchronised the host, else "failed: <the
+error>" (null on the CPU; tests/test_sampling.py checks the same on the CPU by counting aten ops).
 
-The LAST line printed is one JSON object: the settings, sync_check, peak_mem_gb
+The LAST line printed is one JSON object: the settings, sync_check, compiles, graph_breaks, peak_mem_gb
 (torch.cuda.max_memory_allocated in 1e9 bytes over the whole run; null on the CPU) and one entry per row with
 tokens_per_s, images_per_s and that row's peak memory.
 """
@@ -35,6 +39,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,16 +76,17 @@ def bench(model: GPT, batch_size: int, k: int, use_kv_cache: bool, device: str, 
     return best, host
 
 
-def sync_check(model: GPT, device: str, **sampling) -> str | None:
-    """One generate call with every host sync turned into an error (CUDA only; None on the CPU)."""
+def sync_check(model: GPT, device: str, batch_size: int, k: int, **sampling) -> str | None:
+    """One generate call of a timed row's shapes (batch_size, k: already compiled and captured) with every host
+    sync turned into an error (CUDA only; None on the CPU)."""
     if not device.startswith("cuda"):
         return None
-    labels = (torch.arange(2) % max(1, model.cfg.num_classes)).to(device)  # on the device: no CPU check, no copy
-    generate(model, labels, min(8, model.cfg.max_tokens), **sampling)  # compile/capture these shapes first
+    # on the device: no CPU range check, no copy
+    labels = (torch.arange(batch_size) % max(1, model.cfg.num_classes)).to(device)
     torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        generate(model, labels, min(8, model.cfg.max_tokens), **sampling)
+        generate(model, labels, k, **sampling)
         return "passed"
     except RuntimeError as e:
         return "failed: " + str(e).strip().splitlines()[0][:300]
@@ -92,8 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(PRECISION_OF_DTYPE),
-                   help="compute dtype (autocast over fp32 weights, as generate(precision=...))")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(PRECISION_OF_DTYPE),
+        help="compute dtype (autocast over fp32 weights, as generate(precision=...))",
+    )
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=None, help="the GPT's K (default: the largest k)")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -152,9 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
                 peak_s = "-" if peak is None else f"{peak:.2f}"
                 print(f"{B:>5} {k:>5} {str(cache):>8} {s:>9.3f} {host:>9.3f} {B * k / s:>10.0f} {B / s:>9.2f} "
                       f"{peak_s:>8}", flush=True)  # fmt: skip
-    check = sync_check(model, args.device, **sampling)
+    timed = rows[-1] if rows else dict(batch=args.batch_sizes[0], k=min(args.num_tokens))
+    check = sync_check(model, args.device, timed["batch"], timed["k"], **sampling)
     if check is not None:
         print(f"sync check (torch.cuda.set_sync_debug_mode('error') around generate): {check}")
+    compiles, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    print(f"Dynamo graphs compiled {compiles} (the decode step: recompiles = graphs - 1), graph breaks {breaks}")
     peaks = [r["peak_mem_gb"] for r in rows if r["peak_mem_gb"] is not None]
     result = dict(
         bench="sampling", preset=args.preset, params_m=model.num_params() / 1e6, vocab_size=args.vocab_size,
@@ -162,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         precision=precision, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, compile=args.compile, repeats=args.repeats, threads=torch.get_num_threads(),
         torch=torch.__version__,
-        sync_check=check, peak_mem_gb=max(peaks) if peaks else None, rows=rows,
+        sync_check=check, compiles=compiles, graph_breaks=breaks, peak_mem_gb=max(peaks) if peaks else None,
+        rows=rows,
     )  # fmt: skip
     print(json.dumps(result), flush=True)
     return result

@@ -44,7 +44,7 @@ from torch import nn
 from ..config import check_ranges
 from ..persistence import WEIGHTS_NAME, load_model_state, load_state_strict, read_model_config, save_model_dir
 from .end_token import check_lengths, end_token_sequences
-from .layers import Block, RMSNorm, rope_cache
+from .layers import Block, RMSNorm, StepPosition, rope_cache
 from .loss import IGNORE_INDEX, linear_cross_entropy
 
 FORMAT = "onedtok-gpt/1"
@@ -295,30 +295,29 @@ class GPT(nn.Module):
             self._rope[key] = (cos.to(x.device, dtype), sin.to(x.device, dtype))
         return self._rope[key]
 
-    def hidden(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, start_pos: int | StepPosition = 0, cache=None) -> torch.Tensor:
         """Embedded sequence x [B, T, C] at positions start_pos.. -> final normed hidden states [B, T, C].
 
-        start_pos: an int, or a 1-element int64 tensor for the static one-token decode step (T = 1; the cache's
+        start_pos: an int, or a `StepPosition` for the compiled one-token decode step (T = 1; the cache's
         `write` path, see layers.py)."""
         T = x.shape[1]
         cos, sin = self.rope_tables(x)  # [K, D]
-        if isinstance(start_pos, torch.Tensor):
+        if isinstance(start_pos, StepPosition):
             if T != 1 or cache is None:
-                raise ValueError(f"a tensor position is the one-token decode step: T must be 1 with a cache, got {T}")
-            cos, sin = cos.index_select(0, start_pos), sin.index_select(0, start_pos)  # [1, D]
+                raise ValueError(f"a StepPosition is the one-token decode step: T must be 1 with a cache, got {T}")
+            cos, sin = cos.index_select(0, start_pos.pos), sin.index_select(0, start_pos.pos)  # [1, D]
         else:
             if start_pos + T > self.cfg.max_tokens:
-                raise ValueError(
-                    f"positions {start_pos}..{start_pos + T - 1} exceed max_tokens {self.cfg.max_tokens}"
-                )
+                raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_tokens {self.cfg.max_tokens}")
             cos, sin = cos[start_pos : start_pos + T], sin[start_pos : start_pos + T]  # [T, D]
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, start_pos, None if cache is None else cache.layers[i])
         return self.norm(x)
 
-    def transformer(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None) -> torch.Tensor:
+    def transformer(self, x: torch.Tensor, start_pos: int | StepPosition = 0, cache=None) -> torch.Tensor:
         """Embedded sequence x [B, T, C] at positions start_pos.. -> logits [B, T, V] (fp32)."""
-        return self.head(self.hidden(x, start_pos, cache)).float()
+        h = self.hidden(x, start_pos, cache)  # [B, T, C]
+        return self.head(h.to(self.head.weight.dtype)).float()
 
     def forward(
         self,

@@ -1,12 +1,18 @@
-"""Static KV cache of the GPT: preallocated keys/values per layer, [B, H, K, D] each, that never change shape.
+"""Static KV cache of the GPT: preallocated keys/values per layer, [B, H, K + 1, D] each, that never change shape.
 
 Two ways in: `update(start_pos, k, v)` (a Python int position; returns the keys/values written so far, a prefix
-that grows by one per token: prefill and the eager decode loop) and `write(pos, k, v)` (a 1-element int64
-tensor position; returns the whole buffer, positions after `pos` masked by the caller: the static decode step,
-whose shapes never change, so it compiles once and can be captured in a CUDA graph).
+that grows by one per token: prefill and the eager decode loop) and `write(pos, k, v, span)` (a 1-element int64
+tensor position; returns the first `span` slots, span >= pos + 1: the compiled decode step, whose span is a
+dynamic size, so it compiles once for every span and k and reads only the filled prefix, rounded up to a window).
 
-`reusable_cache` keeps one cache per model for the compiled step: CUDA graphs replay on fixed addresses, and a
-new cache per `generate` call would mean new addresses (a re-capture) every batch.
+Why K + 1 slots: the step reads `narrow(2, 0, span)` with span <= K. Were the buffer exactly K slots, the view at
+span = K would be the whole (contiguous) buffer and every other span a strided view; Dynamo guards on that
+difference and would compile a second graph for the last window. One spare slot, never read, keeps every view
+strided alike (cost: 1/K more memory).
+
+`reusable_cache` keeps one cache per model, batch rows and dtype for the compiled step, sized to the model's K
+once: CUDA graphs replay on fixed addresses, and a new cache per `generate` call (or per k) would mean new
+addresses (a re-capture) or new shapes (a recompile) every batch.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import torch
 
 
 class LayerKVCache:
-    """Preallocated keys/values of one attention layer: [B, H, K, D] each, filled left to right."""
+    """Preallocated keys/values of one attention layer: [B, H, K + 1, D] each, filled left to right."""
 
     def __init__(self, batch_size: int, heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (batch_size, heads, max_len, head_dim)
+        shape = (batch_size, heads, max_len + 1, head_dim)  # + 1: the spare slot (module docstring)
+        # zeros, not empty: a masked stale slot still enters softmax(.) @ V as 0 * value, and 0 * NaN is NaN
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -31,11 +38,14 @@ class LayerKVCache:
         self.v[:, :, start_pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v [B, H, 1, D] at position pos [1] (int64, on the device) -> the whole buffers [B, H, K, D]
+    def write(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int | torch.SymInt
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v [B, H, 1, D] at position pos [1] (int64, on the device) -> the first span slots [B, H, span, D]
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        return self.k, self.v
+        # narrow, not [:, :, :span]: a slice would guard on span < K + 1 and specialise span at the end
+        return self.k.narrow(2, 0, span), self.v.narrow(2, 0, span)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k, self.v
@@ -52,30 +62,37 @@ class KVCache:
         self.max_len = cfg.max_tokens if max_len is None else max_len
         self.key = (batch_size, self.max_len, torch.device(device), dtype)
         self.layers = [
-            LayerKVCache(batch_size, cfg.heads, self.max_len, cfg.head_dim, device, dtype)
-            for _ in range(cfg.depth)
+            LayerKVCache(batch_size, cfg.heads, self.max_len, cfg.head_dim, device, dtype) for _ in range(cfg.depth)
         ]
 
 
-_REUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its one reusable KVCache
+_REUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(rows, device, dtype): KVCache}
 
 
-def reusable_cache(model, batch_size: int, max_len: int, dtype, mark_static: bool = False) -> KVCache:
-    """The model's reusable cache for (batch_size, max_len, dtype), allocated on first use and replaced (the old
-    one freed) when another shape is asked for. Stale values from an earlier call are harmless: slot t is
-    written before any query reads it. mark_static: tell torch.compile the buffers have fixed addresses (what
-    CUDA graphs need to replay a step that writes into them)."""
+def reusable_cache(model, batch_size: int, dtype, mark_static: bool = False) -> KVCache:
+    """The model's cache for (batch_size rows, dtype), sized to its K (`cfg.max_tokens`) and allocated on first
+    use; later calls with the same rows and dtype, whatever their k, get the same buffers. Each (rows, dtype)
+    keeps its own cache while the model lives (a gFID sweep meets at most four: B or 2B rows with or without
+    CFG, and the same for a smaller last batch). Stale values from an earlier call are harmless: slot t is
+    written before any query reads it, and the slots after it that a step reads are masked. mark_static: tell
+    torch.compile the buffers have fixed addresses (what CUDA graphs need to replay a step that writes into
+    them)."""
     device = next(model.parameters()).device
-    cache = _REUSED.get(model)
-    if cache is None or cache.key != (batch_size, max_len, device, dtype):
-        _REUSED.pop(model, None)  # free the old buffers before allocating the new ones
-        cache = KVCache(model, batch_size, max_len=max_len, dtype=dtype)
+    caches = _REUSED.setdefault(model, {})
+    key = (batch_size, device, dtype)
+    if key not in caches:
+        cache = KVCache(model, batch_size, dtype=dtype)
         if mark_static:
             for layer in cache.layers:
                 for t in layer.tensors():
                     torch._dynamo.mark_static_address(t)
-        _REUSED[model] = cache
-    return cache
+        caches[key] = cache
+    return caches[key]
 
 
-__all__ = ["LayerKVCache", "KVCache", "reusable_cache"]
+def release_caches(model) -> None:
+    """Free the model's reusable caches (`reusable_cache`); the next compiled `generate` allocates anew."""
+    _REUSED.pop(model, None)
+
+
+__all__ = ["LayerKVCache", "KVCache", "reusable_cache", "release_caches"]

@@ -1,14 +1,18 @@
 """The GPT's building blocks: RMSNorm, rotary position embedding, attention with an optional KV cache, SwiGLU.
 
 Attention takes its position either as a Python int `start_pos` (training, prefill and the plain decode loop:
-the cache returns the keys written so far, a prefix that grows by one per token) or as a 1-element int64
-tensor (the static decode step: the cache is written at that index and attention runs over all its slots
-with a mask, so every step has the same shapes and can be compiled once or captured in a CUDA graph).
+the cache returns the keys written so far, a prefix that grows by one per token) or as a `StepPosition` (the
+compiled decode step: the cache is written at the tensor index `pos` and attention reads the first `span` slots,
+span >= pos + 1, with the slots after pos masked; span is a dynamic size, so one graph serves every token).
+
+Every Linear casts its input to its weight's dtype: a no-op in training (fp32 weights, autocast does the casts)
+and in fp32 sampling, and what lets bf16 sampling run a bf16 copy of the weights without autocast
+(sampling_weights.py) with exactly autocast's numerics: bf16 matmuls, the residual stream and norms in fp32.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,15 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .gpt import GPTConfig
+
+
+class StepPosition(NamedTuple):
+    """Where the one-token decode step writes (pos [1] int64) and which cache slots it reads (keys [S] int64,
+    keys = 0..S-1 with S >= pos + 1; S is the span, a dynamic size under torch.compile)."""
+
+    pos: torch.Tensor
+    keys: torch.Tensor
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -64,15 +77,16 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | StepPosition = 0, cache=None
     ) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim)  # [B, T, 3, H, D]
+        qkv = self.qkv(x.to(self.qkv.weight.dtype)).view(B, T, 3, self.heads, self.head_dim)  # [B, T, 3, H, D]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(start_pos, torch.Tensor):  # static decode step: one query at position start_pos [1]
-            k, v = cache.write(start_pos, k, v)  # the whole cache [B, H, S, D]; slots > start_pos are stale
-            mask, causal = torch.arange(k.shape[2], device=x.device)[None, :] <= start_pos, False  # [1, S]
+        if isinstance(start_pos, StepPosition):  # decode step: one query at start_pos.pos [1]
+            span = start_pos.keys.shape[0]
+            k, v = cache.write(start_pos.pos, k, v, span)  # the first span slots [B, H, S, D]; > pos are stale
+            mask, causal = start_pos.keys[None, :] <= start_pos.pos, False  # [1, S]
         else:
             if cache is not None:
                 k, v = cache.update(start_pos, k, v)  # [B, H, start_pos + T, D]
@@ -91,6 +105,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down (output projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.w1.weight.dtype)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -103,9 +118,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, start_pos: int = 0, cache=None):
+    def forward(self, x, cos, sin, start_pos: int | StepPosition = 0, cache=None):
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos, cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
-__all__ = ["RMSNorm", "rope_cache", "apply_rope", "prefix_mask", "Attention", "SwiGLU", "Block"]
+__all__ = ["StepPosition", "RMSNorm", "rope_cache", "apply_rope", "prefix_mask", "Attention", "SwiGLU", "Block"]

@@ -12,13 +12,16 @@ No host sync per token: the sampler is Gumbel-max, argmax(logits / temperature +
 from softmax(logits / temperature) exactly, with top-k/top-p as -inf masks built from topk/sort/cumsum
 (fixed shapes, no `.item()`, no boolean indexing). `torch.multinomial` would wait for the GPU at every token.
 Everything that reads values on the host (label checks) happens once, before the loop.
-`precision` ("fp32" | "bf16", default bf16 on CUDA, fp32 on CPU) is an autocast region around the model
-calls (`tokenizer.precision`); the KV cache (kv_cache.py) is kept in the compute dtype and the sampler works in
-fp32. An end-token model (`GPTConfig.end_token`) stops each sample where it draws END and returns
+`precision` ("fp32" | "bf16", default bf16 on CUDA, fp32 on CPU) is what the model computes in
+(`tokenizer.precision`): bf16 sampling of fp32 weights runs a bf16 copy of the Linear weights made once per call
+(once per model with `compile_step`; sampling_weights.py), with autocast's numerics but without casting every
+weight on every token inside the compiled step; the KV cache (kv_cache.py) is kept in the compute dtype and the
+sampler works in fp32. An end-token model (`GPTConfig.end_token`) stops each sample where it draws END and returns
 `Sampled(ids, lengths)` (ids padded with 0 past each length; decode with `tok.decode(ids, lengths=lengths)`);
 `stop_at_end=False` forbids END instead and samples exactly k tokens. `compile_step=True` runs every token
-after the first through the torch.compile'd static decode step
-(decode_step.py; CUDA graphs on CUDA by default, `compile_options` overrides torch.compile's arguments).
+after the first through the torch.compile'd decode step (decode_step.py; CUDA graphs on CUDA by default,
+`compile_options` overrides torch.compile's arguments): one compile per model, batch size and CFG on/off, for
+every k and cfg scale, over one KV cache per model and batch sized to K (kv_cache.py `reusable_cache`).
 """
 
 from __future__ import annotations
@@ -28,9 +31,17 @@ from typing import NamedTuple
 import torch
 
 from ..precision import autocast, autocast_dtype, resolve_precision
-from .decode_step import cfg_mix, compiled_decode_step, default_compile_options, uses_cuda_graphs
+from .decode_step import (
+    cfg_mix,
+    compiled_decode_step,
+    default_compile_options,
+    key_spans,
+    span_window,
+    uses_cuda_graphs,
+)
 from .gpt import GPT
 from .kv_cache import KVCache, LayerKVCache, reusable_cache
+from .sampling_weights import low_precision_linears, sampling_weights
 
 
 # ---- logit processing --------------------------------------------------------------------------------------
@@ -166,10 +177,12 @@ def generate(
 
     class_labels [B] int64, or None for unconditional sampling (null class; then `batch_size` gives B and
     cfg_scale is ignored). Labels may live on the CPU: they are range-checked there, then moved to the model's
-    device. precision: "fp32" | "bf16" autocast around the model calls (None: bf16 on CUDA, fp32 on CPU).
-    compile_step: the compiled static one-token step for tokens 1.. (needs the KV cache; the model must not
-    change between calls, it is guarded by torch.compile). The model is switched to eval mode for the call and
-    restored afterwards.
+    device. precision: "fp32" | "bf16", what the model computes in (None: bf16 on CUDA, fp32 on CPU); bf16 of
+    fp32 weights runs a bf16 copy of the Linear weights (module docstring), the same numbers as autocast.
+    compile_step: the compiled one-token step for tokens 1.. (needs the KV cache). It keeps, per model, a KV
+    cache per (rows, dtype) sized to K and, for bf16, the bf16 copy (refreshed when the weights change): free
+    them with `kv_cache.release_caches(model)` and `sampling_weights.release_sampling_weights(model)`. The
+    model is switched to eval mode for the call and restored afterwards.
     """
     cfg = model.cfg
     k = cfg.max_tokens if num_tokens is None else int(num_tokens)
@@ -196,35 +209,46 @@ def generate(
     else:
         labels = model.condition_labels(class_labels, len(class_labels), device, drop=False)  # validates
         B = len(labels)
-    rows = 2 * B if cfg_scale != 1.0 else B
-    # the cache holds what attention computes in: autocast turns fp32 projections into bf16 (half the memory);
-    # autocast leaves other parameter dtypes (an fp64 test model, bf16 weights) as they are
+    use_cfg = cfg_scale != 1.0
+    rows = 2 * B if use_cfg else B
+    # the cache holds what attention computes in: bf16 under bf16 precision for fp32 weights (half the memory);
+    # other parameter dtypes (an fp64 test model, bf16 weights) as they are
     amp_dtype = autocast_dtype(precision)
     cache_dtype = amp_dtype if amp_dtype is not None and param.dtype == torch.float32 else param.dtype
+    options = (default_compile_options(device) if compile_options is None else compile_options) if compile_step else {}
+    graphs = compile_step and uses_cuda_graphs(options)
+    # bf16 of fp32 weights: a bf16 copy of the Linear weights, run with autocast off (sampling_weights.py);
+    # otherwise the model under `precision`'s autocast (a no-op cast for weights already in that dtype)
+    runner, region = model, precision
+    if amp_dtype is not None and low_precision_linears(model, amp_dtype):
+        runner, region = sampling_weights(model, amp_dtype, keep=compile_step), "fp32"
     was_training = model.training
     model.eval()
     try:
-        with autocast(precision, device):
-            step, graphs = None, False
+        with autocast(region, device):
+            step, spans = None, None
+            positions = torch.arange(cfg.max_tokens, device=device)  # [K]: the step's positions, made once
             if compile_step:
-                options = default_compile_options(device) if compile_options is None else compile_options
-                step, graphs = compiled_decode_step(options), uses_cuda_graphs(options)
-                cache = reusable_cache(model, rows, k, cache_dtype, mark_static=graphs)
+                step = compiled_decode_step(options)
+                cache = reusable_cache(runner, rows, cache_dtype, mark_static=graphs)  # sized to K, reused
+                spans = key_spans(positions, span_window(options))  # [K] views: the slots token t reads
+                # 0-dim: one graph for every scale
+                scale = torch.full((), cfg_scale, device=device, dtype=torch.float32) if use_cfg else None
             else:
-                cache = KVCache(model, rows, max_len=k, dtype=cache_dtype) if use_kv_cache else None
+                cache = KVCache(runner, rows, max_len=k, dtype=cache_dtype) if use_kv_cache else None
             ids = torch.zeros(B, k, dtype=torch.long, device=device)  # [B, k], filled left to right
-            positions = torch.arange(k, device=device)  # [k]: the static step's position tensors, made once
             lengths = torch.full((B,), k, dtype=torch.long, device=device)  # [B]: k until END is drawn
             ended = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
+            last = None  # [B, 1]: the newest id, not a view of `ids` (whose size k the graph would guard on)
             # the loop only launches device work: no .item(), no tensors from Python data, no data-dependent
             # shapes (tests/test_sampling.py counts such ops and checks the count does not grow with k)
             for t in range(k):
                 if step is not None and t > 0:
                     if graphs:
                         torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
-                    logits = step(model, ids[:, t - 1 : t], positions[t : t + 1], cache, cfg_scale)  # [B, V]
+                    logits = step(runner, last, positions[t : t + 1], cache, scale, spans[t])  # [B, V]
                 else:
-                    logits = next_token_logits(model, labels, ids[:, :t], cfg_scale, cache)  # [B, V] fp32
+                    logits = next_token_logits(runner, labels, ids[:, :t], cfg_scale, cache)  # [B, V] fp32
                 if cfg.end_token and (not stop or t == 0):
                     logits = logits[:, : cfg.vocab_size]  # END not allowed: fixed k, or the first token
                 new = sample_from_logits(logits, temperature, top_k, top_p, greedy, generator)  # [B]
@@ -234,6 +258,7 @@ def generate(
                     ended |= is_end
                     new = new.masked_fill(ended, cfg.end_id)  # a finished row is fed END, as in training
                 ids[:, t] = new
+                last = new[:, None]
                 # one host read every end_check_every tokens (see the docstring), none on the last token
                 if stop and (t + 1) % end_check_every == 0 and t + 1 < k and bool(ended.all()):
                     break
@@ -241,8 +266,18 @@ def generate(
         model.train(was_training)
     if not stop:
         return ids
-    return Sampled(ids.masked_fill(positions >= lengths[:, None], 0), lengths)  # padding: 0, a valid code
+    return Sampled(ids.masked_fill(positions[:k] >= lengths[:, None], 0), lengths)  # padding: 0, a valid code
 
 
-__all__ = ["KVCache", "LayerKVCache", "Sampled", "cfg_mix", "top_k_filter", "top_p_filter", "sample_from_logits",
-           "gumbel_noise", "next_token_logits", "generate"]
+__all__ = [
+    "KVCache",
+    "LayerKVCache",
+    "Sampled",
+    "cfg_mix",
+    "top_k_filter",
+    "top_p_filter",
+    "sample_from_logits",
+    "gumbel_noise",
+    "next_token_logits",
+    "generate",
+]
