@@ -272,10 +272,9 @@ def test_sigusr1_to_one_rank_mid_step_stops_both_at_the_same_step_and_they_resum
     step = steps[0]
 
     audit = run / "audit"
-    # the resume without DataLoader workers: forking them can deadlock in CPython 3.11.7 itself (gh-112275, seen
-    # once in 43 launches here, a worker stuck in PyOS_AfterFork_Child); the stop above is what this test is about
+    # the resume with DataLoader workers, as the first launch: they start from a forkserver (data/loading.py), not
+    # by forking the multi-threaded training process, which could deadlock in CPython itself (gh-112275)
     agents = launch_two_ranks(run, shards, "--trainer.max_steps", str(step + 2), "--ckpt_path", "last",
-                              "--data.init_args.num_workers", "0",
                               "--trainer.callbacks+=tokenizer.training.callbacks.DistributedAudit",
                               "--trainer.callbacks.init_args.out_dir", str(audit))
     assert wait_all(agents, timeout=300, since="after the resumed launch") == [0, 0], logs(run)
