@@ -13,15 +13,18 @@ backward, optimizer and EMA. The last warm-up batch is a logging step, as every 
 (Lightning keeps what was logged, and reads some of it after every later step); the timed steps log nothing.
 
 FLOPs per image are counted by `torch.utils.flop_counter.FlopCounterMode` (forward, the adaptive-weight
-products and backward), not by a formula, in an eager rerun of the timed steps with the same seed (so the same
-tail-drop k at each step: k sets the decoder's cost; the JSON line's timed_k_mean is the mean k the timed steps
-decoded, which for 10 steps can be far from the nominal K/2). MFU is against the device's dense bf16 peak
+products and backward), not by a formula, before the timed run, on the host CPU and without computing anything: the
+same steps with the same seed (so the same tail-drop k at each step: k sets the decoder's cost; the JSON line's
+timed_k_mean is the mean k the timed steps decoded, which for 10 steps can be far from the nominal K/2) on fake
+tensors, a copy of the model whose tensors hold shapes only (count_flops). MFU is against the device's dense bf16 peak
 (tokenizer/gpu.py), null where unknown (CPU). `--check-syncs` checks every timed step for host syncs, the whole step
 from its start to the next one's, Lightning's own hooks included: off CUDA with HostSyncDetector (the JSON line
 gives host_syncs_per_step; the script then exits 1 naming where, if any), on CUDA with
 torch.cuda.set_sync_debug_mode("error"), which raises at the first one.
 (With `--check-syncs` the AdamW is fused on CPU too, as CUDA builds it.)
 `--random-lpips` uses a randomly initialised LPIPS backbone (same FLOPs) where the weight files are missing.
+`--preset` / `--overrides '{"image_size": 32, ...}'` replace the config's model preset / update its overrides
+(a paper config's objective at a tiny size: scripts/gpu_check.sh --device cpu).
 
 A generator config (model `GeneratorModule`) times `GeneratorModule.training_step` the same way, on random ids
 [batch, K] and labels (an "image" is one sequence of K tokens): forward with the chunked loss, backward, sync-free
@@ -46,6 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.strategies import SingleDeviceStrategy  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -180,9 +185,11 @@ def generator_bench(a, config: dict, device: torch.device, precision: str) -> tu
     from tokenizer.generator.lightning import GeneratorModule
 
     args = dict(config["model"]["init_args"])
-    overrides = dict(args.get("overrides") or {})
+    overrides = {**(args.get("overrides") or {}), **(a.overrides or {})}
     overrides.update({k: v for k, v in (("vocab_size", a.vocab_size), ("max_tokens", a.max_tokens)) if v})
     args.update(overrides=overrides, tokenizer_dir=None, num_val_samples=0)
+    if a.preset:
+        args["preset"] = a.preset
     if a.compile_ is not None:
         args["compile"] = a.compile_
     if a.check_syncs:
@@ -191,23 +198,19 @@ def generator_bench(a, config: dict, device: torch.device, precision: str) -> tu
     args = {k: v for k, v in args.items() if k in known}
     batch_size = a.batch_size or config["data"]["init_args"]["batch_size"]
     pl.seed_everything(0, verbose=False)
+    # FLOPs first, on the host and on fake tensors: every step costs the same, so one step is counted
+    flops = count_flops(lambda: GeneratorModule(**{**args, "compile": False}),
+                        lambda m: SameIds(*random_ids(m, batch_size), 1), precision, 0, 1) / batch_size
+    pl.seed_everything(0, verbose=False)
     module = GeneratorModule(**args)
     cfg = module.gpt.cfg
-    ids = torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_tokens))  # [B, K]
-    labels = torch.randint(0, max(1, cfg.num_classes), (batch_size,))  # [B]
+    ids, labels = random_ids(module, batch_size)
     if device.type == "cuda":
         ids, labels = ids.pin_memory(), labels.pin_memory()
     timer = StepTimer(a.warmup, device, a.check_syncs)
     fit(module, DataLoader(SameIds(ids, labels, a.warmup + a.steps), batch_size=None), device, precision, 1,
         a.warmup + a.steps, [timer], a.warmup)  # fmt: skip
     elapsed = timer.end - timer.start
-
-    counter = FlopsPerStep()  # FLOPs of the timed steps, counted in an eager rerun (FlopCounterMode)
-    pl.seed_everything(0, verbose=False)
-    counted = GeneratorModule(**{**args, "compile": False})
-    fit(counted, DataLoader(SameIds(ids, labels, a.warmup + 1), batch_size=None), device, precision, 1,
-        a.warmup + 1, [counter], a.warmup)  # every step costs the same: one timed step counted  # fmt: skip
-    flops = counter.per_step[-1] / batch_size
     return dict(batch_size=batch_size, timed_steps=timer.timed, step_s=elapsed / timer.timed,
                 img_per_s=batch_size * timer.timed / elapsed,
                 tokens_per_s=batch_size * cfg.max_tokens * timer.timed / elapsed, flop_per_img=flops,
@@ -215,8 +218,20 @@ def generator_bench(a, config: dict, device: torch.device, precision: str) -> tu
                 vocab_size=cfg.vocab_size, max_tokens=cfg.max_tokens, model="generator"), timer  # fmt: skip
 
 
-def module_args(config: dict, tokenizer_only: bool, compile_: bool | None) -> dict:
+def random_ids(module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of random token ids [B, K] and labels [B] for a GeneratorModule."""
+    cfg = module.gpt.cfg
+    ids = torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_tokens))  # [B, K]
+    return ids, torch.randint(0, max(1, cfg.num_classes), (batch_size,))  # [B]
+
+
+def module_args(config: dict, tokenizer_only: bool, compile_: bool | None, preset: str | None = None,
+                overrides: dict | None = None) -> dict:  # fmt: skip
     args = dict(config["model"]["init_args"])
+    if preset:
+        args["preset"] = preset
+    if overrides:
+        args["overrides"] = {**(args.get("overrides") or {}), **overrides}
     if tokenizer_only:
         args.update(perceptual_weight=0.0, gan_weight=0.0)
     elif args.get("gan_weight", 0) > 0:
@@ -271,16 +286,74 @@ class FlopsPerStep(pl.Callback):
         self.per_step.append(float(self.counter.get_total_flops()))
 
 
-def count_flops(args: dict, random_lpips: bool, batch: torch.Tensor, device, precision, warmup: int,
-                steps: int) -> float:
-    """Mean FLOPs of the timed training steps, each counted in an eager rerun of the same batches (compile off:
-    FlopCounterMode sees eager operators only). The same seed draws the same tail-drop k at every step as the
-    timed run, and k sets the decoder's cost."""
+class HostOnly(SingleDeviceStrategy):
+    """The CPU strategy for a model of fake tensors: nothing to move to the device, nor back at the end."""
+
+    def model_to_device(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+
+class FakeFlopsPerStep(FlopsPerStep):
+    """FlopsPerStep with every training batch run under `mode` (FakeTensorMode): shapes only, no compute. Outside
+    the steps (the DataLoader's seed, Lightning's bookkeeping) tensors stay real."""
+
+    def __init__(self, mode: FakeTensorMode):
+        super().__init__()
+        self.mode = mode
+
+    def on_train_start(self, trainer, module):
+        # The optimizer and EMA updates are elementwise (no counted FLOPs) and are most of a step's operators:
+        # skipped here, the count is the same and comes twice as fast. The closure still runs (manual optimization).
+        for optimizer in trainer.optimizers:
+            optimizer.step = lambda closure=None, **kwargs: closure() if closure is not None else None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.mode.__enter__()
+        super().on_train_batch_start(trainer, module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        self.mode.__exit__(None, None, None)
+
+
+def to_fake(module: torch.nn.Module, mode: FakeTensorMode) -> None:
+    """Replace every parameter and buffer of `module` (in place, names kept) by a fake tensor of its shape."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = mode.from_tensor(b)
+
+
+def count_flops(make_module, make_data, precision: str, warmup: int, steps: int) -> float:
+    """Mean FLOPs of training batches warmup..warmup+steps-1 of `make_module()` (built after seeding 0, as the
+    timed run's) on the batches of `make_data(module)`, counted by FlopCounterMode on the host CPU without
+    computing anything: the module's tensors and every step's are fake (FakeTensorMode: meta storage, shapes and
+    dtypes only; not the "meta" device itself, whose autocast the quantizer's fp32 region cannot enter). The
+    same seed draws the same tail-drop k at every step as the timed run, and k sets the decoder's cost. No step
+    logs (a logging step reads values) and the end-of-training hooks, which read values too, are skipped."""
     pl.seed_everything(0, verbose=False)
-    module, _ = build({**args, "compile": False}, random_lpips)
-    counter = FlopsPerStep()
-    loader = DataLoader(SameBatch(batch, warmup + steps), batch_size=None)
-    fit(module, loader, device, precision, module.optimizers_per_batch, warmup + steps, [counter], warmup)
+    module = make_module()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # the real batches become fake inside the steps
+    to_fake(module, mode)
+    if getattr(module, "_lpips", None) is not None:
+        to_fake(module._lpips, mode)
+    module.on_train_end = lambda: None  # the divergence check and the export read values
+    if hasattr(module, "update_ema"):
+        module.update_ema = lambda: None  # elementwise only: no counted FLOP (FakeFlopsPerStep.on_train_start)
+    counter = FakeFlopsPerStep(mode)
+    trainer = pl.Trainer(
+        strategy=HostOnly(device=torch.device("cpu"), accelerator="cpu"), precision=precision,
+        max_steps=getattr(module, "optimizers_per_batch", 1) * (warmup + steps), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, log_every_n_steps=10**9, callbacks=[counter],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(make_data(module), batch_size=None))
     timed = counter.per_step[warmup:]
     return sum(timed) / len(timed)
 
@@ -306,6 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--check-syncs", action="store_true")
     p.add_argument("--vocab-size", type=int, default=None, help="generator configs: override the vocabulary")
     p.add_argument("--max-tokens", type=int, default=None, help="generator configs: override K")
+    p.add_argument("--preset", default=None, help="override the config's model.init_args.preset")
+    p.add_argument("--overrides", type=json.loads, default=None,
+                   help="JSON object merged over the config's model.init_args.overrides")
     a = p.parse_args(argv)
 
     config = load_config(a.config)  # bases merged (configs/base)
@@ -318,14 +394,22 @@ def main(argv: list[str] | None = None) -> dict:
         enable_fast_math()
     if "GeneratorModule" in config["model"]["class_path"]:
         return report_generator(a, config, device, precision)
-    args = module_args(config, a.tokenizer_only, a.compile_)
+    args = module_args(config, a.tokenizer_only, a.compile_, a.preset, a.overrides)
     if a.check_syncs:
         # the optimizer a CUDA run builds (fused); on CPU the default foreach AdamW reads its step counters
         args["fused_optimizer"] = True
+
+    def random_images(module) -> torch.Tensor:
+        size = module.tokenizer.image_size
+        return torch.rand(batch_size, 3, size, size)  # [B, 3, H, W]
+
+    # FLOPs first, on the host and on fake tensors (count_flops)
+    flops = count_flops(lambda: build({**args, "compile": False}, a.random_lpips)[0],
+                        lambda m: SameBatch(random_images(m), a.warmup + a.steps), precision, a.warmup,
+                        a.steps) / batch_size  # fmt: skip
     pl.seed_everything(0, verbose=False)
     module, backbone = build(args, a.random_lpips)
-    size = module.tokenizer.image_size
-    batch = torch.rand(batch_size, 3, size, size)
+    batch = random_images(module)
     batch = batch.pin_memory() if device.type == "cuda" else batch
     timer, lengths = StepTimer(a.warmup, device, a.check_syncs), TimedLengths(a.warmup)
     loader = DataLoader(SameBatch(batch, a.warmup + a.steps), batch_size=None)
@@ -334,8 +418,6 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = timer.end - timer.start
     img_per_s = batch_size * timer.timed / elapsed
     mem, mem_kind = peak_memory_gb(device)
-
-    flops = count_flops(args, a.random_lpips, batch, device, precision, a.warmup, a.steps) / batch_size
     from tokenizer.gpu import peak_bf16_tflops
 
     achieved = flops * img_per_s / 1e12

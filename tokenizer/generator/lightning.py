@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from ..compiling import compile_in_place
+from ..compiling import compile_blocks
 from ..training.checkpoints import ArchitectureGuard
 from ..training.divergence import DivergenceGuard
 from ..training.optim import clip_grad_norm, make_adamw, warmup_cosine
@@ -128,7 +128,7 @@ class GeneratorModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         if self.hparams.compile:
             # in place: parameter names (and so checkpoints) stay the same; one graph per block shape;
             # Inductor's compile workers: this rank's share of the node (tokenizer/compiling.py)
-            compile_in_place(self.gpt.blocks, self._trainer.num_devices if self._trainer is not None else 1)
+            compile_blocks(self.gpt, self._trainer.num_devices if self._trainer is not None else 1)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -50,7 +50,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from ..compiling import compile_in_place
+from ..compiling import compile_blocks
 from ..config import TokenizerOverrides
 from ..discriminator import PatchDiscriminator
 from ..distributed import average_gradients, broadcast_from_rank0
@@ -148,17 +148,18 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile:
-            # In-place compile keeps parameter names (no `_orig_mod.`), so checkpoints stay interchangeable.
-            # The decoder's pixel head stays eager: the adaptive GAN weight differentiates through its last layer
-            # only, which inside a compiled graph would rerun the whole compiled backward. The quantizer stays
-            # eager too (data-dependent codebook updates, fp32), except LFQ's entropy chunks: memory-bound
-            # elementwise math that compiled takes a few fused passes instead of ~25 per chunk. The decoder's
-            # sequence length N + k changes with tail drop's k: the first new k makes that dimension dynamic, so
-            # any number of k values costs two compilations, not one per k. Inductor's compile workers: this rank's
-            # share of the node (compiling.py).
+            # Each transformer block is compiled in place (compiling.py): parameter names stay (checkpoints stay
+            # interchangeable), all blocks of the encoder share one graph and all of the decoder's another, and
+            # under DDP each block's gradients reach their buckets as soon as its backward ends. The decoder's
+            # sequence length N + k changes with tail drop's k: it is dynamic from the first call, so any number of
+            # k values costs one decoder graph. Everything outside the blocks stays eager: the decoder's pixel head
+            # (the adaptive GAN weight differentiates through its last layer only, which inside a compiled graph
+            # would rerun the whole compiled backward) and the quantizer (data-dependent codebook updates, fp32),
+            # except LFQ's entropy chunks: memory-bound elementwise math that compiled takes a few fused passes
+            # instead of ~25 per chunk. Inductor's compile workers: this rank's share of the node.
             # (no Trainer yet when called by hand: one rank)
             local_ranks = self._trainer.num_devices if self._trainer is not None else 1
-            compile_in_place([self.tokenizer.encoder, self.tokenizer.decoder.transformer], local_ranks)
+            compile_blocks(self.tokenizer, local_ranks)
             self.tokenizer.quantizer.compiled_entropy = True
 
     def configure_optimizers(self):
