@@ -3,7 +3,7 @@
 # each fit one call of the device tool (under 6 minutes each), or both at once.
 #
 #   scripts/gpu_check.sh                        # on the GPU machine, from the repository root: every phase
-#   scripts/gpu_check.sh --part tokenizer       # phases 1, 2, 5      (--part generator: phases 3, 4)
+#   scripts/gpu_check.sh --part tokenizer       # phases 1, 2, 5, 6   (--part generator: phases 3, 4)
 #   scripts/gpu_check.sh --device cpu           # the CPU dry run: every phase at a tiny size, 1 warm-up + 2 steps,
 #                                               # compile on (a few minutes on 2 cores; tests/test_gpu_check.py)
 #
@@ -15,7 +15,9 @@
 # 4. generator_sampling(_compiled): the B generator's sampling throughput at k = 32 and 256 with CFG 2.0, bf16,
 #    KV cache (and without it at k = 32), eager and with the compiled one-token step (CUDA graphs)
 #    (bench_sampling.py);
-# 5. reconstruction_eval: reconstruction-evaluation throughput of the B tokenizer (bench_eval.py).
+# 5. reconstruction_eval: reconstruction-evaluation throughput of the B tokenizer (bench_eval.py);
+# 6. released_eval: the same for a converted One-D-Piece-B-256 (random weights, same speed: its ViT B plus the
+#    MaskGIT-VQGAN pixel decoder, channels_last, bf16), k = 32 and 256 (docs/released_weights.md).
 # LPIPS uses a random backbone (same FLOPs): the weight files do not travel to the GPU machine.
 #
 # What bounds the time (docs/multinode.md has the figures): the transformer blocks are compiled per block, one graph
@@ -94,6 +96,7 @@ if [[ $DEVICE == cuda ]]; then
     SAMPLE=(--preset B --device cuda --batch-sizes 64 --num-tokens 32 256 --cfg-scale 2.0 --dtype bfloat16)
     SAMPLE_NO_CACHE=32
     EVAL=(--preset B --device cuda --precision bf16 --batch-size 64 --num-tokens 32 256)
+    RELEASED=(--released one-d-piece-B-256 --device cuda --precision bf16 --batch-size 64 --num-tokens 32 256)
 else  # the dry run: the same configs and objectives at a tiny size, 1 warm-up + 2 timed steps, compile on
     TINY='{"image_size": 32, "patch_size": 8, "max_tokens": 16, "enc_width": 32, "enc_depth": 2, "enc_heads": 2,'
     TINY+=' "dec_width": 32, "dec_depth": 2, "dec_heads": 2}'
@@ -106,6 +109,9 @@ else  # the dry run: the same configs and objectives at a tiny size, 1 warm-up +
     SAMPLE_NO_CACHE=4
     EVAL=(--preset tiny --device cpu --precision fp32 --batch-size 2 --num-tokens 4 8 --repeats 1
           --metric-weights random)
+    # the smallest converted architecture (its 30.5 M-parameter pixel decoder makes any of them CPU-heavy)
+    RELEASED=(--released titok-S-128 --device cpu --precision fp32 --batch-size 1 --num-tokens 128 --repeats 1
+              --metric-weights random --no-fid)
 fi
 
 if [[ $PART != generator ]]; then
@@ -120,6 +126,8 @@ if [[ $PART != tokenizer ]]; then
 fi
 if [[ $PART != generator ]]; then
     run reconstruction_eval "$PYTHON" scripts/bench_eval.py "${EVAL[@]}"
+    # a converted released model (docs/released_weights.md): ViT B encoder/decoder + the MaskGIT-VQGAN decoder
+    run released_eval "$PYTHON" scripts/bench_eval.py "${RELEASED[@]}"
 fi
 
 say "---- results ----"
