@@ -15,12 +15,8 @@
   last batch, and Lightning, given no batch at all, used to stop before the first step and exit 0 with no output.
 - Workers leave SIGTERM and SIGUSR1 to the training process (``data.worker_signals``): SLURM signals them too, and
   a worker that died of one would end the batch stream before the training process has saved its checkpoint.
-- Workers are started by a **forkserver**, not forked from the training process (``worker_process_kwargs``). By
-  the time the loaders start, the training process runs threads (gloo / NCCL, Lightning, the pin-memory thread);
-  forking a multi-threaded process can leave the child holding a lock some other thread held, and CPython 3.11 /
-  3.12 itself can then deadlock inside ``PyOS_AfterFork_Child`` (gh-112275). That hung a resumed two-node run
-  before its first step (issue 24, finding 10). The forkserver is a clean single-threaded process started once;
-  it preloads torch, so a worker starts in about the time of unpickling its dataset.
+- Workers start by fork where the interpreter forks safely and from a forkserver where it can deadlock
+  (``data.worker_context``: CPython before 3.11.8, gh-112275), with the stop signals handled as above either way.
 """
 
 from __future__ import annotations
@@ -50,8 +46,8 @@ def wants_pinned_memory(trainer=None) -> bool:
 
 def worker_process_kwargs() -> dict:
     """The DataLoader arguments that say how workers start and what they do with the stop signals (see the module
-    docstring): the forkserver context (data.worker_context), and the worker_init_fn that leaves SIGTERM /
-    SIGUSR1 to this (the training) process."""
+    docstring): the workers' context (data.worker_context), and the worker_init_fn that leaves SIGTERM / SIGUSR1
+    to this (the training) process."""
     return {"worker_init_fn": functools.partial(ignore_stop_signals, training_pid=os.getpid()),
             "multiprocessing_context": worker_context()}
 

@@ -377,7 +377,7 @@ class TokenDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            **(worker_process_kwargs() if self.num_workers > 0 else {}),  # forkserver; stop signals (data.loading)
+            **(worker_process_kwargs() if self.num_workers > 0 else {}),  # start method, stop signals (data.loading)
         )
 
     def train_dataloader(self):

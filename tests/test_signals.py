@@ -58,20 +58,43 @@ def send_from_elsewhere(signum: signal.Signals, pids: list[int]) -> None:
     subprocess.run(["kill", "-s", signum.name[3:], *map(str, pids)], check=True)
 
 
+@pytest.fixture(params=["fork", "forkserver"])
+def start_method(request, monkeypatch):
+    """Both ways workers start (data/worker_context.py): fork where the interpreter forks safely, a forkserver where
+    it does not; forced with ONEDTOK_WORKER_START, so that one interpreter tests both."""
+    from data.worker_context import START_METHOD_ENV, worker_context, worker_start_method
+
+    monkeypatch.setenv(START_METHOD_ENV, request.param)
+    worker_start_method.cache_clear()
+    worker_context.cache_clear()
+    yield request.param
+    worker_start_method.cache_clear()
+    worker_context.cache_clear()
+
+
 @linux_only
 @pytest.mark.parametrize("make_loader", [_photos_loader, _tokens_loader], ids=["images", "tokens"])
-def test_dataloader_workers_ignore_the_stop_signals(tmp_path, make_loader):
+def test_dataloader_workers_ignore_the_stop_signals(tmp_path, make_loader, start_method):
     """SLURM signals every process of a job step: a worker that died of SIGUSR1 or SIGTERM would end the batch
-    stream before the training process has saved its checkpoint."""
-    before = set(psutil.Process().children())
+    stream before the training process has saved its checkpoint; so would the forkserver the workers came from
+    (their watchdog stops them when their parent goes) and the resource tracker."""
+    me = psutil.Process()
+    before = set(me.children(recursive=True))
     batches = iter(make_loader(tmp_path))
     next(batches)  # the workers run
-    workers = [p for p in psutil.Process().children() if p not in before]
-    assert len(workers) == 2, workers
+    started = [p for p in me.children(recursive=True) if p not in before]
+    # the forkserver and the resource tracker: python -c "from multiprocessing... import main; main(...)"
+    helpers = {p.pid for p in me.children() if "multiprocessing" in " ".join(p.cmdline())}
+    workers = [p for p in started if p.pid not in helpers]
+    assert len(workers) == 2, started
+    parents = {w.ppid() for w in workers}
+    assert parents == {os.getpid()} if start_method == "fork" else (len(parents) == 1 and parents <= helpers)
+    everyone = [p for p in me.children(recursive=True) if p.pid != os.getpid()]  # helpers started earlier too
     for signum in (signal.SIGUSR1, signal.SIGTERM):
-        send_from_elsewhere(signum, [w.pid for w in workers])
+        send_from_elsewhere(signum, [p.pid for p in everyone])
     time.sleep(1.0)
-    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), "a worker died"
+    dead = [p for p in everyone if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE]
+    assert not dead, f"died of a stop signal: {dead}"
     for _ in range(20):  # both workers' batches, past those already queued
         next(batches)
     del batches
