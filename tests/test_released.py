@@ -434,3 +434,37 @@ def test_real_titok_l32_gives_the_ids_of_its_readme(tmp_path):
     flips = [i for i, (a, b) in enumerate(zip(ids, TITOK_L32_IDS)) if a != b]
     # a CPU run may flip a near-tie of the CUDA run; more than one flip is a conversion bug
     assert len(flips) <= 1, f"ids {ids} differ from the README's at positions {flips}"
+
+
+# ---- the switches keep this project's contracts --------------------------------------------------------------
+def test_released_switches_keep_the_length_contracts():
+    """With every switch on (a narrow VQGAN head): per-sample lengths decode each image as its prefix alone, and
+    with causal latents the class token does not let a latent see the ones after it."""
+    from _small_training import SMALL
+
+    switches = dict(patch_size=16, class_token=True, pre_norm=True, legacy_token_layout=True, pixel_range="[0, 1]",
+                    decoder_head="vqgan", decoder_conv=False, vqgan_channels=32, vqgan_channel_mult=[1, 1, 1, 1, 1])
+    torch.manual_seed(0)
+    tok = OneDTokenizer.from_preset("tiny", **{**SMALL, **switches}).eval()
+    x = torch.rand(3, 3, 32, 32)
+    ids = tok.encode(x)
+    lengths = torch.tensor([1, 5, 8])
+    together = tok.decode(ids, lengths)
+    for b, k in enumerate(lengths.tolist()):
+        torch.testing.assert_close(together[b : b + 1], tok.decode(ids[b : b + 1, :k]), atol=1e-4, rtol=0)
+
+    causal = OneDTokenizer.from_preset("tiny", **{**SMALL, **switches, "causal_latents": True}).eval()
+    with torch.no_grad():
+        z = causal.encoder(x)  # [B, K, D] before quantization
+        causal.encoder.latent_tokens[:, 4:] += 1.0  # change every latent from position 4 on
+        z_changed = causal.encoder(x)
+    # the legacy layout mixes all latents into every token, so the check is on the plain layout's latents
+    plain = OneDTokenizer.from_preset("tiny", **{**SMALL, **switches, "causal_latents": True,
+                                                 "legacy_token_layout": False}).eval()  # fmt: skip
+    with torch.no_grad():
+        before = plain.encoder(x)
+        plain.encoder.latent_tokens[:, 4:] += 1.0
+        after = plain.encoder(x)
+    torch.testing.assert_close(after[:, :4], before[:, :4])
+    assert not torch.allclose(after[:, 4:], before[:, 4:])
+    assert not torch.allclose(z_changed[:, :4], z[:, :4])  # the legacy layout: a quirk of the released weights
