@@ -87,16 +87,23 @@ def test_compile_blocks_one_graph_per_stack_equal_to_eager():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-def test_recompiles_past_the_budget_raise(monkeypatch):
+def test_recompiles_past_the_budget_raise():
     """Past its recompile limit Dynamo would run a function eagerly without a word; bound_recompiles makes it
     raise. A Python int that changes every call forces a new static graph each time."""
     import torch._dynamo.config as dynamo_config
+
+    # restored after the test by Dynamo's own patch (monkeypatch's undo deletes the attribute, which a Dynamo
+    # config module takes as "hide this setting": every later compile then fails to read it)
+    with dynamo_config.patch(recompile_limit=dynamo_config.recompile_limit,
+                             fail_on_recompile_limit_hit=dynamo_config.fail_on_recompile_limit_hit):
+        _check_the_budget_raises(dynamo_config)
+
+
+def _check_the_budget_raises(dynamo_config):
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
     from tokenizer.compiling import RECOMPILE_LIMIT, bound_recompiles
 
-    for name in ("recompile_limit", "fail_on_recompile_limit_hit"):  # restored after the test
-        monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
     bound_recompiles()
     assert dynamo_config.recompile_limit == RECOMPILE_LIMIT and dynamo_config.fail_on_recompile_limit_hit
     bound_recompiles(2)
