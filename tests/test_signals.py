@@ -7,6 +7,7 @@ with its shrunken tiny tokenizer and webdataset shards (2 DataLoader workers per
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -16,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import torch
@@ -34,72 +34,80 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 
 # ---- DataLoader workers ---------------------------------------------------------------------------------------
-def _photos_loader(tmp_path):
-    from data.photos import PhotosDataModule
+# A training process of its own (a fresh interpreter: its forkserver and resource tracker are its own, whatever
+# earlier tests started): it makes the loader, takes one batch from each worker (both have run their
+# worker_init_fn), prints the pids of its workers and helpers, waits for "go", then reads 20 more batches.
+WORKERS_UNDER_SIGNALS = """
+import json, os, sys
+import numpy as np
+import psutil
 
+def photos(tmp):
+    from data.photos import PhotosDataModule
     dm = PhotosDataModule(image_size=32, batch_size=4, num_workers=2, train_crops_per_epoch=400)
     dm.setup("fit")
     return dm.train_dataloader()
 
-
-def _tokens_loader(tmp_path):
+def tokens(tmp):
     from data.tokens import TokenDataModule, TokenShardWriter
-
-    root = str(tmp_path / "tokens")
+    root = os.path.join(tmp, "tokens")
     with TokenShardWriter(root, num_tokens=8, codebook_size=16, shard_size=100) as w:
         w.write(np.zeros((400, 8), np.int64), np.zeros(400, np.int64), [f"k{i}" for i in range(400)])
     dm = TokenDataModule(root, batch_size=4, num_workers=2)
     dm.setup("fit")
     return dm.train_dataloader()
 
+me = psutil.Process()
+batches = iter({"images": photos, "tokens": tokens}[sys.argv[1]](sys.argv[2]))
+next(batches), next(batches)
+# the forkserver and the resource tracker: their command line is python -c "from multiprocessing.... import main..."
+helpers = [p for p in me.children() if any(arg.startswith("from multiprocessing.") for arg in p.cmdline())]
+workers = [p for p in me.children(recursive=True) if p not in helpers]
+print(json.dumps({"workers": [p.pid for p in workers], "parents": sorted({p.ppid() for p in workers}),
+                  "helpers": [p.pid for p in helpers]}), flush=True)
+sys.stdin.readline()
+for _ in range(20):  # both workers' batches, past those already queued
+    next(batches)
+print("read", flush=True)
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.parametrize("loader", ["images", "tokens"])
+def test_dataloader_workers_ignore_the_stop_signals(tmp_path, loader, start_method):
+    """SLURM signals every process of a job step: a worker that died of SIGUSR1 or SIGTERM would end the batch
+    stream before the training process has saved its checkpoint; so would the forkserver the workers came from
+    (their watchdog stops them when their parent goes) and the resource tracker. Both ways workers start
+    (data/worker_context.py: fork where the interpreter forks safely, a forkserver where it does not) are forced
+    with ONEDTOK_WORKER_START, so that one interpreter tests both."""
+    from data.worker_context import START_METHOD_ENV
+
+    env = {**ENV, START_METHOD_ENV: start_method, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS_UNDER_SIGNALS, loader, str(tmp_path)], cwd=REPO, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(proc.stdout.readline() or "{}")
+        assert len(pids.get("workers", [])) == 2, json.dumps(pids)
+        expected_parents = [proc.pid] if start_method == "fork" else pids["helpers"]
+        assert set(pids["parents"]) <= set(expected_parents) and len(pids["parents"]) == 1, pids
+        everyone = [psutil.Process(pid) for pid in pids["workers"] + pids["helpers"]]
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            send_from_elsewhere(signum, [p.pid for p in everyone])
+        time.sleep(1.0)
+        dead = [p for p in everyone if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE]
+        assert not dead, f"died of a stop signal: {dead} of {pids}"
+        out, err = proc.communicate("go\n", timeout=120)
+        assert proc.returncode == 0 and "read" in out, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
 
 def send_from_elsewhere(signum: signal.Signals, pids: list[int]) -> None:
     """`kill` run as its own process: the sender is not the workers' parent (as with SLURM's step daemon)."""
     subprocess.run(["kill", "-s", signum.name[3:], *map(str, pids)], check=True)
-
-
-@pytest.fixture(params=["fork", "forkserver"])
-def start_method(request, monkeypatch):
-    """Both ways workers start (data/worker_context.py): fork where the interpreter forks safely, a forkserver where
-    it does not; forced with ONEDTOK_WORKER_START, so that one interpreter tests both."""
-    from data.worker_context import START_METHOD_ENV, worker_context, worker_start_method
-
-    monkeypatch.setenv(START_METHOD_ENV, request.param)
-    worker_start_method.cache_clear()
-    worker_context.cache_clear()
-    yield request.param
-    worker_start_method.cache_clear()
-    worker_context.cache_clear()
-
-
-@linux_only
-@pytest.mark.parametrize("make_loader", [_photos_loader, _tokens_loader], ids=["images", "tokens"])
-def test_dataloader_workers_ignore_the_stop_signals(tmp_path, make_loader, start_method):
-    """SLURM signals every process of a job step: a worker that died of SIGUSR1 or SIGTERM would end the batch
-    stream before the training process has saved its checkpoint; so would the forkserver the workers came from
-    (their watchdog stops them when their parent goes) and the resource tracker."""
-    me = psutil.Process()
-    before = set(me.children(recursive=True))
-    batches = iter(make_loader(tmp_path))
-    next(batches), next(batches)  # one batch from each worker: both have run their worker_init_fn
-    started = [p for p in me.children(recursive=True) if p not in before]
-    # the forkserver and the resource tracker (started by an earlier test, maybe): python -c "from
-    # multiprocessing.forkserver import main; ..." / "...resource_tracker import main; ..."
-    helpers = [p for p in me.children() if re.search(r"multiprocessing\.(forkserver|resource_tracker)",
-                                                      " ".join(p.cmdline()))]  # fmt: skip
-    workers = [p for p in started if p not in helpers]
-    assert len(workers) == 2, started
-    parents = {w.ppid() for w in workers}
-    assert parents == {os.getpid()} if start_method == "fork" else parents <= {h.pid for h in helpers}
-    everyone = workers + helpers
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        send_from_elsewhere(signum, [p.pid for p in everyone])
-    time.sleep(1.0)
-    dead = [p for p in everyone if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE]
-    assert not dead, f"died of a stop signal: {dead}"
-    for _ in range(20):  # both workers' batches, past those already queued
-        next(batches)
-    del batches
 
 
 # A process that exits while its DataLoader still has workers: multiprocessing terminates them (SIGTERM from their
