@@ -357,11 +357,22 @@ def test_lfq_entropy_compiled_equals_eager(scale):
 def test_compile_switch_routes_lfq_entropy_through_one_compiled_graph(compile_, monkeypatch):
     """TokenizerModule(compile=True) compiles LFQ's entropy chunks, once for all batch sizes (their chunk
     lengths differ); compile=False leaves them eager (nothing compiled)."""
+    monkeypatch.setattr(lfq_entropy_module, "LFQ_ENTROPY_CHUNK_ELEMENTS", 16 * 2**8)  # 16-token chunks
+    # TF32 on, as train.py's enable_fast_math leaves it: the quantizer's forward turns it off (ieee_fp32), and the
+    # checkpoint's replay in backward must run as that forward did, not recompile for the process's switches
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        _check_one_compiled_entropy_graph(compile_)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _check_one_compiled_entropy_graph(compile_: bool) -> None:
     from torch._dynamo.utils import counters
 
     from tokenizer.training import TokenizerModule
 
-    monkeypatch.setattr(lfq_entropy_module, "LFQ_ENTROPY_CHUNK_ELEMENTS", 16 * 2**8)  # 16-token chunks
     torch._dynamo.reset()
     counters.clear()
     module = TokenizerModule(preset="tiny", overrides={"quantizer": "lfq", "codebook_size": 2**8},

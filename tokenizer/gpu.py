@@ -84,6 +84,26 @@ def ieee_fp32():
         torch.backends.cudnn.allow_tf32 = cudnn
 
 
+def tf32_as_now():
+    """A context manager that sets the TF32 switches as they are at this call, for the duration (then restores
+    them). What a checkpointed function's replay runs under (torch.utils.checkpoint's `context_fn`), so that the
+    recomputation in backward sees the switches its forward saw: the quantizer's forward runs under `ieee_fp32`,
+    its backward after that context has ended, and a compiled function would otherwise be recompiled for the other
+    global state (and recompute with other numerics)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    @contextlib.contextmanager
+    def switches():
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    return switches()
+
+
 def peak_bf16_tflops(device: torch.device | str) -> float | None:
     """The device's dense bf16 peak in TFLOP/s from `PEAK_BF16_TFLOPS`, or None (CPU, unknown GPUs)."""
     device = torch.device(device)
@@ -197,5 +217,5 @@ def no_host_sync(device: torch.device | str, detector: bool | None = None):
                            + "; ".join(found.hits[:3]))
 
 
-__all__ = ["enable_fast_math", "ieee_fp32", "peak_bf16_tflops", "peak_bf16_tflops_of_name", "HostSyncDetector",
-           "no_host_sync", "SYNCING_OPS", "BOOL_INDEXED_OPS", "HOST_PULLS", "PEAK_BF16_TFLOPS"]
+__all__ = ["enable_fast_math", "ieee_fp32", "tf32_as_now", "peak_bf16_tflops", "peak_bf16_tflops_of_name",
+           "HostSyncDetector", "no_host_sync", "SYNCING_OPS", "BOOL_INDEXED_OPS", "HOST_PULLS", "PEAK_BF16_TFLOPS"]

@@ -11,6 +11,7 @@ for almost no FLOPs; `compiled=True` (set by the training module's `compile` swi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from .distributed import world_size
+from .gpu import tf32_as_now
 
 # LFQ's softmax temperature: the library's forward() default, which this wrapper always used.
 LFQ_INV_TEMPERATURE = 100.0
@@ -67,6 +69,11 @@ class _AllReduceSum(torch.autograd.Function):
         return total
 
 
+def _replay_as_forward():
+    """torch.utils.checkpoint context_fn: nothing around the forward, its TF32 switches around the replay."""
+    return contextlib.nullcontext(), tf32_as_now()
+
+
 def lfq_entropy(x: torch.Tensor, codebook: torch.Tensor, inv_temperature: float = LFQ_INV_TEMPERATURE,
                 chunk_tokens: int | None = None, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """LFQ's two entropy terms, exactly as the library computes them, in chunks of tokens.
@@ -98,8 +105,10 @@ def lfq_entropy(x: torch.Tensor, codebook: torch.Tensor, inv_temperature: float 
         if compiled:  # n varies with the batch size (last chunk): one dynamic graph, not one per n
             torch._dynamo.maybe_mark_dynamic(part, 0)
         if recompute:
-            h, p = checkpoint(chunk_fn, part, codebook, inv_temperature,
-                              use_reentrant=False, preserve_rng_state=False)  # fmt: skip
+            # the replay in backward runs under the TF32 switches of this forward (the quantizer's ieee_fp32 has
+            # ended by then): the same numbers, and no recompile of the compiled chunk for another global state
+            h, p = checkpoint(chunk_fn, part, codebook, inv_temperature, use_reentrant=False,
+                              preserve_rng_state=False, context_fn=_replay_as_forward)  # fmt: skip
         else:  # one chunk: keeping its activations is within the budget, recomputing would only cost time
             h, p = chunk_fn(part, codebook, inv_temperature)
         entropy_sum, prob_sum = entropy_sum + h, prob_sum + p
