@@ -59,8 +59,7 @@ def test_a_run_that_writes_only_under_tmp_path_passes(tmp_path):
             "    Path('out.txt').write_text('x')\n"
             "    with open(REPO / 'run.log', 'a') as log:\n"
             "        log.write('more output\\n')\n")  # fmt: skip
-    proc = _pytest(_copy_of_the_guard(tmp_path, body))
-    assert proc.returncode == 0 and "REPOSITORY CHANGED" not in proc.stdout, proc.stdout + proc.stderr
+    _assert_the_guard_passes(tmp_path, body)
 
 
 def test_a_run_that_writes_into_the_virtual_environments_passes(tmp_path):
@@ -71,5 +70,9 @@ def test_a_run_that_writes_into_the_virtual_environments_passes(tmp_path):
             "    for venv in ('.venv', '.venv-oldest'):\n"
             "        (REPO / venv / 'lib').mkdir(parents=True)\n"
             "        (REPO / venv / 'lib' / 'cache.bin').write_text('x')\n")  # fmt: skip
+    _assert_the_guard_passes(tmp_path, body)
+
+
+def _assert_the_guard_passes(tmp_path, body: str) -> None:
     proc = _pytest(_copy_of_the_guard(tmp_path, body))
     assert proc.returncode == 0 and "REPOSITORY CHANGED" not in proc.stdout, proc.stdout + proc.stderr

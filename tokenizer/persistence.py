@@ -116,6 +116,14 @@ def check_finite_weights(state: dict[str, torch.Tensor], source: object = "state
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: object = "state dict") -> None:
     """load_state_dict(strict=True) with one readable error for missing, unexpected or mis-shaped keys, and for
     weights that hold NaN/inf (check_finite_weights)."""
+    check_state_matches(model, state, source)
+    check_finite_weights(state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_matches(model: nn.Module, state: dict[str, torch.Tensor], source: object = "state dict") -> None:
+    """Raise ValueError when `state` has other keys or shapes than `model`'s state dict (values are not read, so
+    `meta` tensors on either side work)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -124,9 +132,8 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     if missing or unexpected or shapes:
         raise ValueError(f"{source} does not match this {type(model).__name__}: missing keys {missing[:8]}, "
                          f"unexpected keys {unexpected[:8]}, shape mismatches {shapes[:8]}")
-    check_finite_weights(state, source)
-    model.load_state_dict(state, strict=True)
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_model_dir", "read_model_config", "load_model_state",
-           "load_state_strict", "read_provenance", "weights_sha256", "non_finite_tensors", "check_finite_weights"]
+           "load_state_strict", "check_state_matches", "read_provenance", "weights_sha256", "non_finite_tensors",
+           "check_finite_weights"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..model import OneDTokenizer
-from ..persistence import load_state_strict
+from ..persistence import check_state_matches, load_state_strict
 from .keys import map_state
 from .source import Snapshot, check_convertible, read_snapshot
 from .variants import FAMILIES, LICENCES, VARIANTS, tokenizer_config, variant_by_name, variant_for_hub_id
@@ -40,20 +40,10 @@ def convert_state(family: str, reference: dict, state: dict[str, torch.Tensor], 
         raise ValueError(f"{source}: {len(left_over)} reference key(s) have no place in the converted model, e.g. "
                          f"{left_over[:6]}; this checkpoint is not the {family} architecture its config describes")
     if torch.device(device).type == "meta":
-        _check_keys_and_shapes(model, mapped, source)
+        check_state_matches(model, mapped, source)  # nothing to load on meta: keys and shapes only
         return model
     load_state_strict(model, mapped, source=source)
     return model.eval()
-
-
-def _check_keys_and_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source: object) -> None:
-    own = model.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state
-              and own[k].shape != state[k].shape]
-    if missing or extra or shapes:
-        raise ValueError(f"{source}: converted keys do not match the model: missing {missing[:6]}, extra "
-                         f"{extra[:6]}, shapes {shapes[:6]}")
 
 
 def reference_config(snapshot: Snapshot, family: str, variant: str | None) -> tuple[dict, str | None]:
