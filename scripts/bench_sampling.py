@@ -39,10 +39,10 @@ import sys
 import time
 
 import torch
-from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tokenizer.compiling import compile_counts  # noqa: E402
 from tokenizer.generator import GPT, generate  # noqa: E402
 
 PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     check = sync_check(model, args.device, timed["batch"], timed["k"], **sampling)
     if check is not None:
         print(f"sync check (torch.cuda.set_sync_debug_mode('error') around generate): {check}")
-    compiles, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    counts = compile_counts()
+    compiles, breaks = counts["compiles"], counts["graph_breaks"]
     print(f"Dynamo graphs compiled {compiles} (the decode step: recompiles = graphs - 1), graph breaks {breaks}")
     peaks = [r["peak_mem_gb"] for r in rows if r["peak_mem_gb"] is not None]
     result = dict(

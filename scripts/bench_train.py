@@ -31,7 +31,8 @@ A generator config (model `GeneratorModule`) times `GeneratorModule.training_ste
 clipping, AdamW (fused with --check-syncs or on CUDA); `--vocab-size` / `--max-tokens` override the config's
 (e.g. 65536 for an LFQ codebook). Its JSON adds tokens_per_s, params_m, vocab_size and max_tokens.
 
-The last line printed is one JSON object: img_per_s, tflop_per_img, achieved_tflops, mfu, peak_mem_gb, ...
+The last line printed is one JSON object: img_per_s, tflop_per_img, achieved_tflops, mfu, peak_mem_gb, ...,
+compiles and graph_breaks (Dynamo's graphs and graph breaks over the run: tokenizer/compiling.compile_counts).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from tokenizer.compiling import compile_counts  # noqa: E402
 from tokenizer.training import TokenizerModule  # noqa: E402
 from tokenizer.training.config_files import load_config  # noqa: E402
 from tokenizer.training.sync_audit import StepSyncAudit  # noqa: E402
@@ -431,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_s": elapsed / timer.timed, "img_per_s": img_per_s, "tflop_per_img": flops / 1e12,
         "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None,
         "peak_mem_gb": mem, "peak_mem_kind": mem_kind, "syncs_checked": a.check_syncs,
-        "host_syncs_per_step": timer.syncs_per_step() if a.check_syncs else None,
+        "host_syncs_per_step": timer.syncs_per_step() if a.check_syncs else None, **compile_counts(),
     }  # fmt: skip
     print(json.dumps(result), flush=True)
     timer.fail_on_syncs()
@@ -452,6 +454,7 @@ def report_generator(a, config: dict, device: torch.device, precision: str) -> d
         "tflop_per_img": r["flop_per_img"] / 1e12, "achieved_tflops": achieved, "peak_tflops": peak,
         "mfu": achieved / peak if peak else None, "peak_mem_gb": mem, "peak_mem_kind": mem_kind,
         "syncs_checked": a.check_syncs, "host_syncs_per_step": timer.syncs_per_step() if a.check_syncs else None,
+        **compile_counts(),
     }  # fmt: skip
     print(json.dumps(result), flush=True)
     timer.fail_on_syncs()

@@ -289,6 +289,58 @@ def test_compile_tail_drop_many_k_bounded_recompiles():
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
 
 
+@pytest.mark.slow
+def test_compiled_lpips_and_discriminator_train_as_eager():
+    """Under `compile: true` LPIPS and the discriminator are compiled too, and the step stays the same function:
+    with the paper objective (LPIPS, adaptive GAN weight, LeCam) from step 0, the first batch's loss and gradients
+    of every tokenizer and discriminator parameter equal the eager run's to fp32 rounding (Inductor sums GroupNorm
+    and LPIPS's channel norms in another order). Each compiled backward runs once: they donate their buffers, and a
+    retained graph would raise. Later batches compile nothing more, and nothing breaks a graph."""
+    from torch._dynamo.utils import counters
+
+    from tokenizer.perceptual import LPIPS
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    lpips_state = LPIPS(random_backbone_for_tests=True).state_dict()
+    graphs = []
+
+    class FirstGradients(pl.Callback):
+        """Every gradient and the loss after the first batch (the optimizers stepped; the gradients stay), and the
+        graphs compiled so far after every batch."""
+
+        def __init__(self):
+            self.first = {}
+
+        def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                self.first.update({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+                self.first["loss"] = outputs["loss"].detach().clone()
+            graphs.append(counters["stats"]["unique_graphs"])
+
+    runs = {}
+    for compiled in (False, True):
+        pl.seed_everything(0)
+        module, _ = paper_module(compile=compiled)
+        lpips = LPIPS(random_backbone_for_tests=True)
+        lpips.load_state_dict(lpips_state)
+        module.use_lpips(lpips)
+        graphs.clear()
+        pl.seed_everything(0)
+        runs[compiled] = FirstGradients()
+        trainer(2 * 3, "32-true", [runs[compiled]]).fit(module, train_dataloaders=fixed_batches(3))
+    eager, compiled = runs[False].first, runs[True].first
+    assert any(n.startswith("discriminator.") for n in eager) and any(n.startswith("tokenizer.") for n in eager)
+    assert eager.keys() == compiled.keys()
+    assert _relative(compiled.pop("loss"), eager.pop("loss")) < 1e-5
+    worst = max(eager, key=lambda n: _relative(compiled[n], eager[n]))
+    assert _relative(compiled[worst], eager[worst]) < 1e-4, f"{worst}: {_relative(compiled[worst], eager[worst])}"
+    # encoder blocks, decoder blocks, LPIPS, and the discriminator in its own step and in the generator's
+    assert graphs[0] == graphs[-1] == 5, f"graphs after each batch: {graphs}"
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+
+
 TOKENIZER_CONFIGS = sorted(p for p in (ROOT / "configs" / "tokenizer").glob("*.yaml") if "tiny" not in p.stem)
 
 

@@ -74,6 +74,15 @@ def bound_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
     dynamo_config.fail_on_recompile_limit_hit = True
 
 
+def compile_counts() -> dict[str, int]:
+    """What Dynamo compiled in this process so far: {"compiles": graphs, "graph_breaks": breaks}, from
+    torch._dynamo.utils.counters (the benchmarks' JSON lines; 0 and 0 where nothing was compiled)."""
+    from torch._dynamo.utils import counters
+
+    return {"compiles": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every transformer block in `model`: the encoder's and decoder's (tokenizer/vit.py) and the GPT's
     (tokenizer/generator/layers.py), in module order."""
@@ -130,6 +139,7 @@ def compile_blocks(model: nn.Module, local_ranks: int = 1) -> int:
 
 __all__ = [
     "compile_blocks",
+    "compile_counts",
     "bound_recompiles",
     "transformer_blocks",
     "mark_decoder_length_dynamic",

@@ -115,6 +115,7 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
             self.discriminator = PatchDiscriminator(disc_channels, disc_layers)
             self.lecam = LeCamEMA()
         self._lpips = None  # built lazily (needs the converted weights); deliberately not a submodule
+        self._lpips_compiled = None  # the network compiled in place under `compile` (the `lpips` property)
         self.ema_tokenizer = None
         if ema_decay is not None:
             self.ema_tokenizer = copy.deepcopy(self.tokenizer).requires_grad_(False).eval()
@@ -161,6 +162,14 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
             local_ranks = self._trainer.num_devices if self._trainer is not None else 1
             compile_blocks(self.tokenizer, local_ranks)
             self.tokenizer.quantizer.compiled_entropy = True
+            # The discriminator in place (fuses GroupNorm + LeakyReLU around each convolution): two graphs, its
+            # own step (parameters train) and the generator's (frozen, input differentiable). LPIPS when built
+            # (the `lpips` property; its channel norms, scaling and averages fuse). Both equal eager to fp32
+            # rounding: Inductor reorders reductions, the convolutions stay aten's (tests/test_gpu_path.py).
+            # Compiled backwards donate their buffers and cannot be retained: each loss is differentiated once
+            # (generator_gradient).
+            if self.discriminator is not None:
+                self.discriminator.compile()
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -201,6 +210,9 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
             self.use_lpips(LPIPS())
         if next(self._lpips.parameters()).device != self.device:
             self.use_lpips(self._lpips.to(self.device))
+        if self.hparams.compile and self._lpips_compiled is not self._lpips:
+            self._lpips.compile()  # in place, once per network; equal to eager to fp32 rounding (configure_model)
+            object.__setattr__(self, "_lpips_compiled", self._lpips)
         return self._lpips
 
     def use_lpips(self, network: torch.nn.Module) -> None:
@@ -304,10 +316,15 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         rec_total and g_loss depend on the tokenizer only through `recon`, so by the chain rule backpropagating
         `recon_grad` from `recon` gives exactly the gradient of rec_total + gan_weight * weight * g_loss. The
         adaptive weight needs each loss's gradient at the decoder's last layer: a product of the gradient at
-        `recon` with that layer alone, not a rerun of the decoder's backward."""
+        `recon` with that layer alone, not a rerun of the decoder's backward.
+
+        The two losses' graphs above `recon` are disjoint (each slices `recon` itself) and a gradient *at* `recon`
+        runs nothing below it, so each is differentiated once and freed: nothing is retained through LPIPS or
+        the discriminator. Compiled (`compile: true`), their backwards donate buffers and refuse retain_graph;
+        eager, their activations are freed before the decoder's backward runs."""
         hp = self.hparams
-        rec_grad, = torch.autograd.grad(rec_total, recon, retain_graph=True)  # [B, 3, H, W]
-        gan_grad, = torch.autograd.grad(g_loss, recon, retain_graph=True)  # [B, 3, H, W]
+        rec_grad, = torch.autograd.grad(rec_total, recon)  # [B, 3, H, W]
+        gan_grad, = torch.autograd.grad(g_loss, recon)  # [B, 3, H, W]
         weight = torch.ones((), device=recon.device)
         if hp.adaptive_gan_weight:
             last = self.last_decoder_layer()
