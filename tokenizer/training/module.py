@@ -337,8 +337,11 @@ class TokenizerModule(ArchitectureGuard, DivergenceGuard, pl.LightningModule):
         """Hinge (+ LeCam) loss of the discriminator on real images and detached reconstructions; its gradients,
         averaged over ranks. Returns what to log."""
         hp = self.hparams
+        # Under bf16-mixed the reconstructions are bf16 and the real images fp32. D's first convolution casts both
+        # to bf16 under autocast, so giving the fakes the real images' dtype changes no value (bf16 -> fp32 is
+        # exact), and compiled D sees one input type in its step: one graph, not two.
         real_logits = self.discriminator(real)
-        fake_logits = self.discriminator(fake)
+        fake_logits = self.discriminator(fake.to(real.dtype))
         d_loss = hinge_d_loss(real_logits, fake_logits)
         logs = {"train/d_real": real_logits.detach().mean(), "train/d_fake": fake_logits.detach().mean()}
         if hp.lecam_weight > 0:
