@@ -87,6 +87,56 @@ def test_compile_blocks_one_graph_per_stack_equal_to_eager():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+# A fresh interpreter compiles the tiny tokenizer's blocks with the compile cache in CACHE_DIR, and prints the CPU
+# ISA Inductor wrote kernels for, the cache key tag, and how far the compiled reconstruction is from eager.
+COMPILE_INTO_A_CACHE = """
+import json, sys
+import torch
+from torch._inductor.cpu_vec_isa import pick_vec_isa
+from tokenizer import OneDTokenizer
+from tokenizer.compiling import compile_blocks
+
+torch.manual_seed(0)
+model = OneDTokenizer.from_preset("tiny", **json.loads(sys.argv[1])).eval()
+images = torch.rand(2, 3, 32, 32)
+with torch.no_grad():
+    eager = model(images, num_tokens=5).recon  # [2, 3, 32, 32]
+    compile_blocks(model)
+    compiled = model(images, num_tokens=5).recon
+print(json.dumps({"isa": str(pick_vec_isa()), "tag": torch.compiler.config.cache_key_tag,
+                  "finite": bool(torch.isfinite(compiled).all()), "max_diff": float((compiled - eager).abs().max())}))
+"""
+
+
+@pytest.mark.slow
+def test_a_compile_cache_filled_under_another_cpu_isa_gives_the_eager_result(tmp_path):
+    """Inductor's graph cache did not key CPU kernels by vector ISA: filled under this machine's ISA and read under
+    AVX2 (ATEN_CPU_CAPABILITY=avx2, as `make test-avx2` runs), the compiled tokenizer decoded NaN everywhere.
+    key_compile_cache_by_cpu_isa puts the ISA in the key: both runs, one cache directory, the eager result."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if not torch.cpu._is_avx512_supported() or str(pick_vec_isa()) == "avx2":
+        pytest.skip("this CPU's default vector ISA is AVX2 already: no second ISA to read the cache with")
+    base = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    base.pop("ATEN_CPU_CAPABILITY", None)
+    runs = []
+    for extra in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        proc = subprocess.run([sys.executable, "-c", COMPILE_INTO_A_CACHE, json.dumps(SMALL)], env={**base, **extra},
+                              capture_output=True, text=True, timeout=600, cwd=str(SCRIPTS.parent))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert second["isa"] == "avx2" and first["isa"] != "avx2", runs
+    assert first["tag"] != second["tag"], runs
+    for run in runs:
+        assert run["finite"] and run["max_diff"] < 1e-4, runs
+
+
 def test_recompiles_past_the_budget_raise():
     """Past its recompile limit Dynamo would run a function eagerly without a word; bound_recompiles makes it
     raise. A Python int that changes every call forces a new static graph each time."""

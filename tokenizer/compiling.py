@@ -23,6 +23,14 @@ ranks on its node; at most Inductor's own cap, at least 1. TORCHINDUCTOR_COMPILE
 In place (`module.compile()`): parameter names stay as they are (no `_orig_mod.`), so checkpoints of compiled
 and eager runs are interchangeable.
 
+Compile caches keyed by the CPU vector ISA (`key_compile_cache_by_cpu_isa`): Inductor writes CPU kernels for one
+vector ISA (AVX-512, or AVX2 when ATEN_CPU_CAPABILITY=avx2 forces it, as `make test-avx2` does), but its graph
+cache's key does not hold that ISA (torch 2.14: on a machine without a GPU its system part is empty). A graph
+cached under AVX-512 and loaded under AVX2 compiles its AVX-512 kernel source with AVX2's vector width, and a
+compiled tokenizer decoded NaN everywhere (seen here: compiled blocks run with ATEN_CPU_CAPABILITY=avx2 after a
+default run on the same machine). Nodes of both kinds sharing one cache directory would meet it too. The ISA goes
+into torch.compiler.config.cache_key_tag, which every compile cache hashes; every compile of this project calls it.
+
 Recompile budget (`bound_recompiles`): Dynamo keeps at most `recompile_limit` graphs per code object and, past
 it, runs that code eagerly without a word (a run at a fraction of its speed). All blocks of one class share one
 code object, so its graphs are one per stack shape, grad mode and (after a second batch size) dynamic batch:
@@ -74,6 +82,19 @@ def bound_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
     dynamo_config.fail_on_recompile_limit_hit = True
 
 
+def key_compile_cache_by_cpu_isa() -> str:
+    """Add the CPU vector ISA that Inductor generates kernels for (ATEN_CPU_CAPABILITY included) to
+    torch.compiler.config.cache_key_tag, keeping any tag already there; see the module docstring. Process-wide and
+    idempotent. Returns the tag."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    part = f"cpu_isa={str(pick_vec_isa()).replace(' ', '+') or 'none'}"
+    tags = [t for t in torch.compiler.config.cache_key_tag.split(";") if t]
+    if part not in tags:
+        torch.compiler.config.cache_key_tag = ";".join([*tags, part])
+    return torch.compiler.config.cache_key_tag
+
+
 def compile_counts() -> dict[str, int]:
     """What Dynamo compiled in this process so far: {"compiles": graphs, "graph_breaks": breaks}, from
     torch._dynamo.utils.counters (the benchmarks' JSON lines; 0 and 0 where nothing was compiled)."""
@@ -117,7 +138,8 @@ def mark_decoder_length_dynamic(model: nn.Module) -> int:
 
 def compile_blocks(model: nn.Module, local_ranks: int = 1) -> int:
     """The one way this project compiles a model: bound Inductor's compile workers for this rank (one of
-    `local_ranks` on its node), bound the recompiles (bound_recompiles), mark every decoder's sequence length
+    `local_ranks` on its node), key the compile caches by the CPU vector ISA (key_compile_cache_by_cpu_isa), bound
+    the recompiles (bound_recompiles), mark every decoder's sequence length
     dynamic, then `compile()` every transformer block of `model` in place (lazily: the first forward compiles).
     Parameter names do not change. Returns the number of compile workers set."""
     import torch._inductor.config as inductor_config
@@ -130,6 +152,7 @@ def compile_blocks(model: nn.Module, local_ranks: int = 1) -> int:
         )
     threads = compile_threads_per_rank(local_ranks)
     inductor_config.compile_threads = threads  # read when the worker pool starts, at the first compilation
+    key_compile_cache_by_cpu_isa()
     bound_recompiles()
     mark_decoder_length_dynamic(model)
     for block in blocks:
@@ -140,6 +163,7 @@ def compile_blocks(model: nn.Module, local_ranks: int = 1) -> int:
 __all__ = [
     "compile_blocks",
     "compile_counts",
+    "key_compile_cache_by_cpu_isa",
     "bound_recompiles",
     "transformer_blocks",
     "mark_decoder_length_dynamic",

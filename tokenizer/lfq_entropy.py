@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from .compiling import key_compile_cache_by_cpu_isa
 from .distributed import world_size
 from .gpu import tf32_as_now
 
@@ -47,6 +48,7 @@ def _compiled_lfq_entropy_chunk():
     dimensions (fixed for a model) stay static and get kernels specialised to them. Inductor's defaults are kept
     (no fast-math; the CPU build passes -fno-unsafe-math-optimizations -ffp-contract=off): results equal eager
     up to float32 rounding (summation order, softmax's division), see tests/test_quantizer.py."""
+    key_compile_cache_by_cpu_isa()  # tokenizer/compiling.py: a CPU kernel cached for another ISA is wrong
     return torch.compile(_lfq_entropy_chunk, fullgraph=True, dynamic=None)
 
 

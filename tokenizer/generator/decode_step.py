@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compiling import key_compile_cache_by_cpu_isa
 from .layers import StepPosition
 
 _COMPILED: dict[tuple, object] = {}
@@ -98,6 +99,7 @@ def compiled_decode_step(options: dict | None = None):
     options = dict(options or {})
     key = tuple(sorted(options.items()))
     if key not in _COMPILED:
+        key_compile_cache_by_cpu_isa()  # tokenizer/compiling.py: a CPU kernel cached for another ISA is wrong
         _COMPILED[key] = torch.compile(decode_step, fullgraph=True, dynamic=False, **options)
     return _COMPILED[key]
 
